@@ -1,0 +1,129 @@
+"""Name-based addressing: which modules of a backbone a list of patterns designates.
+
+The rules are those of the original OpenDelta (manual section 1.15):
+
+* A plain pattern matches a module whose dotted name *ends with* it on whole components: ``"attention.out_lin"``
+  matches ``distilbert.transformer.layer.0.attention.out_lin``; ``"uery"`` does not match ``...query``.
+* A pattern starting with ``[r]`` is a regular expression that must match a whole dotted suffix of the name
+  (a span that starts at a ``.`` boundary and ends at the end): ``"[r][0-5]\\.attention"``.
+* A name is *excluded* when it, or one of its ancestors, matches an ``exclude_modules`` pattern by the same rules
+  (so an exclusion written as a full prefix, ``"bert.encoder.layer.11"``, keeps working).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from opendelta.errors import AddressingError, ModuleNotFoundInStructureError
+
+__all__ = ["Pattern", "compile_patterns", "find_matches", "is_excluded", "suggest_names"]
+
+REGEX_PREFIX = "[r]"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One compiled pattern; ``text`` is what the user wrote."""
+
+    text: str
+    regex: re.Pattern[str] | None
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` (a dotted module name) ends with this pattern on whole components."""
+        if self.regex is None:
+            return name == self.text or name.endswith("." + self.text)
+        parts = name.split(".")
+        return any(self.regex.fullmatch(".".join(parts[i:])) for i in range(len(parts)))
+
+
+def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modified_modules") -> list[Pattern]:
+    """Validate and compile a list of patterns, naming ``argument`` in every error."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        raise AddressingError(f"{argument} must be a list of strings, got the string {patterns!r}; use [{patterns!r}]")
+    compiled = []
+    for text in patterns:
+        if not isinstance(text, str) or not text.strip():
+            raise AddressingError(f"{argument} entries must be non-empty strings, got {text!r} in {list(patterns)!r}")
+        if text.startswith(REGEX_PREFIX):
+            expression = text[len(REGEX_PREFIX) :]
+            try:
+                compiled.append(Pattern(text, re.compile(expression)))
+            except re.error as exc:
+                raise AddressingError(
+                    f"{argument} entry {text!r} is not a valid regular expression ({exc}); in JSON, write a literal "
+                    f"dot as \"\\\\.\""
+                ) from exc
+        else:
+            compiled.append(Pattern(text, None))
+    return compiled
+
+
+def is_excluded(name: str, exclude: Sequence[Pattern]) -> bool:
+    """Whether ``name`` or one of its ancestors matches an exclusion pattern."""
+    if not exclude:
+        return False
+    parts = name.split(".")
+    return any(p.matches(".".join(parts[: i + 1])) for i in range(len(parts)) for p in exclude)
+
+
+def suggest_names(patterns: Sequence[str], names: Iterable[str], n: int = 5) -> list[str]:
+    """The dotted suffixes of ``names`` closest to the patterns, for "did you mean" messages."""
+    suffixes: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        suffixes.update(".".join(parts[i:]) for i in range(max(0, len(parts) - 3), len(parts)))
+    close: list[str] = []
+    for pattern in patterns:
+        text = pattern[len(REGEX_PREFIX) :] if pattern.startswith(REGEX_PREFIX) else pattern
+        for match in difflib.get_close_matches(text, sorted(suffixes), n=n, cutoff=0.5):
+            if match not in close:
+                close.append(match)
+    return close[:n]
+
+
+def find_matches(
+    names: Sequence[str],
+    patterns: Sequence[Pattern],
+    exclude: Sequence[Pattern] = (),
+    *,
+    require_each: bool = True,
+    describe: str = "the backbone",
+) -> list[str]:
+    """The names that match any pattern and are not excluded, in the order given.
+
+    Args:
+        names: candidate dotted names.
+        patterns: compiled target patterns.
+        exclude: compiled exclusion patterns.
+        require_each: raise when one pattern matches no name at all (a typo), not only when all fail.
+        describe: how to name the searched model in messages.
+
+    Raises:
+        ModuleNotFoundInStructureError: a pattern (or the whole list) matched nothing; the message echoes the
+            patterns and suggests the closest real names.
+    """
+    texts = [p.text for p in patterns]
+    hits = {p.text: [n for n in names if p.matches(n)] for p in patterns}
+    missing = [t for t in texts if not hits[t]]
+    if require_each and missing or not any(hits.values()):
+        missing = missing or texts
+        suggestions = suggest_names(missing, names)
+        hint = f" Closest module names: {', '.join(map(repr, suggestions))}." if suggestions else ""
+        raise ModuleNotFoundInStructureError(
+            f"modified_modules={texts!r}: {', '.join(map(repr, missing))} matched no module of {describe}.{hint} "
+            f"A pattern matches the end of a module name on whole components ('key' matches "
+            f"'...attention.self.key'); start it with '[r]' for a regular expression."
+        )
+    chosen = {n for hit in hits.values() for n in hit}
+    result = [n for n in names if n in chosen and not is_excluded(n, exclude)]
+    if not result:
+        raise ModuleNotFoundInStructureError(
+            f"modified_modules={texts!r} matched {len(chosen)} module(s) of {describe}, but exclude_modules="
+            f"{[p.text for p in exclude]!r} excluded all of them."
+        )
+    return result

@@ -1,0 +1,342 @@
+"""``DeltaModel``: the base class every delta method plugs into (manual section 1.20.2, ``DeltaBase``).
+
+Template method: core owns the public calls (construction, ``freeze_module``, ``detach``/``attach``, ``log``,
+``save_finetuned``/``from_finetuned``) with target resolution, checks and errors; a plugin sets a few class
+attributes and implements one method, :meth:`DeltaModel._build_delta`, returning the ``nn.Module`` to place on one
+target. ``insertion`` says how it is placed: ``"after"``/``"before"`` (sequential), ``"parallel"`` or ``"replace"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from opendelta.config import DeltaConfig
+from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
+from opendelta.freezing import freeze_module
+from opendelta.insertion import (
+    Insertion,
+    Kind,
+    insert_parallel_module,
+    insert_sequential_module,
+    replace_module,
+)
+from opendelta.targets import Target, resolve_targets
+
+__all__ = ["DeltaConfig", "DeltaModel", "Target"]
+
+logger = logging.getLogger(__name__)
+M = TypeVar("M", bound="DeltaModel")
+
+_CORE_ARGS = ("interactive_modify", "backend")
+
+
+class DeltaModel(nn.Module):
+    """A set of delta modules attached to a backbone, built from a :class:`DeltaConfig`.
+
+    Subclasses set:
+
+    * ``config_class`` and ``delta_type``: the method's config dataclass and registered name;
+    * ``delta_name``: the child name a delta gets on the module it modifies (``"lora"``, ``"adapter"``);
+    * ``default_modified_modules``: common names used when ``modified_modules`` is ``None``;
+    * ``insertion``: ``"after"``, ``"before"``, ``"parallel"`` or ``"replace"``;
+    * ``supported_layer_types``: module types a target must be (``None``: any), checked before anything changes;
+    * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
+
+    and implement :meth:`_build_delta`. The backbone is modified in place and is *not* registered as a submodule
+    of the delta model; the delta modules are (``delta_model.parameters()`` are the delta parameters).
+    """
+
+    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    delta_type: ClassVar[str] = ""
+    delta_name: ClassVar[str] = "delta"
+    default_modified_modules: ClassVar[tuple[str, ...]] = ()
+    insertion: ClassVar[Kind] = "after"
+    supported_layer_types: ClassVar[tuple[type[nn.Module], ...] | None] = None
+    supports_fused_targets: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
+    """Whether a freshly built delta leaves the backbone's outputs unchanged (checked by the conformance battery)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = [inspect.Parameter("backbone_model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for name, default in cls.config_class.defaults().items():
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+        params.append(inspect.Parameter("interactive_modify", inspect.Parameter.KEYWORD_ONLY, default=False))
+        params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="hf"))
+        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        *args: Any,
+        config: DeltaConfig | None = None,
+        interactive_modify: bool | int = False,
+        backend: str = "hf",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if args:
+            raise TypeError(
+                f"{type(self).__name__} takes the backbone as its only positional argument; pass the rest by "
+                f"name, e.g. {type(self).__name__}(model, {', '.join(f'{n}=...' for n in self.config_class.field_names()[:2])})"
+            )
+        if not isinstance(backbone_model, nn.Module):
+            raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
+        if interactive_modify:
+            raise DeltaConfigError(
+                "interactive_modify is not available in this version of opendelta; pass modified_modules=[...] "
+                "(print the module names with bigmodelvis.Visualization(model).structure_graph())"
+            )
+        if backend != "hf":
+            raise DeltaConfigError(f"backend={backend!r} is not supported; only 'hf' (PyTorch modules) is")
+        if config is None:
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            config = self.config_class.from_dict(config.to_dict(), **kwargs)
+        if type(config) is not self.config_class:
+            raise DeltaConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
+        self.config = config
+        self._insertions: list[Insertion] = []
+        self.deltas = nn.ModuleList()
+        targets = resolve_targets(
+            backbone_model,
+            config.modified_modules,
+            config.exclude_modules,
+            self.default_modified_modules,
+            config.common_structure,
+            type(self).__name__,
+        )
+        self._check_targets(targets)
+        try:
+            for target in targets:
+                delta = self._build_delta(target)
+                self._insertions.append(self._place(target, delta))
+                self.deltas.append(delta)
+        except BaseException:
+            for insertion in reversed(self._insertions):
+                insertion.detach()
+            raise
+        self.targets = targets
+        config.backbone_class = type(backbone_model).__name__
+        config.backbone_checkpoint_name = getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
+
+    # ----------------------------------------------------------------------------------------------- plugin API
+    def _build_delta(self, target: Target) -> nn.Module:
+        """Create the delta module for one target (the plugin's one job)."""
+        raise TypeError(f"{type(self).__name__} must implement _build_delta(target) to create its delta modules")
+
+    def _check_targets(self, targets: Sequence[Target]) -> None:
+        """Refuse, before anything changes, targets the method cannot modify."""
+        problems = []
+        for t in targets:
+            if self.supported_layer_types is not None and not isinstance(t.module, self.supported_layer_types):
+                problems.append(f"{t.name} ({type(t.module).__name__})")
+            elif t.parts is not None and not self.supports_fused_targets:
+                problems.append(f"{t.name} (fused {type(t.module).__name__}, parts {t.parts} of {t.num_parts})")
+        if problems:
+            kinds = ", ".join(k.__name__ for k in self.supported_layer_types or ()) or "non-fused modules"
+            shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+            raise UnsupportedTargetError(
+                f"{type(self).__name__} can modify {kinds} only, but modified_modules="
+                f"{self.config.modified_modules or list(self.default_modified_modules)!r} designates: {shown}. "
+                f"Point modified_modules at modules of a supported type (see Visualization(model).structure_graph())."
+            )
+
+    def _place(self, target: Target, delta: nn.Module) -> Insertion:
+        if self.insertion == "parallel":
+            return insert_parallel_module(target.module, delta, self.delta_name)
+        if self.insertion in ("before", "after"):
+            return insert_sequential_module(target.module, delta, self.delta_name, position=self.insertion)
+        parent_name, child = target.parent_and_child_name
+        parent = self.backbone_model.get_submodule(parent_name)
+        return replace_module(parent, child, target.module, delta, self.delta_name, wrapped=getattr(delta, "wrapped_name", None))
+
+    # ------------------------------------------------------------------------------------------------ user API
+    @classmethod
+    def from_config(
+        cls: type[M], config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, check_hash: bool = True, **kwargs: Any
+    ) -> M:
+        """Build the delta model described by ``config`` on ``backbone_model`` (weights freshly initialised).
+
+        ``kwargs`` override config entries. ``check_hash`` is accepted for compatibility; the hash is checked by
+        :meth:`from_finetuned`, where there are weights to check it against.
+        """
+        del check_hash
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config, **kwargs)
+            kwargs = {}
+        core = {k: kwargs.pop(k) for k in _CORE_ARGS if k in kwargs}
+        return cls(backbone_model, config=config, **core, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Not callable: a delta model runs inside its backbone; call the backbone."""
+        raise RuntimeError(
+            f"{type(self).__name__} is attached to its backbone and does not run by itself; call the backbone model"
+        )
+
+    @property
+    def attached(self) -> bool:
+        """Whether the deltas are currently in the backbone."""
+        return bool(self._insertions) and all(i.attached for i in self._insertions)
+
+    def insertions(self) -> Iterator[Insertion]:
+        """Each placed delta with its host module and child name."""
+        return iter(self._insertions)
+
+    def _check_module(self, module: nn.Module | None) -> None:
+        if module is not None and module is not self.backbone_model:
+            raise DeltaStateError(
+                f"{type(self).__name__} belongs to a {type(self.backbone_model).__name__}; it cannot be moved to another "
+                f"module ({type(module).__name__})"
+            )
+
+    def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Take every delta of this model out of the backbone; outputs become the bare backbone's, exactly.
+
+        Nothing is copied or deleted: :meth:`attach` puts the same modules back. Other delta models on the same
+        backbone are unaffected, whatever the order.
+        """
+        del reset_state_dict
+        self._check_module(module)
+        if not self.attached:
+            raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
+        for insertion in reversed(self._insertions):
+            insertion.detach()
+
+    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly."""
+        del reset_state_dict
+        self._check_module(module)
+        if self.attached:
+            raise DeltaStateError(f"{type(self).__name__} is already attached")
+        for insertion in self._insertions:
+            insertion.attach()
+
+    def freeze_module(
+        self, module: nn.Module | None = None, exclude: Sequence[str] | None = None, set_state_dict: bool = True
+    ) -> None:
+        """Freeze the backbone except the deltas and ``exclude`` (default: the config's ``unfrozen_modules``).
+
+        Args:
+            module: what to freeze; the backbone by default.
+            exclude: patterns of what stays trainable; ``"deltas"`` means every delta parameter.
+            set_state_dict: make the backbone's ``state_dict()`` hold only trainable parameters.
+        """
+        target = self.backbone_model if module is None else module
+        freeze_module(target, self.config.unfrozen_modules if exclude is None else exclude, set_state_dict)
+
+    def log(
+        self,
+        module: nn.Module | None = None,
+        delta_ratio: bool = True,
+        trainable_ratio: bool = True,
+        visualization: bool = True,
+        cuda_memory: bool = True,
+    ) -> None:
+        """Print the backbone's module tree with each delta's parameters, then the parameter ratios."""
+        from opendelta.visualization import log_model
+
+        log_model(
+            self.backbone_model if module is None else module,
+            delta_ratio=delta_ratio,
+            trainable_ratio=trainable_ratio,
+            visualization=visualization,
+            cuda_memory=cuda_memory,
+        )
+
+    # ------------------------------------------------------------------------------------------ save and load
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's delta tensors under stable names: ``<target>.<delta_name>.<param>``.
+
+        The names do not depend on which suffix (``lora_1``) a delta got when another one held its name, nor on
+        whether it is attached, so a checkpoint loads into any backbone state.
+        """
+        state: dict[str, torch.Tensor] = {}
+        for target, insertion in zip(self.targets, self._insertions, strict=True):
+            prefix = target.name if insertion.kind == "replace" else f"{target.name}.{insertion.base_name}"
+            wrapped = getattr(insertion.delta, "wrapped_name", None)
+            for name, tensor in insertion.delta.state_dict().items():
+                if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
+                    continue
+                state[f"{prefix}.{name}"] = tensor
+        return state
+
+    def save_finetuned(
+        self,
+        finetuned_delta_path: str | os.PathLike[str] = "./delta_checkpoints/",
+        save_config: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Save this delta (and any trainable backbone parameter, like a task head) to a folder.
+
+        Writes ``config.json`` and ``delta_model-<digest>.safetensors`` atomically (see ``opendelta.saving``).
+
+        Args:
+            finetuned_delta_path: the folder (created if needed).
+            save_config: kept for compatibility; the config is always written, since a checkpoint without it
+                cannot be loaded.
+            state_dict: tensors to save instead of the delta's own and the trainable backbone parameters.
+            push_to_hub: also upload the folder to the Hugging Face Hub as ``repo_id``.
+            repo_id: the Hub repo (``user/name``) for ``push_to_hub``.
+            kwargs: options of the original's DeltaCenter upload (``push_to_dc``, ``center_args``...), accepted
+                and ignored: DeltaCenter no longer exists; use ``push_to_hub``.
+
+        Returns:
+            The folder.
+        """
+        from opendelta.checkpoint import save_delta
+
+        del save_config
+        return save_delta(self, finetuned_delta_path, state_dict, push_to_hub=push_to_hub, repo_id=repo_id, **kwargs)
+
+    @classmethod
+    def from_finetuned(
+        cls: type[M],
+        finetuned_delta_path: str | os.PathLike[str],
+        backbone_model: nn.Module,
+        *model_args: Any,
+        delta_config: DeltaConfig | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        force_download: bool = False,
+        check_hash: bool = True,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ) -> M:
+        """Rebuild a saved delta on ``backbone_model`` and load its weights; the backbone is put in eval mode.
+
+        Everything is checked before the backbone changes: a checkpoint made for another backbone (its recorded
+        hash differs from the one this backbone would have after loading) is refused with
+        :class:`~opendelta.errors.BackboneMismatchError`, or only warned about with ``check_hash=False``; tensor
+        names or shapes that do not fit are refused and the backbone is left as it was.
+        """
+        from opendelta.checkpoint import load_delta
+
+        if model_args:
+            raise TypeError(f"unexpected positional arguments {model_args!r}; pass options by name")
+        return load_delta(
+            cls,
+            finetuned_delta_path,
+            backbone_model,
+            delta_config=delta_config,
+            state_dict=state_dict,
+            check_hash=check_hash,
+            hub_kwargs={"cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only},
+            **kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"delta_type={self.delta_type!r}, targets={len(self._insertions)}, {state}"

@@ -1,0 +1,158 @@
+"""Saving a delta model to a checkpoint and rebuilding it from one, with every check done before any change.
+
+What a checkpoint holds: the delta's tensors under stable names (``DeltaModel.delta_state_dict``), plus every
+trainable backbone parameter that is not a delta (a fine-tuned task head), under its backbone name; and
+``config.json`` with the hyper-parameters, the backbone's class, checkpoint name and hash, and the versions.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from opendelta.config import DeltaConfig
+from opendelta.errors import BackboneMismatchError, CheckpointError
+from opendelta.hashing import backbone_hash
+from opendelta.insertion import delta_parameter_names
+from opendelta.saving import load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
+
+if TYPE_CHECKING:
+    from opendelta.base import DeltaModel
+
+__all__ = ["load_delta", "save_delta", "versions"]
+
+
+def versions() -> dict[str, str]:
+    """The library versions a checkpoint records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch_version": torch.__version__}
+    for key, dist in (("opendelta_version", "opendelta-core"), ("transformers_version", "transformers")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = "unknown"
+    return out
+
+
+def _trainable_backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    deltas = delta_parameter_names(backbone)
+    return {n: p for n, p in backbone.named_parameters() if p.requires_grad and n not in deltas}
+
+
+def save_delta(
+    delta_model: DeltaModel,
+    path: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    **ignored: Any,
+) -> Path:
+    """Write ``delta_model``'s checkpoint to ``path`` (see ``DeltaModel.save_finetuned``)."""
+    if ignored.get("push_to_dc"):
+        warnings.warn("push_to_dc: DeltaCenter no longer exists; use push_to_hub=True, repo_id=...", stacklevel=3)
+    backbone = delta_model.backbone_model
+    if state_dict is None:
+        state_dict = {**_trainable_backbone_tensors(backbone), **delta_model.delta_state_dict()}
+    config = delta_model.config
+    config.backbone_hash = backbone_hash(backbone)
+    document = {**config.to_dict(), **versions()}
+    folder = Path(path)
+    write_checkpoint(folder, document, state_dict)
+    if push_to_hub:
+        if not repo_id:
+            raise ValueError("push_to_hub=True needs repo_id='user/name'")
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=["config.json", "*.safetensors"])
+    return folder
+
+
+def _check_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    params = dict(backbone.named_parameters())
+    wrong = [
+        f"{n}: checkpoint {tuple(t.shape)} vs backbone {tuple(params[n].shape)}"
+        for n, t in tensors.items()
+        if t.shape != params[n].shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{source} does not fit this backbone; shape mismatch for {'; '.join(wrong[:5])}")
+
+
+def load_delta(
+    cls: type[DeltaModel],
+    path: str | os.PathLike[str],
+    backbone: nn.Module,
+    *,
+    delta_config: DeltaConfig | None,
+    state_dict: dict[str, torch.Tensor] | None,
+    check_hash: bool,
+    hub_kwargs: dict[str, Any],
+    **overrides: Any,
+) -> DeltaModel:
+    """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself."""
+    from opendelta.registry import get_method
+
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
+    folder = resolve_checkpoint(path, **hub_kwargs)
+    raw = read_config_dict(folder)
+    delta_type = raw.get("delta_type")
+    if not isinstance(delta_type, str):
+        raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
+    model_cls = get_method(delta_type).model_cls if cls.delta_type in ("", None) else cls
+    if model_cls.delta_type != delta_type:
+        raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
+    config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
+    tensors = state_dict if state_dict is not None else load_weights(folder, raw)
+
+    backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
+    backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
+    _check_backbone_tensors(backbone, backbone_part, str(folder))
+    expected = raw.get("backbone_hash")
+    if expected and check_hash:
+        actual = backbone_hash(backbone, overrides=backbone_part)
+        if actual != expected:
+            raise BackboneMismatchError(
+                f"the delta in {folder} was trained on another backbone: it records backbone_class="
+                f"{raw.get('backbone_class')!r}, checkpoint {raw.get('backbone_checkpoint_name')!r}, hash {expected}; "
+                f"this {type(backbone).__name__} hashes to {actual}. Load the backbone it was trained on (a randomly "
+                f"initialised task head also changes the hash: save it with freeze_module(exclude=[..., 'classifier'])), "
+                f"or pass check_hash=False to load anyway."
+            )
+
+    delta_model = model_cls(backbone, config=config)
+    try:
+        own = delta_model.delta_state_dict()
+        delta_part = {n: t for n, t in tensors.items() if n not in backbone_part}
+        missing, unexpected = sorted(set(own) - set(delta_part)), sorted(set(delta_part) - set(own))
+        misshaped = [f"{n}: {tuple(delta_part[n].shape)} vs {tuple(own[n].shape)}" for n in own if n in delta_part and delta_part[n].shape != own[n].shape]
+        if missing or unexpected or misshaped:
+            raise CheckpointError(
+                f"{folder} does not fit the {delta_type!r} delta built from its own config on this backbone: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {misshaped[:5]}"
+            )
+        with torch.no_grad():
+            for name, tensor in delta_part.items():
+                own[name].copy_(tensor)
+            params = dict(backbone.named_parameters())
+            for name, tensor in backbone_part.items():
+                params[name].copy_(tensor)
+    except BaseException:
+        delta_model.detach()
+        raise
+    if expected and not check_hash and backbone_hash(backbone) != expected:
+        warnings.warn(
+            f"the delta in {folder} was trained on another backbone (hash differs); loaded anyway (check_hash=False)",
+            stacklevel=3,
+        )
+    config.backbone_hash = expected
+    backbone.eval()
+    return delta_model

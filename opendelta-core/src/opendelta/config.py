@@ -1,0 +1,160 @@
+"""``DeltaConfig``: the hyper-parameters of a delta model, validated, and round-tripped through JSON.
+
+A plugin subclasses it as a dataclass with its own fields and ``delta_type``. Every field is type-checked against
+its annotation at construction, so a wrong type in a hand-written or downloaded ``config.json`` is refused with a
+message naming the field, instead of failing deep inside a layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from collections import abc
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from opendelta.errors import DeltaConfigError
+
+__all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
+
+CONFIG_NAME = "config.json"
+METADATA_FIELDS = frozenset(
+    {"delta_type", "opendelta_version", "transformers_version", "torch_version", "weights_file", "weights_sha256"}
+)
+"""Keys a saved config carries besides the hyper-parameters; they describe the file, not the delta."""
+
+C = TypeVar("C", bound="DeltaConfig")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (list, tuple, abc.Sequence):
+        (item,) = get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, val = get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, val) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+@dataclass(kw_only=True)
+class DeltaConfig:
+    """Fields every delta method shares (manual section 1.20.1, ``BaseDeltaConfig``).
+
+    Attributes:
+        modified_modules: patterns of the modules to modify (name-based addressing); ``None`` uses the method's
+            default common names.
+        exclude_modules: patterns of modules never to modify, even when matched.
+        unfrozen_modules: what ``freeze_module()`` leaves trainable by default; ``"deltas"`` means every delta
+            parameter.
+        common_structure: whether ``modified_modules`` are common names (``attn.q``) rather than real ones.
+        backbone_class: the backbone's class name, recorded on save.
+        backbone_checkpoint_name: the backbone's checkpoint (``config._name_or_path``), recorded on save.
+        backbone_hash: the backbone's fingerprint (see ``opendelta.hashing``), recorded on save and checked on load.
+    """
+
+    delta_type: ClassVar[str] = ""
+
+    modified_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
+    common_structure: bool | None = None
+    backbone_class: str | None = None
+    backbone_checkpoint_name: str | None = None
+    backbone_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+                setattr(self, f.name, value)
+            if not _type_ok(value, hints[f.name]):
+                raise DeltaConfigError(
+                    f"{type(self).__name__}.{f.name} must be {hints[f.name]}, got {value!r} ({type(value).__name__})"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges; subclasses extend this (call ``super().validate()``) and raise DeltaConfigError."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The names of the hyper-parameters, in declaration order."""
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise to a JSON-ready dict, ``delta_type`` first."""
+        return {"delta_type": self.delta_type, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
+        """Build a config from a dict (``kwargs`` override its entries); unknown keys are refused by name."""
+        merged = {**config_dict, **kwargs}
+        given_type = merged.get("delta_type")
+        if cls.delta_type and given_type not in (None, cls.delta_type):
+            raise DeltaConfigError(
+                f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {given_type!r}; use "
+                f"AutoDeltaConfig.from_dict to pick the class from delta_type"
+            )
+        known = set(cls.field_names())
+        unknown = sorted(set(merged) - known - METADATA_FIELDS)
+        if unknown:
+            raise DeltaConfigError(
+                f"unknown field(s) {unknown} for {cls.__name__} (delta_type {cls.delta_type!r}); known fields: "
+                f"{sorted(known)}"
+            )
+        return cls(**{k: v for k, v in merged.items() if k in known})
+
+    def to_json_string(self) -> str:
+        """The config as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save_finetuned(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` into ``save_directory`` (created if needed); returns the file's path."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        path.write_text(self.to_json_string() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_finetuned(cls: type[C], finetuned_delta_path: str | os.PathLike[str], **kwargs: Any) -> C:
+        """Read a config from a checkpoint folder or a ``config.json`` file (``kwargs`` override entries)."""
+        from opendelta.saving import read_config_dict
+
+        return cls.from_dict(read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs)), **kwargs)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value."""
+        out = {}
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the download options out of ``kwargs`` (they are not config fields)."""
+    return {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}

@@ -1,0 +1,82 @@
+"""The exceptions and warnings OpenDelta raises.
+
+Every error subclasses :class:`OpenDeltaError` *and* the builtin it refines (``KeyError``, ``LookupError``,
+``ValueError``...), so ``except`` clauses written for the builtins keep working. Messages say what failed, where,
+and what to try next.
+"""
+
+from __future__ import annotations
+
+from pluggy import PluginValidationError
+
+__all__ = [
+    "AddressingError",
+    "BackboneMismatchError",
+    "CheckpointError",
+    "DeltaConfigError",
+    "DeltaMethodNotInstalledError",
+    "DeltaStateError",
+    "ModuleNotFoundInStructureError",
+    "OpenDeltaError",
+    "OpenDeltaPluginWarning",
+    "PluginValidationError",
+    "StructureNotFoundError",
+    "StructureValidationError",
+    "UnknownDeltaMethodError",
+    "UnsupportedTargetError",
+]
+
+
+class OpenDeltaError(Exception):
+    """Base class of every error raised by OpenDelta."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownDeltaMethodError(OpenDeltaError, KeyError):
+    """A ``delta_type`` that no installed plugin registers."""
+
+
+class DeltaMethodNotInstalledError(OpenDeltaError, ImportError):
+    """``from opendelta import XxxModel`` for a method whose plugin distribution is not installed."""
+
+
+class AddressingError(OpenDeltaError, LookupError):
+    """A list of module patterns that is invalid (bad regex, empty) or cannot be applied."""
+
+
+class ModuleNotFoundInStructureError(AddressingError):
+    """A list of module patterns that matches no module of the backbone."""
+
+
+class UnsupportedTargetError(AddressingError, TypeError):
+    """Patterns matched modules that the delta method cannot modify (wrong layer type, fused module...)."""
+
+
+class StructureValidationError(OpenDeltaError, ValueError):
+    """A common-structure mapping that does not conform to the schema."""
+
+
+class StructureNotFoundError(OpenDeltaError, LookupError):
+    """No common-structure mapping is registered for a backbone that needs one."""
+
+
+class DeltaConfigError(OpenDeltaError, ValueError):
+    """A delta configuration with a wrong, missing or unknown field."""
+
+
+class DeltaStateError(OpenDeltaError, RuntimeError):
+    """An operation that does not fit the delta model's current state (attach twice, detach twice...)."""
+
+
+class CheckpointError(OpenDeltaError, ValueError):
+    """A delta checkpoint that is missing, incomplete, or does not fit the backbone."""
+
+
+class BackboneMismatchError(CheckpointError):
+    """A delta checkpoint saved for a different backbone than the one it is loaded into."""
+
+
+class OpenDeltaPluginWarning(UserWarning):
+    """A plugin failed to load or register; core and the other plugins keep working."""

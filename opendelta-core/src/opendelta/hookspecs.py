@@ -1,0 +1,88 @@
+"""The plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or object) with functions decorated by :data:`hookimpl`, exposed through an entry point in
+the ``opendelta`` group. Hooks may gain arguments in later versions but never lose or rename one, and pluggy lets
+an implementation accept only the arguments it needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from opendelta.base import DeltaConfig, DeltaModel
+
+PROJECT_NAME = "opendelta"
+hookspec = HookspecMarker(PROJECT_NAME)
+hookimpl = HookimplMarker(PROJECT_NAME)
+
+
+class RegisterDeltaMethod(Protocol):
+    """The ``register`` callback handed to :func:`register_delta_methods`."""
+
+    def __call__(
+        self,
+        name: str,
+        config_cls: type[DeltaConfig],
+        model_cls: type[DeltaModel],
+        *,
+        aliases: tuple[str, ...] = (),
+    ) -> None: ...
+
+
+class RegisterCommonStructure(Protocol):
+    """The ``register`` callback handed to :func:`register_common_structures`."""
+
+    def __call__(self, document: dict[str, Any], *, source: str | None = None) -> None: ...
+
+
+@hookspec
+def register_delta_methods(register: RegisterDeltaMethod) -> None:
+    """Register delta-tuning methods.
+
+    Call ``register(name, config_cls, model_cls, aliases=())`` once per method. ``name`` is the ``delta_type``
+    written into saved configs (``^[a-z][a-z0-9_]*$``), unique across all installed plugins; a clash is reported
+    naming both plugins. Return values are ignored.
+
+    Args:
+        register: the callback, bound to the calling plugin so that errors name it.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def register_common_structures(register: RegisterCommonStructure) -> None:
+    """Register common-structure mappings (JSON documents, see ``opendelta.structures.get_schema()``).
+
+    Call ``register(document, source=...)`` once per architecture. Each document is validated against the schema
+    shipped in core; an invalid one is refused with a warning naming ``source`` and the failing fields, and the
+    other mappings still load. Return values are ignored.
+
+    Args:
+        register: the callback, bound to the calling plugin so that errors name it.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def resolve_common_structure(model: nn.Module, model_type: str | None) -> dict[str, Any] | None:
+    """Provide a mapping for a model that no registered mapping covers.
+
+    Called only when no mapping is registered for ``model_type``. The first implementation that returns a
+    document wins; return ``None`` to let the next plugin try. The document is validated like a registered one.
+
+    Args:
+        model: the backbone (or the part of it that carries the ``config``).
+        model_type: ``model.config.model_type`` when the model has a config, else ``None``.
+
+    Returns:
+        A common-structure document, or ``None`` when this plugin does not know the model.
+
+    .. versionadded:: 0.1
+    """

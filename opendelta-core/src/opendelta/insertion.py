@@ -1,0 +1,318 @@
+"""The three insertion primitives: sequential (before/after a module), parallel (beside it), and replacement.
+
+None of them edits the backbone's source, class or ``forward``: a delta becomes a registered child of the module it
+modifies (so ``parameters()``, ``state_dict()``, ``.to()``, ``deepcopy`` and ``pickle`` all carry it), and one pair of
+PyTorch forward hooks per modified module dispatches to the deltas listed in the module's ``_opendelta_slots``. The
+hooks are small picklable objects that look deltas up by attribute name at call time, so a deep copy or a
+``DataParallel`` replica runs its *own* deltas, and detaching is removing a child and a slot: no tensor is copied.
+
+Order of insertion (manual, "Order of Insertion"): deltas inserted *after* a module run in the order they were
+added; deltas inserted *before* it run last-added first; a parallel delta adds ``delta(x)`` to the output at its
+place in that order, where ``x`` is the input the module itself receives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from opendelta.errors import DeltaStateError
+
+__all__ = [
+    "DELTA_MARK",
+    "Insertion",
+    "delta_parameter_names",
+    "insert_parallel_module",
+    "insert_sequential_module",
+    "iter_delta_modules",
+    "main_input",
+    "main_output",
+    "replace_module",
+]
+
+SLOTS_ATTR = "_opendelta_slots"
+HANDLES_ATTR = "_opendelta_hook_handles"
+DELTA_MARK = "_opendelta_delta"
+WRAPPED_ATTR = "_opendelta_wrapped"
+Kind = Literal["before", "after", "parallel", "replace"]
+
+_sequence = itertools.count()
+
+
+@dataclass(frozen=True)
+class _Slot:
+    seq: int
+    kind: Kind
+    attr: str
+
+
+def main_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor]:
+    """The hidden-state input of a call: the first positional tensor, else the first tensor keyword argument.
+
+    OPT and others call submodules with keyword arguments only, so ``args[0]`` cannot be assumed.
+    """
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return key, value
+    raise DeltaStateError(
+        f"cannot find the input tensor of {type(module).__name__}: it was called with "
+        f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}, none a tensor first"
+    )
+
+
+def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str, value: torch.Tensor) -> Any:
+    if isinstance(where, int):
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, where: value}
+
+
+def main_output(module: nn.Module, output: Any) -> torch.Tensor:
+    """The hidden-state output of a call: the tensor itself, or the first element of a tuple or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "to_tuple"):
+        first = output.to_tuple()[0] if len(output) else None
+        if isinstance(first, torch.Tensor):
+            return first
+    raise DeltaStateError(
+        f"cannot find the hidden-state output of {type(module).__name__}: it returned {type(output).__name__}; "
+        f"a sequential or parallel delta needs a tensor, or a tuple/ModelOutput whose first element is one"
+    )
+
+
+def _with_output(output: Any, value: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, tuple) and not hasattr(output, "to_tuple"):
+        return (value, *output[1:])
+    if isinstance(output, list):
+        return [value, *output[1:]]
+    output[next(iter(output.keys()))] = value  # ModelOutput: item and attribute stay in sync
+    return output
+
+
+class _BeforeHook:
+    """Forward pre-hook: runs the "before" deltas, last added first, on the module's input."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        befores = [s for s in reversed(getattr(module, SLOTS_ATTR)) if s.kind == "before"]
+        if not befores:
+            return None
+        where, hidden = main_input(module, args, kwargs)
+        for slot in befores:
+            hidden = module._modules[slot.attr](hidden)
+        return _with_input(args, kwargs, where, hidden)
+
+
+class _AfterHook:
+    """Forward hook: runs the "after" and "parallel" deltas, in the order added, on the module's output."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        slots = [s for s in getattr(module, SLOTS_ATTR) if s.kind != "before"]
+        if not slots:
+            return None
+        hidden = main_output(module, output)
+        x = None
+        for slot in slots:
+            delta = module._modules[slot.attr]
+            if slot.kind == "after":
+                hidden = delta(hidden)
+            else:
+                if x is None:
+                    x = main_input(module, args, kwargs)[1]
+                hidden = hidden + delta(x)
+        return _with_output(output, hidden)
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, suffix = base, 0
+    while name in module._modules or hasattr(module, name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def _mark(delta: nn.Module, wrapped: str | None = None) -> None:
+    setattr(delta, DELTA_MARK, True)
+    setattr(delta, WRAPPED_ATTR, wrapped)
+    skip = {id(p) for p in delta.get_submodule(wrapped).parameters()} if wrapped else set()
+    for p in delta.parameters():
+        if id(p) not in skip:
+            p._is_delta = True  # bigmodelvis colours these; deepcopy drops it, so core never relies on it
+
+
+@dataclass(eq=False)
+class Insertion:
+    """One delta placed on one backbone module; :meth:`detach` and :meth:`attach` toggle it without copying."""
+
+    host: nn.Module
+    """The modified module (for "replace": the parent whose child is swapped)."""
+    attr: str
+    """The child name the delta lives under while attached."""
+    kind: Kind
+    delta: nn.Module
+    original: nn.Module | None = None
+    """For "replace": the module the delta stands in for."""
+    seq: int = field(default_factory=lambda: next(_sequence))
+    attached: bool = False
+    base_name: str = ""
+    """The name asked for (``lora``); ``attr`` may carry a suffix (``lora_1``) when that was taken."""
+
+    def __post_init__(self) -> None:
+        self.base_name = self.base_name or self.attr
+
+    def attach(self) -> None:
+        """Put the delta back in place (a new child name is chosen if another delta took the old one)."""
+        if self.attached:
+            raise DeltaStateError(f"delta {self.attr!r} on {type(self.host).__name__} is already attached")
+        if self.kind == "replace":
+            if self.host._modules.get(self.attr) is not self.original:
+                raise DeltaStateError(
+                    f"cannot re-attach the replacement of {self.attr!r}: the module there is no longer the original; "
+                    f"detach the deltas added after this one first"
+                )
+            self.host._modules[self.attr] = self.delta
+            self.attached = True
+            return
+        if self.attr in self.host._modules or hasattr(self.host, self.attr):
+            self.attr = _free_name(self.host, self.base_name)
+        self.host.add_module(self.attr, self.delta)
+        slots: list[_Slot] = getattr(self.host, SLOTS_ATTR, None) or []
+        slots = sorted([*slots, _Slot(self.seq, self.kind, self.attr)], key=lambda s: s.seq)
+        setattr(self.host, SLOTS_ATTR, slots)
+        if getattr(self.host, HANDLES_ATTR, None) is None:
+            handles = (
+                self.host.register_forward_pre_hook(_BeforeHook(), with_kwargs=True),
+                self.host.register_forward_hook(_AfterHook(), with_kwargs=True),
+            )
+            setattr(self.host, HANDLES_ATTR, handles)
+        self.attached = True
+
+    def detach(self) -> None:
+        """Take the delta out: the module's children, parameters and outputs are as if it was never added."""
+        if not self.attached:
+            raise DeltaStateError(f"delta {self.attr!r} on {type(self.host).__name__} is already detached")
+        if self.kind == "replace":
+            if self.host._modules.get(self.attr) is not self.delta:
+                raise DeltaStateError(
+                    f"cannot detach the replacement of {self.attr!r}: another module replaced it since; detach that "
+                    f"one first"
+                )
+            self.host._modules[self.attr] = self.original
+            self.attached = False
+            return
+        del self.host._modules[self.attr]
+        slots = [s for s in getattr(self.host, SLOTS_ATTR) if s.attr != self.attr]
+        if slots:
+            setattr(self.host, SLOTS_ATTR, slots)
+        else:
+            for handle in getattr(self.host, HANDLES_ATTR):
+                handle.remove()
+            delattr(self.host, SLOTS_ATTR)
+            delattr(self.host, HANDLES_ATTR)
+        self.attached = False
+
+
+def _insert(module: nn.Module, delta_module: nn.Module, delta_name: str, kind: Kind, strict: bool) -> Insertion:
+    if not isinstance(delta_module, nn.Module):
+        raise TypeError(f"delta_module must be an nn.Module, got {type(delta_module).__name__}")
+    if strict and getattr(module, SLOTS_ATTR, None):
+        raise DeltaStateError(f"{type(module).__name__} already carries deltas and strict=True")
+    _mark(delta_module)
+    insertion = Insertion(module, _free_name(module, delta_name), kind, delta_module, base_name=delta_name)
+    insertion.attach()
+    return insertion
+
+
+def insert_sequential_module(
+    module: nn.Module,
+    delta_module: nn.Module,
+    delta_name: str = "delta",
+    strict: bool = False,
+    *,
+    position: Literal["before", "after"] = "after",
+) -> Insertion:
+    """Run ``delta_module`` on the hidden state before or after ``module``.
+
+    After: ``module(x)`` becomes ``delta(module(x))`` (for a tuple or ModelOutput, on its first element).
+    Before: ``module(x)`` becomes ``module(delta(x))`` (``x``: first positional tensor, else first tensor keyword).
+
+    Args:
+        module: the backbone module to modify.
+        delta_module: maps a hidden-state tensor to one of the same shape.
+        delta_name: child name for the delta (``adapter``, then ``adapter_1``... when taken).
+        strict: refuse a module that already carries a delta.
+        position: ``"after"`` (default) or ``"before"``.
+    """
+    if position not in ("before", "after"):
+        raise ValueError(f"position must be 'before' or 'after', got {position!r}")
+    return _insert(module, delta_module, delta_name, position, strict)
+
+
+def insert_parallel_module(
+    module: nn.Module, delta_module: nn.Module, delta_name: str = "delta", strict: bool = False
+) -> Insertion:
+    """Add ``delta_module(x)`` to the output of ``module(x)``: the shape of LoRA, ``W x + B A x``."""
+    return _insert(module, delta_module, delta_name, "parallel", strict)
+
+
+def replace_module(
+    parent_module: nn.Module,
+    child_name: str,
+    child_module: nn.Module,
+    new_module: nn.Module,
+    delta_name: str = "delta",
+    *,
+    wrapped: str | None = None,
+) -> Insertion:
+    """Swap ``parent_module.<child_name>`` for ``new_module``; :meth:`Insertion.detach` swaps it back.
+
+    Args:
+        parent_module: the module holding the child.
+        child_name: the child's attribute name.
+        child_module: the child being replaced (checked, so a stale reference is caught).
+        new_module: the replacement; it keeps the child's docstring.
+        delta_name: kept for API compatibility with the original (the replacement lives under ``child_name``).
+        wrapped: if ``new_module`` keeps the original child as its own submodule, that submodule's name in
+            ``new_module``, so that the original's parameters are not counted as delta parameters.
+    """
+    del delta_name
+    if parent_module._modules.get(child_name) is not child_module:
+        raise DeltaStateError(f"{child_name!r} is not the child {type(child_module).__name__} of the given parent")
+    if wrapped is not None and new_module.get_submodule(wrapped) is not child_module:
+        raise ValueError(f"wrapped={wrapped!r} does not name the original module inside the replacement")
+    new_module.__doc__ = child_module.__doc__
+    _mark(new_module, wrapped)
+    insertion = Insertion(parent_module, child_name, "replace", new_module, original=child_module)
+    insertion.attach()
+    return insertion
+
+
+def iter_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every delta module attached anywhere in ``model`` (by any delta model), outermost only."""
+    seen: set[str] = set()
+    for name, module in model.named_modules():
+        if getattr(module, DELTA_MARK, False) and not any(name.startswith(s + ".") for s in seen):
+            seen.add(name)
+            yield name, module
+
+
+def delta_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of every parameter that belongs to an attached delta."""
+    names: set[str] = set()
+    for prefix, module in iter_delta_modules(model):
+        wrapped = getattr(module, WRAPPED_ATTR, None)
+        for name, _p in module.named_parameters():
+            if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
+                continue
+            names.add(f"{prefix}.{name}" if prefix else name)
+    return names

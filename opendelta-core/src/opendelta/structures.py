@@ -1,0 +1,168 @@
+"""Common-structure mappings: one naming (``encoder.block.0.attn.q``) for every architecture's modules.
+
+A mapping is a JSON document (see ``schemas/common-structure.schema.json`` and :func:`get_schema`) registered by a
+plugin through the ``register_common_structures`` hook. Core validates every document, ours and third parties',
+against that schema, then uses it to translate the real module names of a backbone into common names.
+
+The tree is rooted at the *base model* (``model.base_model``: ``BertModel`` inside ``BertForSequenceClassification``),
+so one mapping serves every derivative model; task heads outside the base model are mapped under ``heads``,
+relative to the model that carries the ``config``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from torch import nn
+
+from opendelta.errors import StructureValidationError
+
+__all__ = ["CommonName", "CommonStructure", "find_config_model", "get_schema", "validate_structure"]
+
+SCHEMA_FILE = "common-structure.schema.json"
+WILDCARD = "$"
+
+
+@cache
+def get_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) that every common-structure mapping must satisfy."""
+    text = resources.files("opendelta").joinpath("schemas", SCHEMA_FILE).read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(get_schema())
+
+
+def validate_structure(document: Any, source: str | None = None) -> None:
+    """Raise :class:`StructureValidationError` listing every schema violation of ``document``.
+
+    Args:
+        document: the parsed JSON mapping.
+        source: where it came from (file or plugin), for the message.
+    """
+    errors = sorted(_validator().iter_errors(document), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = source or (document.get("model_type") if isinstance(document, dict) else None) or "<mapping>"
+        lines = [f"  at /{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors]
+        raise StructureValidationError(
+            f"common-structure mapping {where} does not conform to {SCHEMA_FILE}:\n" + "\n".join(lines)
+        )
+
+
+@dataclass(frozen=True)
+class CommonName:
+    """The common name of a real module; ``part`` is set when one fused module computes several common modules.
+
+    Example: GPT-2's ``h.0.attn.c_attn`` computes q, k and v, so it has three common names
+    ``decoder.block.0.attn.q`` (part 0 of 3), ``...attn.k`` (part 1 of 3) and ``...attn.v`` (part 2 of 3).
+    """
+
+    name: str
+    part: int | None = None
+    num_parts: int | None = None
+
+
+@dataclass(frozen=True)
+class _Node:
+    name: str | None  # None: the root; "": not part of the common structure; "$": keep the real component
+    fused: tuple[str, ...] | None
+    children: tuple[tuple[tuple[str, ...], _Node], ...]
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], name: str | None = None) -> _Node:
+        children = tuple(
+            (tuple(key.split(".")), cls.parse(child, child.get("name", "")))
+            for key, child in raw.get("children", {}).items()
+        )
+        fused = tuple(raw["fused"]) if "fused" in raw else None
+        return cls(name if name is not None else raw.get("name"), fused, children)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _names_under(node: _Node, parts: list[str], start: int, prefix: str) -> list[CommonName]:
+    """Common names of the module whose path (relative to ``node``'s module) is ``parts[start:]``."""
+    if start == len(parts):
+        if node.fused:
+            n = len(node.fused)
+            return [CommonName(_join(prefix, p), i, n) for i, p in enumerate(node.fused)]
+        return [CommonName(prefix)] if prefix and node.name else []
+    found: list[CommonName] = []
+    for key, child in node.children:
+        if key == (WILDCARD,):
+            consumed = 1
+            own = parts[start] if child.name == WILDCARD else child.name or ""
+        elif tuple(parts[start : start + len(key)]) == key:
+            consumed, own = len(key), child.name or ""
+        else:
+            continue
+        found += _names_under(child, parts, start + consumed, _join(prefix, own))
+    return found
+
+
+class CommonStructure:
+    """A validated mapping, able to name the modules of any model of its architecture."""
+
+    def __init__(self, document: dict[str, Any], source: str | None = None) -> None:
+        validate_structure(document, source)
+        self.document = document
+        self.source = source
+        self.model_type: str = document["model_type"]
+        self.architectures: tuple[str, ...] = tuple(document["architectures"])
+        self._tree = _Node.parse(document["tree"], name=None)
+        self._heads = _Node.parse({"children": document.get("heads", {})}, name=None)
+
+    def __repr__(self) -> str:
+        return f"CommonStructure(model_type={self.model_type!r}, source={self.source!r})"
+
+    def common_names(self, model: nn.Module) -> dict[str, list[CommonName]]:
+        """Map the real name of every module of ``model`` that has a common name to its common name(s).
+
+        ``model`` is the backbone as the user holds it: a transformers model of this architecture, a derivative
+        with a task head, or any module that wraps one. Real names are relative to ``model``.
+        """
+        located = find_config_model(model)
+        if located is None:
+            return {}
+        config_prefix, config_model = located
+        base = getattr(config_model, "base_model", config_model)
+        base_prefix = _join(config_prefix, _relative_name(config_model, base))
+        mapping: dict[str, list[CommonName]] = {}
+        for root, prefix, tree in ((base, base_prefix, self._tree), (config_model, config_prefix, self._heads)):
+            for rel, _module in root.named_modules():
+                if not rel:
+                    continue
+                names = _names_under(tree, rel.split("."), 0, "")
+                if names:
+                    mapping.setdefault(_join(prefix, rel), []).extend(names)
+        return mapping
+
+
+def _relative_name(root: nn.Module, child: nn.Module) -> str:
+    if child is root:
+        return ""
+    for name, module in root.named_modules():
+        if module is child:
+            return name
+    raise ValueError(f"{type(child).__name__} is not a submodule of {type(root).__name__}")
+
+
+def find_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The outermost module (and its name) that carries a transformers ``config`` with a ``model_type``.
+
+    This is ``model`` itself for a transformers model, or the wrapped model inside a user's own ``nn.Module``.
+    """
+    for name, module in model.named_modules():
+        if getattr(getattr(module, "config", None), "model_type", None):
+            return name, module
+    return None

@@ -1,0 +1,109 @@
+"""From a delta config to the list of backbone modules to modify.
+
+Real names (``modified_modules=["query"]``) are matched against the backbone's module names; common names
+(``["attn.q"]``, and every method's defaults) are first translated through the architecture's common-structure
+mapping, then matched against the common names. Either way, ``exclude_modules`` applies to real names, modules
+inside deltas are never targets, and a list that designates nothing is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from opendelta.addressing import compile_patterns, find_matches, is_excluded
+from opendelta.errors import ModuleNotFoundInStructureError
+from opendelta.insertion import iter_delta_modules
+from opendelta.registry import structure_for_model
+
+__all__ = ["Target", "backbone_module_names", "resolve_targets"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module a delta method will modify."""
+
+    name: str
+    """Real dotted name relative to the backbone (``bert.encoder.layer.0.attention.self.query``)."""
+    module: nn.Module
+    common_name: str | None = None
+    """Its common name when addressed through a mapping (``encoder.block.0.attn.q``)."""
+    parts: tuple[int, ...] | None = None
+    """For a fused module (GPT-2 ``c_attn``): which of its ``num_parts`` equal output slices are targeted."""
+    num_parts: int | None = None
+
+    @property
+    def parent_and_child_name(self) -> tuple[str, str]:
+        """The parent's dotted name and this module's attribute name in it."""
+        parent, _, child = self.name.rpartition(".")
+        return parent, child
+
+
+def backbone_module_names(model: nn.Module) -> list[str]:
+    """Every named module of ``model`` except the root and anything inside an attached delta."""
+    inside = [name for name, _ in iter_delta_modules(model)]
+    return [
+        name
+        for name, _ in model.named_modules()
+        if name and not any(name == d or name.startswith(d + ".") for d in inside)
+    ]
+
+
+def resolve_targets(
+    model: nn.Module,
+    modified_modules: Sequence[str] | None,
+    exclude_modules: Sequence[str] | None,
+    default_modified_modules: Sequence[str],
+    common_structure: bool | None,
+    method: str,
+) -> list[Target]:
+    """The modules of ``model`` a delta should modify, in module order.
+
+    Args:
+        model: the backbone.
+        modified_modules: the user's patterns, or ``None`` for the method's defaults (common names).
+        exclude_modules: real-name patterns to leave alone.
+        default_modified_modules: the method's default common names.
+        common_structure: whether ``modified_modules`` are common names.
+        method: the method's class name, for messages.
+
+    Raises:
+        ModuleNotFoundInStructureError: nothing (or, for user patterns, one of them) matched.
+        StructureNotFoundError: common names were needed but no mapping covers the model.
+    """
+    use_defaults = modified_modules is None
+    patterns = compile_patterns(default_modified_modules if use_defaults else modified_modules)
+    exclude = compile_patterns(exclude_modules, argument="exclude_modules")
+    if not patterns:
+        raise ModuleNotFoundInStructureError(
+            f"{method} got an empty modified_modules list and has no defaults; name the modules to modify"
+        )
+    names = backbone_module_names(model)
+    modules = dict(model.named_modules())
+    describe = f"{type(model).__name__}"
+    if not (use_defaults or common_structure):
+        chosen = find_matches(names, patterns, exclude, describe=describe)
+        return [Target(n, modules[n]) for n in chosen]
+
+    structure = structure_for_model(model)
+    allowed = set(names)
+    common = {real: cn for real, cn in structure.common_names(model).items() if real in allowed}
+    by_common = {c.name: (real, c) for real, cns in common.items() for c in cns}
+    describe = f"{describe} (common structure {structure.model_type!r}, names like 'encoder.block.0.attn.q')"
+    matched = set(find_matches(list(by_common), patterns, (), require_each=not use_defaults, describe=describe))
+    targets = []
+    for real, cns in common.items():
+        hits = [c for c in cns if c.name in matched]
+        if not hits or is_excluded(real, exclude):
+            continue
+        whole = any(c.part is None for c in hits)
+        parts = None if whole else tuple(sorted(c.part for c in hits if c.part is not None))
+        targets.append(Target(real, modules[real], hits[0].name, parts, None if whole else hits[0].num_parts))
+    if not targets:
+        raise ModuleNotFoundInStructureError(
+            f"{method}: modified_modules={[p.text for p in patterns]!r} matched modules of {describe}, but "
+            f"exclude_modules={list(exclude_modules or [])!r} excluded all of them"
+        )
+    return targets

@@ -1,0 +1,368 @@
+"""Tiny, randomly initialised transformers models for tests.
+
+Tests of delta methods and of common-structure mappings need real
+transformers models of every supported architecture, but they must never
+download weights and must run in seconds on a CPU. This module builds such
+models from configs alone: every dimension is tiny, the feed-forward size is
+an odd number different from the hidden size (so a swapped ``in``/``out``
+dimension fails loudly instead of silently broadcasting), and every dropout
+is zero so two forward passes give the same output.
+
+The module deliberately imports nothing from the rest of ``opendelta``: it is
+loaded by path from standalone tests (for example the common-structure
+mapping tests) that must run without the library installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+__all__ = [
+    "ARCHITECTURES",
+    "HIDDEN_SIZE",
+    "FFN_SIZE",
+    "NUM_LAYERS",
+    "NUM_HEADS",
+    "VOCAB_SIZE",
+    "MAX_POSITIONS",
+    "NUM_LABELS",
+    "TASK_HEADS",
+    "SPECIAL_TOKEN_IDS",
+    "tiny_config",
+    "tiny_model",
+    "tiny_inputs",
+    "model_output_tensor",
+]
+
+ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "t5", "gpt2", "bart", "deberta-v2", "opt")
+"""HF ``model_type`` strings of the architectures the test-suite covers."""
+
+HIDDEN_SIZE = 32
+"""Model width; divisible by :data:`NUM_HEADS` as every attention needs."""
+
+FFN_SIZE = 37
+"""Feed-forward width: odd and unlike :data:`HIDDEN_SIZE` so shape bugs show."""
+
+NUM_LAYERS = 2
+"""Layers per stack (encoder and decoder alike): two, so layer indices vary."""
+
+NUM_HEADS = 4
+"""Attention heads; head dimension is ``HIDDEN_SIZE // NUM_HEADS``."""
+
+VOCAB_SIZE = 99
+"""Vocabulary size; every special token id below lies inside it."""
+
+MAX_POSITIONS = 64
+"""Maximum sequence length for architectures with learned positions."""
+
+NUM_LABELS = 3
+"""Classes of the sequence-classification heads (not 2, the HF default)."""
+
+SPECIAL_TOKEN_IDS: dict[str, dict[str, int]] = {
+    # BERT and DeBERTa-v2 use [PAD]=0; bos/eos are set so generation helpers
+    # and code that reads them never see ``None``.
+    "bert": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    # RoBERTa, BART and OPT keep the fairseq ids of their real checkpoints;
+    # RoBERTa derives position ids from ``pad_token_id``, so it must stay 1.
+    "roberta": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+    # T5 starts decoding with the pad token; the config does not set
+    # ``decoder_start_token_id`` by default, which breaks label shifting.
+    "t5": {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1, "decoder_start_token_id": 0},
+    # GPT-2's defaults (50256) lie outside a 99-token vocabulary and it has
+    # no pad token, without which sequence classification of a batch fails.
+    "gpt2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "bart": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2},
+    "deberta-v2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "opt": {"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
+}
+"""Special token ids per architecture, all inside :data:`VOCAB_SIZE`."""
+
+_FIRST_ORDINARY_TOKEN = 4
+"""Random tokens are drawn from ``[4, VOCAB_SIZE)`` so none is a special id."""
+
+_ARCH_KWARGS: dict[str, dict[str, Any]] = {
+    "bert": {
+        "hidden_size": HIDDEN_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "intermediate_size": FFN_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": 0.0,
+    },
+    "roberta": {
+        "hidden_size": HIDDEN_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "intermediate_size": FFN_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": 0.0,
+    },
+    "t5": {
+        "d_model": HIDDEN_SIZE,
+        "d_kv": HIDDEN_SIZE // NUM_HEADS,
+        "d_ff": FFN_SIZE,
+        "num_layers": NUM_LAYERS,
+        "num_decoder_layers": NUM_LAYERS,
+        "num_heads": NUM_HEADS,
+        "dropout_rate": 0.0,
+        "classifier_dropout": 0.0,
+    },
+    "gpt2": {
+        "n_embd": HIDDEN_SIZE,
+        "n_layer": NUM_LAYERS,
+        "n_head": NUM_HEADS,
+        "n_inner": FFN_SIZE,
+        "n_positions": MAX_POSITIONS,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "summary_first_dropout": 0.0,
+    },
+    "bart": {
+        "d_model": HIDDEN_SIZE,
+        "encoder_layers": NUM_LAYERS,
+        "decoder_layers": NUM_LAYERS,
+        "encoder_attention_heads": NUM_HEADS,
+        "decoder_attention_heads": NUM_HEADS,
+        "encoder_ffn_dim": FFN_SIZE,
+        "decoder_ffn_dim": FFN_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "classifier_dropout": 0.0,
+        # The default forces eos id 2 during generation; keep it consistent.
+        "forced_eos_token_id": SPECIAL_TOKEN_IDS["bart"]["eos_token_id"],
+    },
+    "deberta-v2": {
+        "hidden_size": HIDDEN_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "intermediate_size": FFN_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pooler_dropout": 0.0,
+        # Defaults to the *default* hidden size (1536) in some versions.
+        "pooler_hidden_size": HIDDEN_SIZE,
+    },
+    "opt": {
+        "hidden_size": HIDDEN_SIZE,
+        # Equal to the hidden size so OPT has no project_in/project_out,
+        # like every OPT size except 350m.
+        "word_embed_proj_dim": HIDDEN_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_HEADS,
+        "ffn_dim": FFN_SIZE,
+        "max_position_embeddings": MAX_POSITIONS,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "layerdrop": 0.0,
+    },
+}
+
+TASK_HEADS: dict[str, list[str]] = {
+    "bert": ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"],
+    "roberta": ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"],
+    "t5": ["T5Model", "T5ForConditionalGeneration"],
+    "gpt2": ["GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification"],
+    "bart": ["BartModel", "BartForConditionalGeneration", "BartForSequenceClassification"],
+    "deberta-v2": ["DebertaV2Model", "DebertaV2ForSequenceClassification", "DebertaV2ForMaskedLM"],
+    "opt": ["OPTModel", "OPTForCausalLM", "OPTForSequenceClassification"],
+}
+"""Model classes per architecture that tests treat as derivative models.
+
+Names, not classes, so importing this module stays cheap and does not fail
+on a transformers version that lacks one class; resolve a name with
+``getattr(transformers, name)``.
+"""
+
+_ENCODER_DECODERS = frozenset({"t5", "bart"})
+_LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
+
+
+def _check_arch(arch: str) -> None:
+    """Raise a helpful error for an architecture the module does not cover.
+
+    Args:
+        arch: HF ``model_type`` string.
+
+    Raises:
+        ValueError: If ``arch`` is not in :data:`ARCHITECTURES`.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+
+
+def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
+    """Build a tiny config for ``arch`` without touching the network.
+
+    The config is built with ``AutoConfig.for_model`` from explicit values
+    only, so it is identical across transformers 4.x and 5.x even where the
+    two versions' defaults differ.
+
+    Args:
+        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        **overrides: Config attributes that replace the tiny defaults, e.g.
+            ``num_labels=2`` or ``hidden_size=64``.
+
+    Returns:
+        The config: width 32, 2 layers per stack, 4 heads, feed-forward 37,
+        99 tokens, 64 positions, no dropout, 3 labels and in-vocabulary
+        special token ids.
+
+    Raises:
+        ValueError: If ``arch`` is not in :data:`ARCHITECTURES`.
+    """
+    _check_arch(arch)
+    kwargs: dict[str, Any] = {
+        "vocab_size": VOCAB_SIZE,
+        "num_labels": NUM_LABELS,
+        **SPECIAL_TOKEN_IDS[arch],
+        **_ARCH_KWARGS[arch],
+    }
+    kwargs.update(overrides)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def _default_head(arch: str) -> str:
+    """Pick the class :func:`tiny_model` builds when no head is given.
+
+    Sequence classification is preferred because its output shape does not
+    depend on the vocabulary, then a language-modelling head.
+
+    Args:
+        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+
+    Returns:
+        A class name from ``TASK_HEADS[arch]``.
+    """
+    heads = TASK_HEADS[arch]
+    for name in heads:
+        if name.endswith("ForSequenceClassification"):
+            return name
+    for name in heads:
+        if name.endswith(_LM_SUFFIXES):
+            return name
+    return heads[0]
+
+
+def tiny_model(arch: str, head: str | None = None, seed: int = 0) -> PreTrainedModel:
+    """Build a tiny, randomly initialised model in eval mode.
+
+    Weights depend only on ``seed`` (the global torch RNG is seeded right
+    before construction), so two calls with the same arguments give models
+    with identical weights; tests rely on that to compare a model with and
+    without a delta.
+
+    Args:
+        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        head: Name of a transformers model class for ``arch``, normally one
+            of ``TASK_HEADS[arch]``. ``None`` picks the sequence
+            classification class if the arch lists one, else its LM class.
+        seed: Seed for the weight initialisation.
+
+    Returns:
+        The model, in ``eval()`` mode.
+
+    Raises:
+        ValueError: If ``arch`` is unknown or ``head`` is not a transformers
+            model class.
+    """
+    _check_arch(arch)
+    name = head if head is not None else _default_head(arch)
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ValueError(f"{name!r} is not a transformers model class")
+    config = tiny_config(arch)
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.eval()
+    return model
+
+
+def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Build inputs that every class in ``TASK_HEADS[arch]`` accepts.
+
+    Tokens are drawn from ordinary (non-special) ids with a private
+    generator, so the global RNG is untouched and the inputs depend only on
+    the arguments. The last row is right-padded (its final two positions, or
+    one when ``seq`` is 2) so tests exercise attention masks. BART rows end
+    with exactly one eos token, which ``BartForSequenceClassification``
+    pools on; GPT-2 and OPT find the last real token through
+    ``pad_token_id``, which :func:`tiny_config` sets.
+
+    Args:
+        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        batch: Number of rows.
+        seq: Tokens per row (encoder and decoder alike); at least 2.
+        seed: Seed for the token ids.
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)``, plus
+        ``decoder_input_ids`` for T5 and BART.
+
+    Raises:
+        ValueError: If ``arch`` is unknown or the sizes are too small.
+    """
+    _check_arch(arch)
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    if not 2 <= seq <= MAX_POSITIONS - 2:
+        # RoBERTa offsets positions by pad_token_id + 1, hence the "- 2".
+        raise ValueError(f"seq must be in [2, {MAX_POSITIONS - 2}], got {seq}")
+    ids = SPECIAL_TOKEN_IDS[arch]
+    generator = torch.Generator().manual_seed(seed)
+
+    input_ids = torch.randint(_FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    lengths = torch.full((batch,), seq, dtype=torch.long)
+    lengths[-1] = seq - min(2, seq - 1)
+    for row, length in enumerate(lengths.tolist()):
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = ids["pad_token_id"]
+        if arch == "bart":
+            input_ids[row, length - 1] = ids["eos_token_id"]
+
+    inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if arch in _ENCODER_DECODERS:
+        decoder_input_ids = torch.randint(_FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (batch, seq), generator=generator)
+        decoder_input_ids[:, 0] = ids["decoder_start_token_id"]
+        inputs["decoder_input_ids"] = decoder_input_ids
+    return inputs
+
+
+def model_output_tensor(output: Any) -> torch.Tensor:
+    """Return the main tensor of a model output, for comparisons.
+
+    Different heads return different output classes; tests that check a
+    delta changes (or does not change) the output only need one tensor.
+
+    Args:
+        output: What a transformers model's forward returned: a
+            ``ModelOutput``, a tuple, or a tensor.
+
+    Returns:
+        ``logits`` if the output has them, else ``last_hidden_state``, else
+        the first element of a tuple output, or the tensor itself.
+
+    Raises:
+        TypeError: If no tensor can be found.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"no logits or last_hidden_state in {type(output).__name__}")

@@ -1,0 +1,77 @@
+"""``log()``: the bigmodelvis tree of a (modified) backbone, then its parameter ratios.
+
+Ratios follow the original's printouts: both divide by every unique parameter of the backbone, deltas and task
+head included (tied embeddings counted once). "Delta Parameter Ratio" counts the parameters of every delta
+attached to the backbone, whichever delta model added it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opendelta.insertion import delta_parameter_names
+
+__all__ = ["ParameterCounts", "count_parameters", "log_model"]
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter totals of a backbone."""
+
+    total: int
+    trainable: int
+    delta: int
+
+    @property
+    def trainable_ratio(self) -> float:
+        """Trainable parameters / all parameters."""
+        return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def delta_ratio(self) -> float:
+        """Delta parameters / all parameters."""
+        return self.delta / self.total if self.total else 0.0
+
+
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """Count ``model``'s unique, trainable and delta parameters."""
+    deltas = delta_parameter_names(model)
+    total = trainable = delta = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+        delta += param.numel() if name in deltas else 0
+    return ParameterCounts(total, trainable, delta)
+
+
+def log_model(
+    model: nn.Module,
+    delta_ratio: bool = True,
+    trainable_ratio: bool = True,
+    visualization: bool = True,
+    cuda_memory: bool = True,
+) -> ParameterCounts:
+    """Print the structure tree of ``model`` followed by the requested ratios; returns the counts."""
+    from bigmodelvis import Visualization
+    from rich import print as rich_print
+    from rich.tree import Tree
+
+    counts = count_parameters(model)
+    lines = []
+    if trainable_ratio:
+        lines.append(f"Trainable Ratio: {counts.trainable}/{counts.total}={counts.trainable_ratio:.6%}")
+    if delta_ratio:
+        lines.append(f"Delta Parameter Ratio: {counts.delta}/{counts.total}={counts.delta_ratio:.6%}")
+    if cuda_memory and torch.cuda.is_available():
+        lines.append(f"Static Memory {torch.cuda.memory_allocated() / 2**30:.2f} GB")
+    if visualization:
+        tree = Visualization(model).structure_graph(printTree=False)
+        if lines:
+            tree.add("\n".join(lines))
+        rich_print(tree)
+    elif lines:
+        rich_print(Tree("\n".join(lines)))
+    return counts

@@ -1,0 +1,45 @@
+"""``LoraModel``: LoRA placed in parallel to every targeted linear layer."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from opendelta import DeltaModel, Target
+from opendelta.shapes import LINEAR_TYPES, fused_output_index, linear_features
+from opendelta_lora.config import LoraConfig
+from opendelta_lora.layer import LoraLayer
+
+
+class LoraModel(DeltaModel):
+    """LoRA on a backbone (manual section 1.21.1).
+
+    ``LoraModel(backbone_model=model, modified_modules=["key"], lora_r=1)`` adds ``(alpha/r) B A x`` beside each
+    matched linear layer (``nn.Linear`` or GPT-2's ``Conv1D``). With ``modified_modules=None`` it modifies the
+    attention's query and value projections (common names ``attn.q``, ``attn.v``), as the paper does; on GPT-2,
+    whose fused ``c_attn`` computes q, k and v at once, only the q and v output slices get an update.
+    """
+
+    config_class = LoraConfig
+    delta_type = "lora"
+    delta_name = "lora"
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
+    insertion = "parallel"
+    supported_layer_types = LINEAR_TYPES
+    supports_fused_targets = True
+    config: LoraConfig
+
+    def _build_delta(self, target: Target) -> nn.Module:
+        in_features, out_features = linear_features(target.module)
+        weight = target.module.weight
+        return LoraLayer(
+            in_features,
+            out_features,
+            r=self.config.lora_r,
+            alpha=self.config.lora_alpha,
+            dropout=self.config.lora_dropout,
+            out_index=fused_output_index(out_features, target.parts, target.num_parts),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
