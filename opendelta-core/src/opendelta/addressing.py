@@ -1,11 +1,11 @@
-"""Name-based addressing: which modules of a backbone a list of patterns designates.
+r"""Name-based addressing: which modules of a backbone a list of patterns designates.
 
 The rules are those of the original OpenDelta (manual section 1.15):
 
 * A plain pattern matches a module whose dotted name *ends with* it on whole components: ``"attention.out_lin"``
   matches ``distilbert.transformer.layer.0.attention.out_lin``; ``"uery"`` does not match ``...query``.
 * A pattern starting with ``[r]`` is a regular expression that must match a whole dotted suffix of the name
-  (a span that starts at a ``.`` boundary and ends at the end): ``"[r][0-5]\\.attention"``.
+  (a span that starts at a ``.`` boundary and ends at the end): ``"[r][0-5]\.attention"``.
 * A name is *excluded* when it, or one of its ancestors, matches an ``exclude_modules`` pattern by the same rules
   (so an exclusion written as a full prefix, ``"bert.encoder.layer.11"``, keeps working).
 """
@@ -56,7 +56,7 @@ def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modi
             except re.error as exc:
                 raise AddressingError(
                     f"{argument} entry {text!r} is not a valid regular expression ({exc}); in JSON, write a literal "
-                    f"dot as \"\\\\.\""
+                    f'dot as "\\\\."'
                 ) from exc
         else:
             compiled.append(Pattern(text, None))
@@ -110,7 +110,7 @@ def find_matches(
     texts = [p.text for p in patterns]
     hits = {p.text: [n for n in names if p.matches(n)] for p in patterns}
     missing = [t for t in texts if not hits[t]]
-    if require_each and missing or not any(hits.values()):
+    if (require_each and missing) or not any(hits.values()):
         missing = missing or texts
         suggestions = suggest_names(missing, names)
         hint = f" Closest module names: {', '.join(map(repr, suggestions))}." if suggestions else ""

@@ -86,7 +86,7 @@ class DeltaModel(nn.Module):
         if args:
             raise TypeError(
                 f"{type(self).__name__} takes the backbone as its only positional argument; pass the rest by "
-                f"name, e.g. {type(self).__name__}(model, {', '.join(f'{n}=...' for n in self.config_class.field_names()[:2])})"
+                f"name, e.g. {type(self).__name__}(model, modified_modules=[...])"
             )
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
@@ -102,7 +102,9 @@ class DeltaModel(nn.Module):
         elif kwargs:
             config = self.config_class.from_dict(config.to_dict(), **kwargs)
         if type(config) is not self.config_class:
-            raise DeltaConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise DeltaConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
         self.config = config
         self._insertions: list[Insertion] = []
@@ -127,7 +129,9 @@ class DeltaModel(nn.Module):
             raise
         self.targets = targets
         config.backbone_class = type(backbone_model).__name__
-        config.backbone_checkpoint_name = getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
+        config.backbone_checkpoint_name = (
+            getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
+        )
 
     # ----------------------------------------------------------------------------------------------- plugin API
     def _build_delta(self, target: Target) -> nn.Module:
@@ -158,12 +162,18 @@ class DeltaModel(nn.Module):
             return insert_sequential_module(target.module, delta, self.delta_name, position=self.insertion)
         parent_name, child = target.parent_and_child_name
         parent = self.backbone_model.get_submodule(parent_name)
-        return replace_module(parent, child, target.module, delta, self.delta_name, wrapped=getattr(delta, "wrapped_name", None))
+        return replace_module(
+            parent, child, target.module, delta, self.delta_name, wrapped=getattr(delta, "wrapped_name", None)
+        )
 
     # ------------------------------------------------------------------------------------------------ user API
     @classmethod
     def from_config(
-        cls: type[M], config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, check_hash: bool = True, **kwargs: Any
+        cls: type[M],
+        config: DeltaConfig | dict[str, Any],
+        backbone_model: nn.Module,
+        check_hash: bool = True,
+        **kwargs: Any,
     ) -> M:
         """Build the delta model described by ``config`` on ``backbone_model`` (weights freshly initialised).
 
@@ -195,7 +205,7 @@ class DeltaModel(nn.Module):
     def _check_module(self, module: nn.Module | None) -> None:
         if module is not None and module is not self.backbone_model:
             raise DeltaStateError(
-                f"{type(self).__name__} belongs to a {type(self.backbone_model).__name__}; it cannot be moved to another "
+                f"{type(self).__name__} belongs to a {type(self.backbone_model).__name__}; it cannot move to another "
                 f"module ({type(module).__name__})"
             )
 

@@ -124,7 +124,7 @@ def load_delta(
                 f"the delta in {folder} was trained on another backbone: it records backbone_class="
                 f"{raw.get('backbone_class')!r}, checkpoint {raw.get('backbone_checkpoint_name')!r}, hash {expected}; "
                 f"this {type(backbone).__name__} hashes to {actual}. Load the backbone it was trained on (a randomly "
-                f"initialised task head also changes the hash: save it with freeze_module(exclude=[..., 'classifier'])), "
+                f"initialised task head changes it too: train and save the head, exclude=[..., 'classifier']), "
                 f"or pass check_hash=False to load anyway."
             )
 
@@ -133,7 +133,11 @@ def load_delta(
         own = delta_model.delta_state_dict()
         delta_part = {n: t for n, t in tensors.items() if n not in backbone_part}
         missing, unexpected = sorted(set(own) - set(delta_part)), sorted(set(delta_part) - set(own))
-        misshaped = [f"{n}: {tuple(delta_part[n].shape)} vs {tuple(own[n].shape)}" for n in own if n in delta_part and delta_part[n].shape != own[n].shape]
+        misshaped = [
+            f"{n}: {tuple(delta_part[n].shape)} vs {tuple(own[n].shape)}"
+            for n in own
+            if n in delta_part and delta_part[n].shape != own[n].shape
+        ]
         if missing or unexpected or misshaped:
             raise CheckpointError(
                 f"{folder} does not fit the {delta_type!r} delta built from its own config on this backbone: "

@@ -47,6 +47,6 @@ def backbone_hash(model: nn.Module, overrides: Mapping[str, torch.Tensor] | None
         if name in skip:
             continue
         tensor = overrides[name].to(param.dtype) if name in overrides else param
-        digest.update(f"{name}|{tuple(tensor.shape)}|{str(param.dtype)}\n".encode())
+        digest.update(f"{name}|{tuple(tensor.shape)}|{param.dtype!s}\n".encode())
         digest.update(_sample(tensor))
     return "sha256:" + digest.hexdigest()

@@ -180,11 +180,13 @@ class Insertion:
                     f"cannot re-attach the replacement of {self.attr!r}: the module there is no longer the original; "
                     f"detach the deltas added after this one first"
                 )
+            self.delta.train(self.original.training if self.original is not None else self.host.training)
             self.host._modules[self.attr] = self.delta
             self.attached = True
             return
         if self.attr in self.host._modules or hasattr(self.host, self.attr):
             self.attr = _free_name(self.host, self.base_name)
+        self.delta.train(self.host.training)  # a new module starts in training mode; follow the backbone's
         self.host.add_module(self.attr, self.delta)
         slots: list[_Slot] = getattr(self.host, SLOTS_ATTR, None) or []
         slots = sorted([*slots, _Slot(self.seq, self.kind, self.attr)], key=lambda s: s.seq)

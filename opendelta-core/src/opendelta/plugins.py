@@ -96,12 +96,14 @@ def _load_entry_point(ep: metadata.EntryPoint) -> None:
     dist_version = dist.version if dist is not None else None
     if ep.name in _state.distributions:
         first = _state.distributions[ep.name][0]
-        warn_plugin(ep.name, f"the name is also claimed by distribution {dist_name}, which was not loaded (first: {first})")
+        warn_plugin(
+            ep.name, f"the name is also claimed by distribution {dist_name}, which was not loaded (first: {first})"
+        )
         return
     _state.distributions[ep.name] = (dist_name, dist_version)
     try:
         plugin = ep.load()
-    except Exception as exc:  # noqa: BLE001 - any import failure of a third-party plugin must not break core
+    except Exception as exc:
         warn_plugin(ep.name, f"failed to import ({type(exc).__name__}: {exc})")
         _state.failed.append(PluginInfo(ep.name, dist_name, dist_version, (), f"{type(exc).__name__}: {exc}"))
         return

@@ -71,7 +71,7 @@ def _call_each(hook_name: str, make_register: Any) -> None:
         register = make_register(impl.plugin_name)
         try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the registry
+        except Exception as exc:
             plugins.warn_plugin(impl.plugin_name, f"raised inside {hook_name} ({type(exc).__name__}: {exc})")
 
 
@@ -127,7 +127,8 @@ def _collect_structures() -> dict[str, CommonStructure]:
             if structure.model_type in structures:
                 first = structures[structure.model_type].source
                 plugins.warn_plugin(
-                    plugin_name, f"a mapping for {structure.model_type!r} is already registered ({first}); {where} ignored"
+                    plugin_name,
+                    f"a mapping for {structure.model_type!r} is already registered ({first}); {where} ignored",
                 )
                 return
             structures[structure.model_type] = structure

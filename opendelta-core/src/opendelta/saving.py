@@ -39,7 +39,9 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def write_checkpoint(directory: str | os.PathLike[str], config: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
+def write_checkpoint(
+    directory: str | os.PathLike[str], config: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> Path:
     """Atomically write ``config`` and ``tensors`` as a checkpoint in ``directory``.
 
     Returns:

@@ -147,6 +147,39 @@ class CommonStructure:
                     mapping.setdefault(_join(prefix, rel), []).extend(names)
         return mapping
 
+    def missing_paths(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """Paths of this mapping that do not exist on ``model``: ``(tree paths, head paths)``.
+
+        Tree paths are relative to the base model, with ``$`` expanded over the real children; a model of a listed
+        architecture must have them all. Head paths are relative to the config model; task classes have some.
+        """
+        located = find_config_model(model)
+        if located is None:
+            return ["<no module with a transformers config>"], []
+        config_model = located[1]
+        base = getattr(config_model, "base_model", config_model)
+        return _missing(self._tree, base, ""), _missing(self._heads, config_model, "")
+
+
+def _missing(node: _Node, module: nn.Module, prefix: str) -> list[str]:
+    missing = []
+    for key, child in node.children:
+        if key == (WILDCARD,):
+            subs = [(name, sub) for name, sub in module.named_children()]
+            if not subs:
+                missing.append(_join(prefix, WILDCARD))
+            for name, sub in subs:
+                missing += _missing(child, sub, _join(prefix, name))
+            continue
+        path = ".".join(key)
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:
+            missing.append(_join(prefix, path))
+            continue
+        missing += _missing(child, sub, _join(prefix, path))
+    return missing
+
 
 def _relative_name(root: nn.Module, child: nn.Module) -> str:
     if child is root:

@@ -23,19 +23,19 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 __all__ = [
     "ARCHITECTURES",
-    "HIDDEN_SIZE",
     "FFN_SIZE",
-    "NUM_LAYERS",
-    "NUM_HEADS",
-    "VOCAB_SIZE",
+    "HIDDEN_SIZE",
     "MAX_POSITIONS",
+    "NUM_HEADS",
     "NUM_LABELS",
-    "TASK_HEADS",
+    "NUM_LAYERS",
     "SPECIAL_TOKEN_IDS",
-    "tiny_config",
-    "tiny_model",
-    "tiny_inputs",
+    "TASK_HEADS",
+    "VOCAB_SIZE",
     "model_output_tensor",
+    "tiny_config",
+    "tiny_inputs",
+    "tiny_model",
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "t5", "gpt2", "bart", "deberta-v2", "opt")
@@ -274,14 +274,16 @@ def tiny_model(arch: str, head: str | None = None, seed: int = 0) -> PreTrainedM
         The model, in ``eval()`` mode.
 
     Raises:
-        ValueError: If ``arch`` is unknown or ``head`` is not a transformers
-            model class.
+        ValueError: If ``arch`` is unknown or transformers has no ``head``.
+        TypeError: If ``head`` names something other than a model class.
     """
     _check_arch(arch)
     name = head if head is not None else _default_head(arch)
     cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise ValueError(f"{name!r} is not a transformers model class")
+        raise TypeError(f"transformers.{name} is not a model class")
     config = tiny_config(arch)
     torch.manual_seed(seed)
     model = cls(config)

@@ -1,0 +1,182 @@
+"""Standalone checks of the bundled common-structure mappings.
+
+These tests need only jsonschema, torch, transformers and the tiny-model
+helpers of ``opendelta.testing`` (loaded by path when ``opendelta`` is not
+installed), so the mappings can be verified against every supported
+transformers version without installing the core library. They check that
+the JSON Schema itself is valid, that every mapping conforms to it, and that
+every path a mapping names exists on tiny models of each class it claims to
+have been checked on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from jsonschema import Draft202012Validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "opendelta-core/src/opendelta/schemas/common-structure.schema.json"
+MAPPINGS_DIR = REPO_ROOT / "common_structures/src/opendelta_common_structures"
+INVALID_DIR = REPO_ROOT / "tests/data/invalid_structures"
+TINY_MODELS_PATH = REPO_ROOT / "opendelta-core/src/opendelta/testing/tiny_models.py"
+
+WILDCARD = "$"
+# The minimum every mapping must provide: what LoRA/adapters target by default.
+REQUIRED_SUFFIXES = ("attn.q", "attn.v", "attn.proj", "ff.w1", "ff.w2")
+
+
+def _load_tiny_models() -> ModuleType:
+    """Import ``opendelta.testing.tiny_models``, by path if opendelta is absent."""
+    try:
+        return importlib.import_module("opendelta.testing.tiny_models")
+    except ImportError:
+        name = "_opendelta_tiny_models"
+        spec = importlib.util.spec_from_file_location(name, TINY_MODELS_PATH)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+tiny_models = _load_tiny_models()
+
+MAPPING_FILES = sorted(MAPPINGS_DIR.glob("*.json"))
+INVALID_FILES = sorted(INVALID_DIR.glob("*.json"))
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def validator() -> Draft202012Validator:
+    return Draft202012Validator(_load(SCHEMA_PATH))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _common_names(children: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every common name a mapping can produce, with ``$`` for layer indices."""
+    for key, node in children.items():
+        if "fused" in node:
+            for part in node["fused"]:
+                yield _join(prefix, part)
+            continue
+        name = node["name"]
+        own = _join(prefix, key if name == WILDCARD else name)
+        if name:
+            yield own
+        yield from _common_names(node.get("children", {}), own)
+
+
+def _resolve(
+    module: torch.nn.Module, children: dict[str, Any], real: str = "", common: str = ""
+) -> Iterator[tuple[str, str, str]]:
+    """Walk ``children`` over ``module``, expanding ``$`` to every real child.
+
+    Yields ``(real_path, common_name, error)`` for every node; ``error`` is
+    empty when the path resolved with ``get_submodule``.
+    """
+    for key, node in children.items():
+        if key == WILDCARD:
+            matches = [(component, sub) for component, sub in module.named_children()]
+            if not matches:
+                yield _join(real, key), common, f"{WILDCARD} matched no child of {type(module).__name__}"
+                continue
+        else:
+            try:
+                matches = [(key, module.get_submodule(key))]
+            except AttributeError as exc:
+                yield _join(real, key), common, str(exc)
+                continue
+        for component, sub in matches:
+            path = _join(real, component)
+            if "fused" in node:
+                for i, part in enumerate(node["fused"]):
+                    yield path, f"{_join(common, part)}[{i}/{len(node['fused'])}]", ""
+                continue
+            name = node["name"]
+            own = _join(common, component if name == WILDCARD else name)
+            yield path, own if name else "", ""
+            yield from _resolve(sub, node.get("children", {}), path, own)
+
+
+def _architectures() -> list[tuple[Path, str]]:
+    return [(path, cls) for path in MAPPING_FILES for cls in _load(path)["architectures"]]
+
+
+def test_schema_is_valid_draft_2020_12() -> None:
+    Draft202012Validator.check_schema(_load(SCHEMA_PATH))
+
+
+def test_every_architecture_has_a_mapping() -> None:
+    model_types = {_load(path)["model_type"] for path in MAPPING_FILES}
+    assert model_types == set(tiny_models.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("path", MAPPING_FILES, ids=lambda p: p.stem)
+def test_mapping_validates(path: Path, validator: Draft202012Validator) -> None:
+    errors = [f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(_load(path))]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("path", MAPPING_FILES, ids=lambda p: p.stem)
+def test_mapping_has_required_common_names(path: Path) -> None:
+    names = set(_common_names(_load(path)["tree"]["children"]))
+    for suffix in REQUIRED_SUFFIXES:
+        assert any(name.endswith(f"block.{WILDCARD}.{suffix}") for name in names), f"no *.block.$.{suffix}"
+
+
+@pytest.mark.parametrize(("path", "cls_name"), _architectures(), ids=lambda x: getattr(x, "stem", x))
+def test_tree_resolves_on_base_model(path: Path, cls_name: str) -> None:
+    doc = _load(path)
+    model = tiny_models.tiny_model(doc["model_type"], cls_name)
+    assert model.config.model_type == doc["model_type"]
+    resolved = list(_resolve(model.base_model, doc["tree"]["children"]))
+    errors = [f"{real}: {error}" for real, _, error in resolved if error]
+    assert not errors, "\n".join(errors)
+    # Two real modules under one common name would make the common name ambiguous.
+    owners: dict[str, str] = {}
+    for real, common, _ in resolved:
+        if common:
+            assert owners.setdefault(common, real) == real, f"{common!r} names {owners[common]} and {real}"
+
+
+@pytest.mark.parametrize("path", [p for p in MAPPING_FILES if "heads" in _load(p)], ids=lambda p: p.stem)
+def test_heads_resolve_on_some_architecture(path: Path) -> None:
+    doc = _load(path)
+    models = [tiny_models.tiny_model(doc["model_type"], cls) for cls in doc["architectures"]]
+    for head, node in doc["heads"].items():
+        carriers = []
+        for model in models:
+            try:
+                carriers.append(model.get_submodule(head))
+            except AttributeError:
+                continue
+        assert carriers, f"head {head!r} exists on none of {doc['architectures']}"
+        for carrier in carriers:
+            errors = [f"{head}.{real}: {e}" for real, _, e in _resolve(carrier, node.get("children", {})) if e]
+            assert not errors, "\n".join(errors)
+
+
+def test_invalid_documents_exist() -> None:
+    assert len(INVALID_FILES) >= 4
+
+
+@pytest.mark.parametrize("path", INVALID_FILES, ids=lambda p: p.stem)
+def test_invalid_document_fails_once(path: Path, validator: Draft202012Validator) -> None:
+    errors = list(validator.iter_errors(_load(path)))
+    assert len(errors) == 1, [e.message for e in errors]

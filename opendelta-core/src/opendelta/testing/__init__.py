@@ -1,0 +1,14 @@
+"""Testing helpers: tiny models of every mapped architecture and the conformance battery for delta methods."""
+
+from opendelta.testing.suites import DeltaMethodSuite, perturb
+from opendelta.testing.tiny_models import ARCHITECTURES, TASK_HEADS, model_output_tensor, tiny_inputs, tiny_model
+
+__all__ = [
+    "ARCHITECTURES",
+    "TASK_HEADS",
+    "DeltaMethodSuite",
+    "model_output_tensor",
+    "perturb",
+    "tiny_inputs",
+    "tiny_model",
+]

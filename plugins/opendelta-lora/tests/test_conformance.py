@@ -1,0 +1,12 @@
+"""LoRA passes the core conformance battery on all seven mapped architectures."""
+
+from opendelta.testing import DeltaMethodSuite
+
+
+class TestLoraConformance(DeltaMethodSuite):
+    method_name = "lora"
+
+
+class TestLoraRank1Conformance(DeltaMethodSuite):
+    method_name = "lora"
+    config_kwargs = {"lora_r": 1, "lora_alpha": 4, "lora_dropout": 0.1}
