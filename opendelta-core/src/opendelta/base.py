@@ -117,6 +117,7 @@ class DeltaModel(nn.Module):
             config.common_structure,
             type(self).__name__,
         )
+        targets = self._expand_all(targets)
         self._check_targets(targets)
         try:
             for target in targets:
@@ -137,6 +138,30 @@ class DeltaModel(nn.Module):
     def _build_delta(self, target: Target) -> nn.Module:
         """Create the delta module for one target (the plugin's one job)."""
         raise TypeError(f"{type(self).__name__} must implement _build_delta(target) to create its delta modules")
+
+    def _expand_target(self, target: Target) -> list[Target]:
+        """The modules to place deltas on for one matched module: itself by default.
+
+        Methods that "broadcast" to submodules (BitFit adds a bias to every linear layer and layer norm inside
+        ``attn``) override this; an empty list for every target is reported as an error, not a silent no-op.
+        """
+        return [target]
+
+    def _expand_all(self, targets: Sequence[Target]) -> list[Target]:
+        expanded: list[Target] = []
+        seen: set[int] = set()
+        for target in targets:
+            for leaf in self._expand_target(target):
+                if id(leaf.module) not in seen:
+                    seen.add(id(leaf.module))
+                    expanded.append(leaf)
+        if not expanded:
+            raise UnsupportedTargetError(
+                f"{type(self).__name__} found nothing it can modify inside "
+                f"{', '.join(t.name for t in targets[:5])}{'...' if len(targets) > 5 else ''}; point modified_modules "
+                f"at other modules (see Visualization(model).structure_graph())"
+            )
+        return expanded
 
     def _check_targets(self, targets: Sequence[Target]) -> None:
         """Refuse, before anything changes, targets the method cannot modify."""

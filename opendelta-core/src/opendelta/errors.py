@@ -20,6 +20,7 @@ __all__ = [
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
     "PluginValidationError",
+    "ShapeInferenceError",
     "StructureNotFoundError",
     "StructureValidationError",
     "UnknownDeltaMethodError",
@@ -52,6 +53,10 @@ class ModuleNotFoundInStructureError(AddressingError):
 
 class UnsupportedTargetError(AddressingError, TypeError):
     """Patterns matched modules that the delta method cannot modify (wrong layer type, fused module...)."""
+
+
+class ShapeInferenceError(OpenDeltaError, RuntimeError):
+    """The sizes a delta needs could not be read from the module's type nor measured by a pseudo forward pass."""
 
 
 class StructureValidationError(OpenDeltaError, ValueError):
