@@ -58,6 +58,8 @@ def main_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     """
     if args and isinstance(args[0], torch.Tensor):
         return 0, args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return "hidden_states", kwargs["hidden_states"]
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             return key, value
