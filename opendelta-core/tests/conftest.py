@@ -1,58 +1,10 @@
-"""A test-only delta method, registered through a throwaway plugin, so core is tested with no method installed."""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import ClassVar
+"""Registers the test-only toy method through a throwaway plugin, for one test at a time."""
 
 import pytest
-import torch
-from torch import nn
+from toy_method import ToyModel, ToyPlugin
 
 import opendelta
-from opendelta import DeltaConfig, DeltaConfigError, DeltaModel, Target
 from opendelta.registry import reload
-from opendelta.shapes import module_features
-
-
-class Scale(nn.Module):
-    """``h -> h * (1 + s)`` with ``s`` starting at zero: the smallest delta that is identity at init."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.s = nn.Parameter(torch.zeros(features))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden * (1 + self.s)
-
-
-@dataclass(kw_only=True)
-class ToyConfig(DeltaConfig):
-    delta_type: ClassVar[str] = "toy"
-    width: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.width < 0:
-            raise DeltaConfigError(f"ToyConfig.width must be >= 0, got {self.width}")
-
-
-class ToyModel(DeltaModel):
-    config_class = ToyConfig
-    delta_type = "toy"
-    delta_name = "toy"
-    default_modified_modules = ("attn.proj", "ff.w2")
-    insertion = "after"
-
-    def _build_delta(self, target: Target) -> nn.Module:
-        ((_in, out),) = module_features(self.backbone_model, [target.module])
-        return Scale(out)
-
-
-class ToyPlugin:
-    @opendelta.hookimpl
-    def register_delta_methods(self, register):
-        register("toy", ToyConfig, ToyModel)
 
 
 @pytest.fixture

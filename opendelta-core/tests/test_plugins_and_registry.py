@@ -1,7 +1,7 @@
 import pytest
+from toy_method import ToyConfig, ToyModel, ToyPlugin
 
 import opendelta
-from conftest import ToyConfig, ToyModel
 from opendelta import DeltaMethodNotInstalledError, OpenDeltaPluginWarning, list_plugins
 from opendelta.plugins import pm
 from opendelta.registry import get_method, list_methods, reload
@@ -38,7 +38,7 @@ class BadName:
 def test_bad_registrations_warn_and_the_good_one_stays(toy, plugin, message):
     reload()
     opendelta.plugins.load_plugins()
-    pm.register(__import__("conftest").ToyPlugin(), name="toy")
+    pm.register(ToyPlugin(), name="toy")
     pm.register(plugin, name="zz-bad")
     with pytest.warns(OpenDeltaPluginWarning, match=message):
         spec = get_method("toy")
