@@ -1,4 +1,4 @@
-"""The conformance battery over every installed delta method (registry-driven: a new plugin is tested by installing it)."""
+"""The conformance battery over every installed delta method: a new plugin is tested by installing it."""
 
 from opendelta import list_methods
 from opendelta.testing import DeltaMethodSuite
