@@ -116,19 +116,25 @@ def probe_features(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, 
     Raises:
         ShapeInferenceError: the pass failed, or did not reach some module; the message says how to set
             ``model.dummy_inputs`` (the original manual's FAQ 3).
+        DeltaStateError: a module was reached but takes or returns no hidden-state tensor.
     """
-    from opendelta.errors import ShapeInferenceError
+    from opendelta.errors import DeltaStateError, ShapeInferenceError
     from opendelta.insertion import main_input, main_output
 
     seen: dict[int, tuple[int, int]] = {}
     wanted = {id(m) for m in modules}
 
+    unusable: dict[int, DeltaStateError] = {}
+
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if id(module) in wanted:
-            seen[id(module)] = (
-                int(main_input(module, args, kwargs)[1].shape[-1]),
-                int(main_output(module, output).shape[-1]),
-            )
+        if id(module) in wanted and id(module) not in seen:
+            try:
+                seen[id(module)] = (
+                    int(main_input(module, args, kwargs)[1].shape[-1]),
+                    int(main_output(module, output).shape[-1]),
+                )
+            except DeltaStateError as exc:  # the pass is fine; this module's call has no hidden state to size
+                unusable.setdefault(id(module), exc)
 
     handles = [m.register_forward_hook(record, with_kwargs=True) for m in modules]
     attempts = [a for a in (_dummy_inputs(model), ((torch.tensor([[0, 0, 0]]),), {})) if a is not None]
@@ -147,6 +153,8 @@ def probe_features(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, 
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if unusable:
+        raise next(iter(unusable.values()))
     missing = [m for m in modules if id(m) not in seen]
     if missing:
         why = "; ".join(errors) or "the pass did not reach them"
