@@ -149,3 +149,28 @@ def test_delta_follows_the_hosts_eval_mode():
     layer = linear().eval()
     insert_sequential_module(layer, nn.Dropout(0.9), "drop")
     assert torch.equal(layer(X), linear()(X))
+
+
+def test_spanning_parallel_delta_adds_f_of_the_first_input_to_the_second_output():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 3))
+    base = block(X)
+    insertion = insert_parallel_module(block[0], Times(3), "p", output_module=block[2])
+    assert "p" in dict(block[2].named_children()) and "p" not in dict(block[0].named_children())
+    assert torch.allclose(block(X), base + 3 * X)
+    again = pickle.loads(pickle.dumps(block))
+    assert torch.allclose(again(X), base + 3 * X)
+    insertion.detach()
+    assert torch.equal(block(X), base)
+    for layer in (block[0], block[2]):
+        assert not layer._forward_hooks and not layer._forward_pre_hooks and not hasattr(layer, "_opendelta_slots")
+    insertion.attach()
+    assert torch.allclose(block(X), base + 3 * X)
+
+
+def test_spanning_delta_without_its_input_is_a_clear_error():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    insert_parallel_module(block[0], Times(3), "p", output_module=block[1])
+    with pytest.raises(DeltaStateError, match="did not run before"):
+        block[1](X)

@@ -28,6 +28,7 @@ from opendelta.insertion import (
     insert_sequential_module,
     replace_module,
 )
+from opendelta.shapes import module_features
 from opendelta.targets import Target, resolve_targets
 
 __all__ = ["DeltaConfig", "DeltaModel", "Target"]
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound="DeltaModel")
 
 _CORE_ARGS = ("interactive_modify", "backend")
+
+
+def _target_modules(target: Target) -> list[nn.Module]:
+    return [target.module] + ([target.output.module] if target.output is not None else [])
 
 
 class DeltaModel(nn.Module):
@@ -109,16 +114,10 @@ class DeltaModel(nn.Module):
         self.config = config
         self._insertions: list[Insertion] = []
         self.deltas = nn.ModuleList()
-        targets = resolve_targets(
-            backbone_model,
-            config.modified_modules,
-            config.exclude_modules,
-            self.default_modified_modules,
-            config.common_structure,
-            type(self).__name__,
-        )
-        targets = self._expand_all(targets)
+        targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
+        self.targets = targets
+        self._features: dict[int, tuple[int, int]] = {}
         try:
             for target in targets:
                 delta = self._build_delta(target)
@@ -128,7 +127,7 @@ class DeltaModel(nn.Module):
             for insertion in reversed(self._insertions):
                 insertion.detach()
             raise
-        self.targets = targets
+        self._features.clear()  # measured for building; ids of modules must not outlive this call
         config.backbone_class = type(backbone_model).__name__
         config.backbone_checkpoint_name = (
             getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
@@ -138,6 +137,34 @@ class DeltaModel(nn.Module):
     def _build_delta(self, target: Target) -> nn.Module:
         """Create the delta module for one target (the plugin's one job)."""
         raise TypeError(f"{type(self).__name__} must implement _build_delta(target) to create its delta modules")
+
+    def _resolve_targets(self) -> list[Target]:
+        """The modules the config designates (name-based addressing, common names through the mapping).
+
+        Plugins with an addressing scheme of their own (spans of two modules...) override this, building on
+        :func:`opendelta.targets.resolve_targets`.
+        """
+        return resolve_targets(
+            self.backbone_model,
+            self.config.modified_modules,
+            self.config.exclude_modules,
+            self.default_modified_modules,
+            self.config.common_structure,
+            type(self).__name__,
+        )
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a target module, for sizing its delta in :meth:`_build_delta`.
+
+        Read from the module's type when it tells (Linear, Conv1D, LayerNorm, Embedding); otherwise measured by
+        one pseudo forward pass that sizes every target of this delta model at once (see
+        :func:`opendelta.shapes.module_features`), before any of them is modified.
+        """
+        if id(module) not in self._features:
+            wanted = [module] + [m for t in self.targets for m in _target_modules(t) if id(m) not in self._features]
+            for measured, sizes in zip(wanted, module_features(self.backbone_model, wanted), strict=True):
+                self._features[id(measured)] = sizes
+        return self._features[id(module)]
 
     def _expand_target(self, target: Target) -> list[Target]:
         """The modules to place deltas on for one matched module: itself by default.
@@ -182,7 +209,8 @@ class DeltaModel(nn.Module):
 
     def _place(self, target: Target, delta: nn.Module) -> Insertion:
         if self.insertion == "parallel":
-            return insert_parallel_module(target.module, delta, self.delta_name)
+            output = target.output.module if target.output is not None else None
+            return insert_parallel_module(target.module, delta, self.delta_name, output_module=output)
         if self.insertion in ("before", "after"):
             return insert_sequential_module(target.module, delta, self.delta_name, position=self.insertion)
         parent_name, child = target.parent_and_child_name
@@ -297,7 +325,7 @@ class DeltaModel(nn.Module):
         """
         state: dict[str, torch.Tensor] = {}
         for target, insertion in zip(self.targets, self._insertions, strict=True):
-            prefix = target.name if insertion.kind == "replace" else f"{target.name}.{insertion.base_name}"
+            prefix = target.name if insertion.kind == "replace" else f"{target.host_name}.{insertion.base_name}"
             wrapped = getattr(insertion.delta, "wrapped_name", None)
             for name, tensor in insertion.delta.state_dict().items():
                 if wrapped and (name == wrapped or name.startswith(wrapped + ".")):

@@ -9,6 +9,10 @@ hooks are small picklable objects that look deltas up by attribute name at call 
 Order of insertion (manual, "Order of Insertion"): deltas inserted *after* a module run in the order they were
 added; deltas inserted *before* it run last-added first; a parallel delta adds ``delta(x)`` to the output at its
 place in that order, where ``x`` is the input the module itself receives.
+
+A parallel delta may also *span* two modules (the parallel adapter around a feed-forward block: from the input of
+its first linear layer to the output of its second): the first module gets a "capture" slot that hands its input
+to the delta, which lives on, and adds to the output of, the second.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ SLOTS_ATTR = "_opendelta_slots"
 HANDLES_ATTR = "_opendelta_hook_handles"
 DELTA_MARK = "_opendelta_delta"
 WRAPPED_ATTR = "_opendelta_wrapped"
+CAPTURED_ATTR = "_opendelta_captured_input"
 Kind = Literal["before", "after", "parallel", "replace"]
 
 _sequence = itertools.count()
@@ -47,8 +52,10 @@ _sequence = itertools.count()
 @dataclass(frozen=True)
 class _Slot:
     seq: int
-    kind: Kind
+    kind: Kind | Literal["capture"]
     attr: str
+    spanning: nn.Module | None = None
+    """For a "capture" slot: the delta its module's input goes to. For a "parallel" slot: whether it is fed by one."""
 
 
 def main_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor]:
@@ -103,10 +110,17 @@ def _with_output(output: Any, value: torch.Tensor) -> Any:
 
 
 class _BeforeHook:
-    """Forward pre-hook: runs the "before" deltas, last added first, on the module's input."""
+    """Forward pre-hook: hands the input to spanning parallel deltas, then runs the "before" ones on it.
+
+    "Before" deltas run last added first.
+    """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        befores = [s for s in reversed(getattr(module, SLOTS_ATTR)) if s.kind == "before"]
+        slots = getattr(module, SLOTS_ATTR)
+        for slot in slots:
+            if slot.kind == "capture":
+                setattr(slot.spanning, CAPTURED_ATTR, main_input(module, args, kwargs)[1])
+        befores = [s for s in reversed(slots) if s.kind == "before"]
         if not befores:
             return None
         where, hidden = main_input(module, args, kwargs)
@@ -119,7 +133,7 @@ class _AfterHook:
     """Forward hook: runs the "after" and "parallel" deltas, in the order added, on the module's output."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        slots = [s for s in getattr(module, SLOTS_ATTR) if s.kind != "before"]
+        slots = [s for s in getattr(module, SLOTS_ATTR) if s.kind in ("after", "parallel")]
         if not slots:
             return None
         hidden = main_output(module, output)
@@ -128,11 +142,23 @@ class _AfterHook:
             delta = module._modules[slot.attr]
             if slot.kind == "after":
                 hidden = delta(hidden)
+            elif slot.spanning is not None:
+                hidden = hidden + delta(_take_captured(delta, module))
             else:
                 if x is None:
                     x = main_input(module, args, kwargs)[1]
                 hidden = hidden + delta(x)
         return _with_output(output, hidden)
+
+
+def _take_captured(delta: nn.Module, module: nn.Module) -> torch.Tensor:
+    captured = delta.__dict__.pop(CAPTURED_ATTR, None)
+    if captured is None:
+        raise DeltaStateError(
+            f"the spanning parallel delta on {type(module).__name__} got no input: the module that feeds it did not "
+            f"run before {type(module).__name__} in this forward pass"
+        )
+    return captured
 
 
 def _free_name(module: nn.Module, base: str) -> str:
@@ -168,6 +194,9 @@ class Insertion:
     attached: bool = False
     base_name: str = ""
     """The name asked for (``lora``); ``attr`` may carry a suffix (``lora_1``) when that was taken."""
+    source: nn.Module | None = None
+    """For a spanning "parallel" delta: the module whose input feeds it (``host`` is the one whose output it adds
+    to)."""
 
     def __post_init__(self) -> None:
         self.base_name = self.base_name or self.attr
@@ -190,15 +219,9 @@ class Insertion:
             self.attr = _free_name(self.host, self.base_name)
         self.delta.train(self.host.training)  # a new module starts in training mode; follow the backbone's
         self.host.add_module(self.attr, self.delta)
-        slots: list[_Slot] = getattr(self.host, SLOTS_ATTR, None) or []
-        slots = sorted([*slots, _Slot(self.seq, self.kind, self.attr)], key=lambda s: s.seq)
-        setattr(self.host, SLOTS_ATTR, slots)
-        if getattr(self.host, HANDLES_ATTR, None) is None:
-            handles = (
-                self.host.register_forward_pre_hook(_BeforeHook(), with_kwargs=True),
-                self.host.register_forward_hook(_AfterHook(), with_kwargs=True),
-            )
-            setattr(self.host, HANDLES_ATTR, handles)
+        if self.source is not None:
+            _add_slot(self.source, _Slot(self.seq, "capture", self.attr, spanning=self.delta))
+        _add_slot(self.host, _Slot(self.seq, self.kind, self.attr, spanning=self.delta if self.source else None))
         self.attached = True
 
     def detach(self) -> None:
@@ -215,24 +238,53 @@ class Insertion:
             self.attached = False
             return
         del self.host._modules[self.attr]
-        slots = [s for s in getattr(self.host, SLOTS_ATTR) if s.attr != self.attr]
-        if slots:
-            setattr(self.host, SLOTS_ATTR, slots)
-        else:
-            for handle in getattr(self.host, HANDLES_ATTR):
-                handle.remove()
-            delattr(self.host, SLOTS_ATTR)
-            delattr(self.host, HANDLES_ATTR)
+        _remove_slot(self.host, lambda s: s.attr == self.attr and s.kind != "capture")
+        if self.source is not None:
+            _remove_slot(self.source, lambda s: s.spanning is self.delta and s.kind == "capture")
+            self.delta.__dict__.pop(CAPTURED_ATTR, None)
         self.attached = False
 
 
-def _insert(module: nn.Module, delta_module: nn.Module, delta_name: str, kind: Kind, strict: bool) -> Insertion:
+def _add_slot(module: nn.Module, slot: _Slot) -> None:
+    """Add ``slot`` to ``module``'s slots (kept in insertion order), registering the two hooks on the first one."""
+    slots: list[_Slot] = getattr(module, SLOTS_ATTR, None) or []
+    setattr(module, SLOTS_ATTR, sorted([*slots, slot], key=lambda s: s.seq))
+    if getattr(module, HANDLES_ATTR, None) is None:
+        handles = (
+            module.register_forward_pre_hook(_BeforeHook(), with_kwargs=True),
+            module.register_forward_hook(_AfterHook(), with_kwargs=True),
+        )
+        setattr(module, HANDLES_ATTR, handles)
+
+
+def _remove_slot(module: nn.Module, matches: Any) -> None:
+    """Drop the slots ``matches`` selects; with none left, remove the hooks too, leaving the module as it was."""
+    slots = [s for s in getattr(module, SLOTS_ATTR) if not matches(s)]
+    if slots:
+        setattr(module, SLOTS_ATTR, slots)
+        return
+    for handle in getattr(module, HANDLES_ATTR):
+        handle.remove()
+    delattr(module, SLOTS_ATTR)
+    delattr(module, HANDLES_ATTR)
+
+
+def _insert(
+    module: nn.Module,
+    delta_module: nn.Module,
+    delta_name: str,
+    kind: Kind,
+    strict: bool,
+    source: nn.Module | None = None,
+) -> Insertion:
     if not isinstance(delta_module, nn.Module):
         raise TypeError(f"delta_module must be an nn.Module, got {type(delta_module).__name__}")
-    if strict and getattr(module, SLOTS_ATTR, None):
+    if strict and any(getattr(m, SLOTS_ATTR, None) for m in (module, source) if m is not None):
         raise DeltaStateError(f"{type(module).__name__} already carries deltas and strict=True")
     _mark(delta_module)
-    insertion = Insertion(module, _free_name(module, delta_name), kind, delta_module, base_name=delta_name)
+    insertion = Insertion(
+        module, _free_name(module, delta_name), kind, delta_module, base_name=delta_name, source=source
+    )
     insertion.attach()
     return insertion
 
@@ -263,10 +315,26 @@ def insert_sequential_module(
 
 
 def insert_parallel_module(
-    module: nn.Module, delta_module: nn.Module, delta_name: str = "delta", strict: bool = False
+    module: nn.Module,
+    delta_module: nn.Module,
+    delta_name: str = "delta",
+    strict: bool = False,
+    *,
+    output_module: nn.Module | None = None,
 ) -> Insertion:
-    """Add ``delta_module(x)`` to the output of ``module(x)``: the shape of LoRA, ``W x + B A x``."""
-    return _insert(module, delta_module, delta_name, "parallel", strict)
+    """Add ``delta_module(x)`` to the output of ``module(x)``: the shape of LoRA, ``W x + B A x``.
+
+    Args:
+        module: the module whose input ``x`` feeds the delta (and, by default, whose output it is added to).
+        delta_module: maps the input hidden state to a tensor shaped like the output's.
+        delta_name: child name for the delta (on ``output_module`` when given).
+        strict: refuse modules that already carry a delta.
+        output_module: span the delta from ``module``'s input to this module's output instead (it must run after
+            ``module`` in the same forward pass), e.g. a feed-forward block's first and second linear layers.
+    """
+    if output_module is None or output_module is module:
+        return _insert(module, delta_module, delta_name, "parallel", strict)
+    return _insert(output_module, delta_module, delta_name, "parallel", strict, source=module)
 
 
 def replace_module(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "BottleneckAdapter", "get_activation", "init_weight_"]
+__all__ = ["ACTIVATIONS", "INITIALISERS", "BottleneckAdapter", "SamplerAdapter", "get_activation", "init_weight_"]
 
 
 def _transformers_activation(name: str) -> Callable[[], nn.Module]:
@@ -132,3 +132,29 @@ class BottleneckAdapter(nn.Module):
         if self.scale != 1.0:
             branch = branch * self.scale
         return hidden + branch if self.residual else branch
+
+
+class SamplerAdapter(nn.Module):
+    """``h -> h + up_sampler(act(down_sampler(h)))`` with projections a plugin parameterises its own way.
+
+    The layout of the Compacter code base (Karimi Mahabadi et al., 2021), which the low-rank adapter (rank-``r``
+    factorised projections) and Compacter (parameterised hypercomplex multiplications) share: only the two
+    samplers differ, so each plugin builds them and this block does the rest. Child names (``down_sampler``,
+    ``activation``, ``up_sampler``) are the original OpenDelta's, so its printed trees and checkpoints keep their
+    keys.
+
+    Args:
+        down_sampler: maps ``(..., hidden)`` to ``(..., bottleneck)``.
+        up_sampler: maps ``(..., bottleneck)`` back to ``(..., hidden)``.
+        non_linearity: activation name between them (see :data:`ACTIVATIONS`).
+    """
+
+    def __init__(self, down_sampler: nn.Module, up_sampler: nn.Module, non_linearity: str = "gelu_new") -> None:
+        super().__init__()
+        self.down_sampler = down_sampler
+        self.activation = get_activation(non_linearity)
+        self.up_sampler = up_sampler
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the adapter to a ``(..., hidden)`` hidden state."""
+        return hidden + self.up_sampler(self.activation(self.down_sampler(hidden)))

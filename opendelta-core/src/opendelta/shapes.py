@@ -14,6 +14,7 @@ from torch import nn
 
 __all__ = [
     "LINEAR_TYPES",
+    "factory_kwargs",
     "fused_output_index",
     "is_norm",
     "known_features",
@@ -34,6 +35,17 @@ def _linear_types() -> tuple[type[nn.Module], ...]:
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = _linear_types()
 """Module types that compute ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (``Conv1D``)."""
+
+
+def factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """``{"device": ..., "dtype": ...}`` of ``module``'s first floating-point parameter or buffer.
+
+    For building a delta that lives beside ``module``; empty when it has none (torch's defaults then apply).
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:

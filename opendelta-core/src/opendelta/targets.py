@@ -33,6 +33,14 @@ class Target:
     parts: tuple[int, ...] | None = None
     """For a fused module (GPT-2 ``c_attn``): which of its ``num_parts`` equal output slices are targeted."""
     num_parts: int | None = None
+    output: Target | None = None
+    """For a delta spanning two modules (a parallel adapter from a feed-forward block's first linear layer to its
+    second): the module whose output it adds to; ``module`` is then the one whose input feeds it."""
+
+    @property
+    def host_name(self) -> str:
+        """Name of the module the delta is attached to: ``output``'s when spanning, else this target's."""
+        return self.output.name if self.output is not None else self.name
 
     @property
     def parent_and_child_name(self) -> tuple[str, str]:
