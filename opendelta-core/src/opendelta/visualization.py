@@ -14,7 +14,10 @@ from torch import nn
 
 from opendelta.insertion import delta_parameter_names
 
-__all__ = ["ParameterCounts", "count_parameters", "log_model"]
+__all__ = ["LOG_WIDTH", "ParameterCounts", "count_parameters", "log_model"]
+
+LOG_WIDTH = 160
+"""Columns of the printed tree when the output is not a terminal (a terminal's own width is used otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,12 @@ def log_model(
 ) -> ParameterCounts:
     """Print the structure tree of ``model`` followed by the requested ratios; returns the counts."""
     from bigmodelvis import Visualization
-    from rich import print as rich_print
+    from rich.console import Console
     from rich.tree import Tree
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a captured stream: don't fold long lines at 80 columns
+        console = Console(width=max(console.width, LOG_WIDTH))
 
     counts = count_parameters(model)
     lines = []
@@ -71,7 +78,7 @@ def log_model(
         tree = Visualization(model).structure_graph(printTree=False)
         if lines:
             tree.add("\n".join(lines))
-        rich_print(tree)
+        console.print(tree)
     elif lines:
-        rich_print(Tree("\n".join(lines)))
+        console.print(Tree("\n".join(lines)))
     return counts
