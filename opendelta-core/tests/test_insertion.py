@@ -174,3 +174,14 @@ def test_spanning_delta_without_its_input_is_a_clear_error():
     insert_parallel_module(block[0], Times(3), "p", output_module=block[1])
     with pytest.raises(DeltaStateError, match="did not run before"):
         block[1](X)
+
+
+def test_a_spanning_delta_sees_the_input_after_the_before_deltas_like_a_plain_parallel_one():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    first, second = (nn.functional.linear(X * 2, block[0].weight, block[0].bias), block[1])
+    insert_sequential_module(block[0], Times(2), "b", position="before")
+    insert_parallel_module(block[0], Times(5), "span", output_module=block[1])
+    with torch.no_grad():
+        expected = nn.functional.linear(first, second.weight, second.bias) + 5 * (2 * X)
+        assert torch.allclose(block(X), expected)

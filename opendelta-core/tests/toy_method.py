@@ -10,7 +10,6 @@ from torch import nn
 
 import opendelta
 from opendelta import DeltaConfig, DeltaConfigError, DeltaModel, Target
-from opendelta.shapes import module_features
 
 
 class Scale(nn.Module):
@@ -43,7 +42,7 @@ class ToyModel(DeltaModel):
     insertion = "after"
 
     def _build_delta(self, target: Target) -> nn.Module:
-        ((_in, out),) = module_features(self.backbone_model, [target.module])
+        _in, out = self.features(target.module)
         return Scale(out)
 
 

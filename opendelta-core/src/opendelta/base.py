@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.config import DeltaConfig
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.freezing import freeze_module
@@ -62,10 +63,12 @@ class DeltaModel(nn.Module):
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
     delta_type: ClassVar[str] = ""
     delta_name: ClassVar[str] = "delta"
-    default_modified_modules: ClassVar[tuple[str, ...]] = ()
+    default_modified_modules: ClassVar[tuple[str | tuple[str, str], ...]] = ()
     insertion: ClassVar[Kind] = "after"
     supported_layer_types: ClassVar[tuple[type[nn.Module], ...] | None] = None
     supports_fused_targets: ClassVar[bool] = False
+    cover_common_scopes: ClassVar[bool] = False
+    """Whether a common name also designates everything named under it (see ``resolve_targets(cover_scopes=)``)."""
     identity_at_init: ClassVar[bool] = True
     """Whether a freshly built delta leaves the backbone's outputs unchanged (checked by the conformance battery)."""
 
@@ -103,7 +106,7 @@ class DeltaModel(nn.Module):
         if backend != "hf":
             raise DeltaConfigError(f"backend={backend!r} is not supported; only 'hf' (PyTorch modules) is")
         if config is None:
-            config = self.config_class(**kwargs)
+            config = self.config_class.from_dict(kwargs)  # an unknown argument is named, with the known ones
         elif kwargs:
             config = self.config_class.from_dict(config.to_dict(), **kwargs)
         if type(config) is not self.config_class:
@@ -151,6 +154,7 @@ class DeltaModel(nn.Module):
             self.default_modified_modules,
             self.config.common_structure,
             type(self).__name__,
+            cover_scopes=self.cover_common_scopes,
         )
 
     def features(self, module: nn.Module) -> tuple[int, int]:
@@ -170,17 +174,22 @@ class DeltaModel(nn.Module):
         """The modules to place deltas on for one matched module: itself by default.
 
         Methods that "broadcast" to submodules (BitFit adds a bias to every linear layer and layer norm inside
-        ``attn``) override this; an empty list for every target is reported as an error, not a silent no-op.
+        ``attn``) override this; core drops the submodules ``exclude_modules`` names, and an empty list for every
+        target is reported as an error, not a silent no-op.
         """
         return [target]
 
     def _expand_all(self, targets: Sequence[Target]) -> list[Target]:
         expanded: list[Target] = []
-        seen: set[int] = set()
+        seen: set[tuple[int, int | None, tuple[int, ...] | None]] = set()
+        exclude = compile_patterns(self.config.exclude_modules, argument="exclude_modules")
         for target in targets:
             for leaf in self._expand_target(target):
-                if id(leaf.module) not in seen:
-                    seen.add(id(leaf.module))
+                if leaf is not target and is_excluded(leaf.name, exclude):
+                    continue  # a submodule a broadcasting method found inside an allowed target
+                key = (id(leaf.module), id(leaf.output.module) if leaf.output is not None else None, leaf.parts)
+                if key not in seen:
+                    seen.add(key)
                     expanded.append(leaf)
         if not expanded:
             raise UnsupportedTargetError(
@@ -193,7 +202,7 @@ class DeltaModel(nn.Module):
     def _check_targets(self, targets: Sequence[Target]) -> None:
         """Refuse, before anything changes, targets the method cannot modify."""
         problems = []
-        for t in targets:
+        for t in (end for target in targets for end in (target, target.output) if end is not None):
             if self.supported_layer_types is not None and not isinstance(t.module, self.supported_layer_types):
                 problems.append(f"{t.name} ({type(t.module).__name__})")
             elif t.parts is not None and not self.supports_fused_targets:
@@ -324,8 +333,11 @@ class DeltaModel(nn.Module):
         whether it is attached, so a checkpoint loads into any backbone state.
         """
         state: dict[str, torch.Tensor] = {}
+        used: dict[str, int] = {}
         for target, insertion in zip(self.targets, self._insertions, strict=True):
             prefix = target.name if insertion.kind == "replace" else f"{target.host_name}.{insertion.base_name}"
+            used[prefix] = used.get(prefix, -1) + 1
+            prefix += f"_{used[prefix]}" if used[prefix] else ""  # two deltas of this model on one module
             wrapped = getattr(insertion.delta, "wrapped_name", None)
             for name, tensor in insertion.delta.state_dict().items():
                 if wrapped and (name == wrapped or name.startswith(wrapped + ".")):

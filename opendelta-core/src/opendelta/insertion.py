@@ -110,23 +110,23 @@ def _with_output(output: Any, value: torch.Tensor) -> Any:
 
 
 class _BeforeHook:
-    """Forward pre-hook: hands the input to spanning parallel deltas, then runs the "before" ones on it.
+    """Forward pre-hook: runs the "before" deltas, last added first, then hands the result to spanning deltas.
 
-    "Before" deltas run last added first.
+    A spanning parallel delta thus sees the input the module itself receives, like a plain parallel delta does.
     """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         slots = getattr(module, SLOTS_ATTR)
-        for slot in slots:
-            if slot.kind == "capture":
-                setattr(slot.spanning, CAPTURED_ATTR, main_input(module, args, kwargs)[1])
         befores = [s for s in reversed(slots) if s.kind == "before"]
-        if not befores:
+        captures = [s for s in slots if s.kind == "capture"]
+        if not (befores or captures):
             return None
         where, hidden = main_input(module, args, kwargs)
         for slot in befores:
             hidden = module._modules[slot.attr](hidden)
-        return _with_input(args, kwargs, where, hidden)
+        for slot in captures:
+            setattr(slot.spanning, CAPTURED_ATTR, hidden)
+        return _with_input(args, kwargs, where, hidden) if befores else None
 
 
 class _AfterHook:

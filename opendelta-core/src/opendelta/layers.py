@@ -126,6 +126,9 @@ class BottleneckAdapter(nn.Module):
             OrderedDict(down_proj=down, non_linear=get_activation(non_linearity), up_proj=up)
         )
 
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}, scale={self.scale:g}"
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to a ``(..., in_features)`` hidden state."""
         branch = self.modulelist(hidden)  # (..., out_features)

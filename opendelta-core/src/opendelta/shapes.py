@@ -64,7 +64,12 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return weight if isinstance(module, nn.Linear) else weight.t()
 
 
-def fused_output_index(out_features: int, parts: tuple[int, ...] | None, num_parts: int | None) -> torch.Tensor | None:
+def fused_output_index(
+    out_features: int,
+    parts: tuple[int, ...] | None,
+    num_parts: int | None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
     """Indices of the output features of the selected equal slices of a fused module (``None``: all of them).
 
     Example: GPT-2's ``c_attn`` computes ``[q | k | v]``; parts ``(0, 2)`` of 3 select the q and v features.
@@ -74,7 +79,7 @@ def fused_output_index(out_features: int, parts: tuple[int, ...] | None, num_par
     if out_features % num_parts:
         raise ValueError(f"{out_features} output features do not split into {num_parts} equal parts")
     size = out_features // num_parts
-    return torch.cat([torch.arange(p * size, (p + 1) * size) for p in parts])
+    return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in parts])
 
 
 def _norm_types() -> tuple[type[nn.Module], ...]:
@@ -123,7 +128,8 @@ def probe_features(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, 
     transformers models have it), else an integer tensor ``[[0, 0, 0]]`` like ``input_ids``.
 
     Returns:
-        ``{id(module): (last dim of its hidden-state input, last dim of its hidden-state output)}``.
+        ``{id(module): (last dim of its hidden-state input, last dim of its hidden-state output)}``; the input
+        width is 0 when the module reads integer ids (an embeddings block), as for ``nn.Embedding``.
 
     Raises:
         ShapeInferenceError: the pass failed, or did not reach some module; the message says how to set
@@ -141,8 +147,9 @@ def probe_features(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if id(module) in wanted and id(module) not in seen:
             try:
+                hidden_in = main_input(module, args, kwargs)[1]
                 seen[id(module)] = (
-                    int(main_input(module, args, kwargs)[1].shape[-1]),
+                    int(hidden_in.shape[-1]) if hidden_in.is_floating_point() else 0,  # token ids: no width
                     int(main_output(module, output).shape[-1]),
                 )
             except DeltaStateError as exc:  # the pass is fine; this module's call has no hidden state to size

@@ -59,6 +59,12 @@ def backbone_module_names(model: nn.Module) -> list[str]:
     ]
 
 
+def _ancestors(common_name: str, enabled: bool) -> list[str]:
+    """The strict dotted prefixes of a common name (``a.b.c`` -> ``a``, ``a.b``) when scopes are covered."""
+    parts = common_name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))] if enabled else []
+
+
 def resolve_targets(
     model: nn.Module,
     modified_modules: Sequence[str] | None,
@@ -66,6 +72,8 @@ def resolve_targets(
     default_modified_modules: Sequence[str],
     common_structure: bool | None,
     method: str,
+    *,
+    cover_scopes: bool = False,
 ) -> list[Target]:
     """The modules of ``model`` a delta should modify, in module order.
 
@@ -76,6 +84,9 @@ def resolve_targets(
         default_modified_modules: the method's default common names.
         common_structure: whether ``modified_modules`` are common names.
         method: the method's class name, for messages.
+        cover_scopes: let a common name designate everything named under it too, even where no single real module
+            carries it (``ff`` covers BART's ``fc1`` and ``fc2``, children of the layer itself). Methods that
+            broadcast to submodules (BitFit) want this; methods placed after one module (adapters) do not.
 
     Raises:
         ModuleNotFoundInStructureError: nothing (or, for user patterns, one of them) matched.
@@ -98,17 +109,22 @@ def resolve_targets(
     structure = structure_for_model(model)
     allowed = set(names)
     common = {real: cn for real, cn in structure.common_names(model).items() if real in allowed}
-    by_common = {c.name: (real, c) for real, cns in common.items() for c in cns}
+    scopes = {s: None for cns in common.values() for c in cns for s in [*_ancestors(c.name, cover_scopes), c.name]}
     describe = f"{describe} (common structure {structure.model_type!r}, names like 'encoder.block.0.attn.q')"
-    matched = set(find_matches(list(by_common), patterns, (), require_each=not use_defaults, describe=describe))
+    matched = set(find_matches(list(scopes), patterns, (), require_each=not use_defaults, describe=describe))
     targets = []
     for real, cns in common.items():
-        hits = [c for c in cns if c.name in matched]
-        if not hits or is_excluded(real, exclude):
+        if is_excluded(real, exclude):
             continue
-        whole = any(c.part is None for c in hits)
-        parts = None if whole else tuple(sorted(c.part for c in hits if c.part is not None))
-        targets.append(Target(real, modules[real], hits[0].name, parts, None if whole else hits[0].num_parts))
+        whole = any(c.part is None and c.name in matched for c in cns) or any(
+            a in matched for c in cns for a in _ancestors(c.name, cover_scopes)
+        )
+        parts = tuple(sorted(c.part for c in cns if c.part is not None and c.name in matched))
+        if whole or parts:
+            hit = next((c for c in cns if c.name in matched), cns[0])
+            targets.append(
+                Target(real, modules[real], hit.name, None if whole else parts, None if whole else hit.num_parts)
+            )
     if not targets:
         raise ModuleNotFoundInStructureError(
             f"{method}: modified_modules={[p.text for p in patterns]!r} matched modules of {describe}, but "

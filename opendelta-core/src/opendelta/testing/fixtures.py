@@ -15,8 +15,15 @@ from opendelta.testing.tiny_models import ARCHITECTURES
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``arch`` (and ``method_name`` when the class names none)."""
+    """Parametrize ``arch`` (and ``method_name`` when the class names none) for conformance-suite classes.
+
+    Other tests keep their own ``arch`` parametrization.
+    """
+    from opendelta.testing.suites import DeltaMethodSuite
+
     cls = metafunc.cls
+    if cls is None or not issubclass(cls, DeltaMethodSuite):
+        return
     if "arch" in metafunc.fixturenames:
         metafunc.parametrize("arch", getattr(cls, "architectures", ARCHITECTURES))
     if "method_name" in metafunc.fixturenames and getattr(cls, "method_name", None) is None:

@@ -39,7 +39,7 @@ class LoraModel(DeltaModel):
             r=self.config.lora_r,
             alpha=self.config.lora_alpha,
             dropout=self.config.lora_dropout,
-            out_index=fused_output_index(out_features, target.parts, target.num_parts),
+            out_index=fused_output_index(out_features, target.parts, target.num_parts, device=weight.device),
             device=weight.device,
             dtype=weight.dtype,
         )
