@@ -1,0 +1,87 @@
+"""``BitFitModel``: a trainable bias after every linear layer and layer norm inside the targeted modules.
+
+BitFit "broadcasts to submodules" (manual section 1.21.2): targeting ``attn`` means every position inside the
+attention that has, or could have, a bias. That happens twice here:
+
+* in common-name space (core's ``cover_common_scopes``): ``ff`` designates every module whose common name
+  lies under a ``...ff`` name, even where the architecture has no single feed-forward module (BERT's ``ff.w1`` is
+  ``intermediate.dense``, outside ``output``, the module named ``ff``; BART's ``fc1``/``fc2`` are children of the
+  layer itself);
+* in real-module space (:meth:`BitFitModel._expand_target`): a designated container yields every ``nn.Linear``,
+  transformers ``Conv1D`` and layer norm inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
+
+from torch import nn
+
+from opendelta import DeltaModel, Target
+from opendelta.insertion import DELTA_MARK
+from opendelta.shapes import LINEAR_TYPES, factory_kwargs, fused_output_index, is_norm
+from opendelta_bitfit.config import BitFitConfig
+from opendelta_bitfit.layer import BiasDelta
+
+
+def is_bias_site(module: nn.Module) -> bool:
+    """Whether BitFit adds a bias to ``module``: a linear layer (``nn.Linear``, ``Conv1D``) or a layer norm."""
+    return isinstance(module, LINEAR_TYPES) or is_norm(module)
+
+
+def _bias_sites(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """Every bias site strictly inside ``module`` with its dotted name, in module order.
+
+    Deltas already attached (an adapter's projections, a LoRA branch) are not part of the backbone, so the walk
+    does not enter them.
+    """
+    for name, child in module.named_children():
+        if getattr(child, DELTA_MARK, False):
+            continue
+        full_name = f"{prefix}.{name}"
+        if is_bias_site(child):
+            yield full_name, child
+        yield from _bias_sites(child, full_name)
+
+
+class BitFitModel(DeltaModel):
+    """BitFit on a backbone (manual section 1.21.2): a trainable bias on every linear layer and layer norm.
+
+    ``BitFitModel(backbone_model=model)`` covers, by default, everything in the attention and feed-forward blocks,
+    every layer norm the common structure names, and the LM head's projection (common names ``attn``, ``ff``,
+    ``layer_norm``, ``lm_head.proj``). ``modified_modules=["attention"]`` covers every linear layer and layer norm
+    inside each module named ``...attention``.
+
+    Each covered layer gets a :class:`~opendelta_bitfit.BiasDelta` run after it (child name ``bitfit``): its output
+    ``h`` becomes ``h + bias``, with ``bias`` starting at zero. The backbone's own biases and their
+    ``requires_grad`` are never touched, unlike the original, which unfroze them in place and created ``bias``
+    parameters on bias-less layers: so ``detach()`` gives back the backbone exactly, ``attach()`` restores the
+    trained deltas, and BitFit composes with other deltas, a second BitFit included. Train it with
+    ``freeze_module(exclude=["deltas", ...])`` like any other method.
+    """
+
+    config_class = BitFitConfig
+    delta_type = "bitfit"
+    delta_name = "bitfit"
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn", "ff", "layer_norm", "lm_head.proj")
+    insertion = "after"
+    supports_fused_targets = True
+    cover_common_scopes = True  # ``ff`` covers BERT's intermediate.dense and BART's fc1/fc2, which no ``ff`` holds
+    identity_at_init = True
+    config: BitFitConfig
+
+    def _expand_target(self, target: Target) -> list[Target]:
+        """A linear layer or layer norm is itself; another module yields those inside it (core drops excluded ones)."""
+        if is_bias_site(target.module):
+            return [target]
+        return [Target(name, module) for name, module in _bias_sites(target.module, target.name)]
+
+    def _build_delta(self, target: Target) -> nn.Module:
+        """A zero bias as wide as the layer's output (Linear/Conv1D ``out_features``, a norm's size)."""
+        _in, out_features = self.features(target.module)
+        return BiasDelta(
+            out_features,
+            fused_output_index(out_features, target.parts, target.num_parts),
+            **factory_kwargs(target.module),
+        )
