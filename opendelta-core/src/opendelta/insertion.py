@@ -379,11 +379,14 @@ def iter_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def delta_parameter_names(model: nn.Module) -> set[str]:
-    """Names (as in ``model.named_parameters()``) of every parameter that belongs to an attached delta."""
+    """Every name (as in ``model.state_dict()``) of every parameter that belongs to an attached delta.
+
+    A parameter shared by several layers of a delta (Compacter's shared rule) has several names; all are listed.
+    """
     names: set[str] = set()
     for prefix, module in iter_delta_modules(model):
         wrapped = getattr(module, WRAPPED_ATTR, None)
-        for name, _p in module.named_parameters():
+        for name, _p in module.named_parameters(remove_duplicate=False):
             if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
                 continue
             names.add(f"{prefix}.{name}" if prefix else name)

@@ -58,13 +58,20 @@ def get_activation(name: str) -> nn.Module:
 INITIALISERS = ("glorot-uniform", "glorot-normal", "normal", "uniform", "zeros", "kaiming-uniform")
 
 
-def init_weight_(tensor: torch.Tensor, method: str, std: float = 0.01) -> torch.Tensor:
-    """Initialise ``tensor`` in place with one of :data:`INITIALISERS` (``std`` for normal, range for uniform)."""
+def init_weight_(tensor: torch.Tensor, method: str, std: float = 0.01, gain: float = 1.0) -> torch.Tensor:
+    """Initialise ``tensor`` in place with one of :data:`INITIALISERS`.
+
+    Args:
+        tensor: the tensor to fill.
+        method: one of :data:`INITIALISERS`.
+        std: standard deviation for ``normal``, half-range for ``uniform``.
+        gain: scale of the Glorot initialisers (the Compacter code base uses ``sqrt(2)``).
+    """
     with torch.no_grad():
         if method == "glorot-uniform":
-            return nn.init.xavier_uniform_(tensor)
+            return nn.init.xavier_uniform_(tensor, gain=gain)
         if method == "glorot-normal":
-            return nn.init.xavier_normal_(tensor)
+            return nn.init.xavier_normal_(tensor, gain=gain)
         if method == "normal":
             return nn.init.normal_(tensor, std=std)
         if method == "uniform":
