@@ -153,6 +153,15 @@ _ARCH_KWARGS: dict[str, dict[str, Any]] = {
         "pooler_dropout": 0.0,
         # Defaults to the *default* hidden size (1536) in some versions.
         "pooler_hidden_size": HIDDEN_SIZE,
+        # DeBERTa-v3's disentangled attention (the default config has none): relative positions in buckets,
+        # content-to-position and position-to-content terms, no absolute positions at the input.
+        "relative_attention": True,
+        "pos_att_type": ["p2c", "c2p"],
+        "position_buckets": 16,
+        "max_relative_positions": -1,
+        "share_att_key": True,
+        "norm_rel_ebd": "layer_norm",
+        "position_biased_input": False,
     },
     "opt": {
         "hidden_size": HIDDEN_SIZE,
