@@ -32,6 +32,7 @@ from opendelta.freezing import freeze_module
 from opendelta.hookspecs import hookimpl
 from opendelta.insertion import insert_parallel_module, insert_sequential_module, replace_module
 from opendelta.plugins import list_plugins
+from opendelta.prefix import insert_prefix
 from opendelta.registry import get_method, list_methods, list_structures
 from opendelta.visualization import count_parameters
 
@@ -62,6 +63,7 @@ __all__ = [
     "get_method",
     "hookimpl",
     "insert_parallel_module",
+    "insert_prefix",
     "insert_sequential_module",
     "list_methods",
     "list_plugins",

@@ -121,6 +121,7 @@ class DeltaModel(nn.Module):
         self._check_targets(targets)
         self.targets = targets
         self._features: dict[int, tuple[int, int]] = {}
+        self._attention_parts: dict[str, Any] = {}
         try:
             for target in targets:
                 delta = self._build_delta(target)
@@ -131,6 +132,7 @@ class DeltaModel(nn.Module):
                 insertion.detach()
             raise
         self._features.clear()  # measured for building; ids of modules must not outlive this call
+        self._attention_parts.clear()
         config.backbone_class = type(backbone_model).__name__
         config.backbone_checkpoint_name = (
             getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
@@ -216,7 +218,35 @@ class DeltaModel(nn.Module):
                 f"Point modified_modules at modules of a supported type (see Visualization(model).structure_graph())."
             )
 
+    def attention_parts(self, target: Target) -> Any:
+        """The key/value projections and hints of a self-attention target (prefix tuning), read once per target.
+
+        See :func:`opendelta.prefix.attention_parts`.
+        """
+        from opendelta.prefix import attention_parts
+
+        if target.name not in self._attention_parts:
+            self._attention_parts[target.name] = attention_parts(self.backbone_model, target.name, type(self).__name__)
+        return self._attention_parts[target.name]
+
     def _place(self, target: Target, delta: nn.Module) -> Insertion:
+        if self.insertion == "prefix":
+            from opendelta.prefix import attention_backend, insert_prefix
+
+            parts = self.attention_parts(target)
+            backend = attention_backend(target.module)
+            first_rows = backend == "rows" and not any(i.option.backend == "rows" for i in self._insertions)
+            return insert_prefix(
+                target.module,
+                delta,
+                self.delta_name,
+                key=parts.key,
+                value=parts.value,
+                relative_bias=parts.relative_bias,
+                relative_positions=parts.relative_positions,
+                backend=backend,
+                root=self.backbone_model if first_rows else None,
+            )
         if self.insertion == "parallel":
             output = target.output.module if target.output is not None else None
             return insert_parallel_module(target.module, delta, self.delta_name, output_module=output)

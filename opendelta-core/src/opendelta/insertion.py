@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ HANDLES_ATTR = "_opendelta_hook_handles"
 DELTA_MARK = "_opendelta_delta"
 WRAPPED_ATTR = "_opendelta_wrapped"
 CAPTURED_ATTR = "_opendelta_captured_input"
-Kind = Literal["before", "after", "parallel", "replace"]
+Kind = str
+""""before", "after", "parallel", "replace", or a kind with a registered :class:`SlotHandler` ("prefix")."""
 
 _sequence = itertools.count()
 
@@ -52,10 +53,35 @@ _sequence = itertools.count()
 @dataclass(frozen=True)
 class _Slot:
     seq: int
-    kind: Kind | Literal["capture"]
+    kind: str
+    """"before", "after", "parallel", "capture", or a kind handled by a registered :class:`SlotHandler`."""
     attr: str
-    spanning: nn.Module | None = None
-    """For a "capture" slot: the delta its module's input goes to. For a "parallel" slot: whether it is fed by one."""
+    ref: nn.Module | None = None
+    """The delta a satellite slot serves (it lives on another module); for a "parallel" slot, set when a "capture"
+    slot elsewhere feeds it its input."""
+    option: Any = None
+    """Whatever a registered handler needs to know about this placement."""
+
+
+class SlotHandler(Protocol):
+    """Behaviour for a slot kind core does not know (prefix tuning registers "prefix" and its satellites).
+
+    ``before`` runs in the module's forward pre-hook, before the "before" deltas, and may return new
+    ``(args, kwargs)``; ``after`` runs in its forward hook after the "after"/"parallel" deltas and may return a new
+    output. Either returns ``None`` to change nothing.
+    """
+
+    def before(self, module: nn.Module, slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def after(
+        self, module: nn.Module, slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any: ...
+
+
+SLOT_HANDLERS: dict[str, SlotHandler] = {}
+"""Handlers by slot kind; registered at import by the core module that defines the kind."""
+
+_CORE_KINDS = frozenset({"before", "after", "parallel", "capture"})
 
 
 def main_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor]:
@@ -110,45 +136,60 @@ def _with_output(output: Any, value: torch.Tensor) -> Any:
 
 
 class _BeforeHook:
-    """Forward pre-hook: runs the "before" deltas, last added first, then hands the result to spanning deltas.
+    """Forward pre-hook: runs handler slots, then the "before" deltas (last added first), then captures.
 
     A spanning parallel delta thus sees the input the module itself receives, like a plain parallel delta does.
     """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         slots = getattr(module, SLOTS_ATTR)
+        changed = False
+        for slot in slots:
+            if slot.kind not in _CORE_KINDS:
+                call = SLOT_HANDLERS[slot.kind].before(module, slot, args, kwargs)
+                if call is not None:
+                    (args, kwargs), changed = call, True
         befores = [s for s in reversed(slots) if s.kind == "before"]
         captures = [s for s in slots if s.kind == "capture"]
-        if not (befores or captures):
-            return None
-        where, hidden = main_input(module, args, kwargs)
-        for slot in befores:
-            hidden = module._modules[slot.attr](hidden)
-        for slot in captures:
-            setattr(slot.spanning, CAPTURED_ATTR, hidden)
-        return _with_input(args, kwargs, where, hidden) if befores else None
+        if befores or captures:
+            where, hidden = main_input(module, args, kwargs)
+            for slot in befores:
+                hidden = module._modules[slot.attr](hidden)
+            for slot in captures:
+                setattr(slot.ref, CAPTURED_ATTR, hidden)
+            if befores:
+                args, kwargs = _with_input(args, kwargs, where, hidden)
+                changed = True
+        return (args, kwargs) if changed else None
 
 
 class _AfterHook:
-    """Forward hook: runs the "after" and "parallel" deltas, in the order added, on the module's output."""
+    """Forward hook: runs the "after" and "parallel" deltas, in the order added, then handler slots."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        slots = [s for s in getattr(module, SLOTS_ATTR) if s.kind in ("after", "parallel")]
-        if not slots:
-            return None
-        hidden = main_output(module, output)
-        x = None
-        for slot in slots:
-            delta = module._modules[slot.attr]
-            if slot.kind == "after":
-                hidden = delta(hidden)
-            elif slot.spanning is not None:
-                hidden = hidden + delta(_take_captured(delta, module))
-            else:
-                if x is None:
-                    x = main_input(module, args, kwargs)[1]
-                hidden = hidden + delta(x)
-        return _with_output(output, hidden)
+        all_slots = getattr(module, SLOTS_ATTR)
+        slots = [s for s in all_slots if s.kind in ("after", "parallel")]
+        changed = False
+        if slots:
+            hidden = main_output(module, output)
+            x = None
+            for slot in slots:
+                delta = module._modules[slot.attr]
+                if slot.kind == "after":
+                    hidden = delta(hidden)
+                elif slot.ref is not None:
+                    hidden = hidden + delta(_take_captured(delta, module))
+                else:
+                    if x is None:
+                        x = main_input(module, args, kwargs)[1]
+                    hidden = hidden + delta(x)
+            output, changed = _with_output(output, hidden), True
+        for slot in all_slots:
+            if slot.kind not in _CORE_KINDS:
+                new = SLOT_HANDLERS[slot.kind].after(module, slot, args, kwargs, output)
+                if new is not None:
+                    output, changed = new, True
+        return output if changed else None
 
 
 def _take_captured(delta: nn.Module, module: nn.Module) -> torch.Tensor:
@@ -194,9 +235,11 @@ class Insertion:
     attached: bool = False
     base_name: str = ""
     """The name asked for (``lora``); ``attr`` may carry a suffix (``lora_1``) when that was taken."""
-    source: nn.Module | None = None
-    """For a spanning "parallel" delta: the module whose input feeds it (``host`` is the one whose output it adds
-    to)."""
+    satellites: tuple[tuple[nn.Module, str, Any], ...] = ()
+    """Slots on other modules that serve this delta, as ``(module, kind, option)``: the "capture" slot that feeds a
+    spanning parallel delta the input of another module, or a prefix's key/value projections."""
+    option: Any = None
+    """The option of the host's own slot (what a handler needs to know)."""
 
     def __post_init__(self) -> None:
         self.base_name = self.base_name or self.attr
@@ -219,9 +262,12 @@ class Insertion:
             self.attr = _free_name(self.host, self.base_name)
         self.delta.train(self.host.training)  # a new module starts in training mode; follow the backbone's
         self.host.add_module(self.attr, self.delta)
-        if self.source is not None:
-            _add_slot(self.source, _Slot(self.seq, "capture", self.attr, spanning=self.delta))
-        _add_slot(self.host, _Slot(self.seq, self.kind, self.attr, spanning=self.delta if self.source else None))
+        for module, kind, option in self.satellites:
+            _add_slot(module, _Slot(self.seq, kind, self.attr, ref=self.delta, option=option))
+        spanning = any(kind == "capture" for _m, kind, _o in self.satellites)
+        _add_slot(
+            self.host, _Slot(self.seq, self.kind, self.attr, ref=self.delta if spanning else None, option=self.option)
+        )
         self.attached = True
 
     def detach(self) -> None:
@@ -238,10 +284,10 @@ class Insertion:
             self.attached = False
             return
         del self.host._modules[self.attr]
-        _remove_slot(self.host, lambda s: s.attr == self.attr and s.kind != "capture")
-        if self.source is not None:
-            _remove_slot(self.source, lambda s: s.spanning is self.delta and s.kind == "capture")
-            self.delta.__dict__.pop(CAPTURED_ATTR, None)
+        _remove_slot(self.host, lambda s: s.seq == self.seq)
+        for module in {id(m): m for m, _kind, _option in self.satellites}.values():  # one module may hold two
+            _remove_slot(module, lambda s: s.seq == self.seq)
+        self.delta.__dict__.pop(CAPTURED_ATTR, None)
         self.attached = False
 
 
@@ -275,15 +321,22 @@ def _insert(
     delta_name: str,
     kind: Kind,
     strict: bool,
-    source: nn.Module | None = None,
+    satellites: tuple[tuple[nn.Module, str, Any], ...] = (),
+    option: Any = None,
 ) -> Insertion:
     if not isinstance(delta_module, nn.Module):
         raise TypeError(f"delta_module must be an nn.Module, got {type(delta_module).__name__}")
-    if strict and any(getattr(m, SLOTS_ATTR, None) for m in (module, source) if m is not None):
+    if strict and any(getattr(m, SLOTS_ATTR, None) for m in (module, *(s[0] for s in satellites))):
         raise DeltaStateError(f"{type(module).__name__} already carries deltas and strict=True")
     _mark(delta_module)
     insertion = Insertion(
-        module, _free_name(module, delta_name), kind, delta_module, base_name=delta_name, source=source
+        module,
+        _free_name(module, delta_name),
+        kind,
+        delta_module,
+        base_name=delta_name,
+        satellites=satellites,
+        option=option,
     )
     insertion.attach()
     return insertion
@@ -334,7 +387,7 @@ def insert_parallel_module(
     """
     if output_module is None or output_module is module:
         return _insert(module, delta_module, delta_name, "parallel", strict)
-    return _insert(output_module, delta_module, delta_name, "parallel", strict, source=module)
+    return _insert(output_module, delta_module, delta_name, "parallel", strict, satellites=((module, "capture", None),))
 
 
 def replace_module(

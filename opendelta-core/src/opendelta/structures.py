@@ -121,6 +121,8 @@ class CommonStructure:
         self.architectures: tuple[str, ...] = tuple(document["architectures"])
         self._tree = _Node.parse(document["tree"], name=None)
         self._heads = _Node.parse({"children": document.get("heads", {})}, name=None)
+        self.attention: dict[str, Any] = dict(document.get("attention", {}))
+        """The optional hints for mechanisms that add positions inside attention (see the schema)."""
 
     def __repr__(self) -> str:
         return f"CommonStructure(model_type={self.model_type!r}, source={self.source!r})"

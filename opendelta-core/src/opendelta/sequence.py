@@ -1,0 +1,246 @@
+"""Making room for extra leading positions in a module call: prefix rows, soft-prompt tokens.
+
+Several deltas add ``P`` positions in front of a sequence inside one module call (prefix tuning inside an attention
+block, a soft prompt in front of an encoder) and take them out of the output again, so that everything outside the
+call sees the bare model's shapes. Doing that without per-model code means adjusting the call's other arguments by
+name and shape, with rules that hold for the transformers models we map:
+
+* an argument whose name contains ``mask`` (not ``head_mask``) and whose last dimension is the sequence length is an
+  attention mask: it gains ``P`` leading key columns, and ``P`` leading query rows when its second-to-last dimension
+  is the sequence length too, all "attend" (``True`` for booleans, ``1`` for integers, ``0.0`` for the additive
+  float masks transformers uses);
+* ``position_bias`` (T5's relative attention bias) is extended the same way with zeros: the new positions carry no
+  position bias;
+* ``cache_position`` and ``position_ids`` gain ``P`` leading positions and the real ones move up by ``P``;
+* arguments an architecture declares as relative positions (DeBERTa's ``relative_pos``) are dropped, so that the
+  module rebuilds them for the longer sequence.
+
+Anything else is left alone. The same rules apply inside a ``**kwargs`` argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from opendelta.errors import DeltaStateError
+
+__all__ = [
+    "align_with_cache",
+    "bound_arguments",
+    "extend_arguments",
+    "find_cache",
+    "layer_index",
+    "strip_positions",
+    "unbind",
+]
+
+POSITION_ARGUMENTS = ("cache_position", "position_ids")
+BIAS_ARGUMENTS = ("position_bias",)
+
+
+@cache
+def _signature(cls: type[nn.Module]) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def bound_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+    """The call's arguments by parameter name (positional ones included), for editing by name."""
+    return _signature(type(module)).bind(None, *args, **kwargs)  # ``None`` stands for ``self``
+
+
+def unbind(bound: inspect.BoundArguments) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of an edited call, without the ``self`` placeholder."""
+    return bound.args[1:], bound.kwargs
+
+
+def _attend_value(tensor: torch.Tensor) -> bool | float | int:
+    if tensor.dtype == torch.bool:
+        return True
+    return 0.0 if tensor.is_floating_point() else 1
+
+
+def _pad(tensor: torch.Tensor, dim: int, count: int, value: bool | float | int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
+
+
+def _extend_square(tensor: torch.Tensor, count: int, length: int, value: bool | float | int) -> torch.Tensor:
+    """Pad the key dimension (last) and, when it is the sequence too, the query dimension (second to last).
+
+    Only masks of three or more dimensions have a query dimension: a ``(batch, length)`` mask is never padded
+    along its batch, even when the batch size equals the length.
+    """
+    if tensor.shape[-1] == length:
+        tensor = _pad(tensor, -1, count, value)
+    if tensor.dim() >= 3 and tensor.shape[-2] == length:
+        tensor = _pad(tensor, -2, count, value)
+    return tensor
+
+
+def _extend_positions(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    start = tensor[..., :1]
+    leading = start + torch.arange(count, device=tensor.device, dtype=tensor.dtype)
+    return torch.cat([leading, tensor + count], dim=-1)
+
+
+def _extend_one(name: str, value: Any, count: int, length: int, where: str) -> Any:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if name in POSITION_ARGUMENTS and not value.is_floating_point():
+        return _extend_positions(value, count) if value.shape[-1] == length else value
+    is_mask = "mask" in name and "head_mask" not in name
+    if not (is_mask or name in BIAS_ARGUMENTS):
+        return value
+    if value.shape[-1] not in (length, length + count):
+        raise DeltaStateError(
+            f"{where}: argument {name!r} has shape {tuple(value.shape)}, which fits neither the {length} positions of "
+            f"the call nor {length + count} with the {count} added ones"
+        )
+    return _extend_square(value, count, length, 0.0 if name in BIAS_ARGUMENTS else _attend_value(value))
+
+
+def extend_arguments(
+    bound: inspect.BoundArguments,
+    skip: str,
+    count: int,
+    length: int,
+    relative_positions: Collection[str] = (),
+    where: str = "the call",
+) -> None:
+    """Adjust every argument but ``skip`` (the sequence itself) for ``count`` new leading positions, in place.
+
+    Args:
+        bound: the call's arguments (see :func:`bound_arguments`).
+        skip: the name of the sequence argument the caller extends itself.
+        count: how many positions are added in front.
+        length: the sequence length before they are added.
+        relative_positions: argument names to drop so the module rebuilds them (declared by the mapping).
+        where: the module, for error messages.
+
+    Raises:
+        DeltaStateError: a mask or bias fits neither length.
+    """
+    for name, value in list(bound.arguments.items()):
+        if name == skip:
+            continue
+        if name in relative_positions:
+            bound.arguments[name] = None
+        elif isinstance(value, dict) and _signature_kind(bound, name) is inspect.Parameter.VAR_KEYWORD:
+            bound.arguments[name] = {
+                key: None if key in relative_positions else _extend_one(key, item, count, length, where)
+                for key, item in value.items()
+            }
+        else:
+            bound.arguments[name] = _extend_one(name, value, count, length, where)
+
+
+def _signature_kind(bound: inspect.BoundArguments, name: str) -> inspect._ParameterKind:
+    return bound.signature.parameters[name].kind
+
+
+def strip_positions(output: Any, count: int, length: int) -> Any:
+    """Take the ``count`` leading positions back out of a module's output.
+
+    The hidden state (the tensor itself, or the first element of a tuple or ``ModelOutput``) loses its first
+    ``count`` rows along the sequence dimension; any other tensor of the output that is square in the extended
+    length (T5's position bias, attention weights) is cut back to ``length`` on both of those dimensions.
+    """
+    extended = length + count
+
+    def cut(value: Any, first: bool) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if first and value.dim() >= 2 and value.shape[-2] == extended:
+            return value[..., count:, :]
+        if value.dim() >= 2 and value.shape[-1] == extended and value.shape[-2] == extended:
+            return value[..., count:, count:]
+        return value
+
+    if isinstance(output, torch.Tensor):
+        return cut(output, True)
+    if hasattr(output, "to_tuple"):
+        for index, key in enumerate(list(output.keys())):
+            output[key] = cut(output[key], index == 0)
+        return output
+    if isinstance(output, (tuple, list)):
+        return type(output)(cut(value, index == 0) for index, value in enumerate(output))
+    raise DeltaStateError(f"cannot take the added positions out of an output of type {type(output).__name__}")
+
+
+def find_cache(bound: inspect.BoundArguments) -> Any:
+    """The transformers key/value cache among the call's arguments, or ``None``.
+
+    For an encoder-decoder cache, its self-attention part.
+    """
+    try:
+        from transformers.cache_utils import Cache, EncoderDecoderCache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    values = list(bound.arguments.values())
+    for value in values + [v for d in values if isinstance(d, dict) for v in d.values()]:
+        if isinstance(value, EncoderDecoderCache):
+            return value.self_attention_cache
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def layer_index(module: nn.Module) -> int | None:
+    """The ``layer_idx`` transformers gives an attention module (searched in ``module`` and its submodules)."""
+    for sub in module.modules():
+        index = getattr(sub, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return None
+
+
+def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collection[str]) -> bool:
+    """After the first step of a cached ``generate()``, account for ``count`` positions the cache holds extra.
+
+    When added positions (a soft prompt, a prefix through placeholder rows) entered the key/value cache with the
+    first step, the cache is ``count`` longer than the tokens ``generate()`` counted. Then ``cache_position`` and
+    ``position_ids`` move up by ``count`` and the 2-d masks named in ``masks`` gain ``count`` leading "attend"
+    columns, so that positions and masks inside the model agree with the cache. Detected by comparing the cache
+    length with the call's positions or mask; a call that already agrees is left alone.
+
+    Returns:
+        Whether the call was changed (in place).
+    """
+    cache_ = find_cache(bound)
+    length = cache_.get_seq_length() if cache_ is not None else 0
+    if not length:
+        return False
+    arguments = bound.arguments
+    nested = next((v for k, v in arguments.items() if isinstance(v, dict) and "cache_position" in v), None)
+    position = arguments.get("cache_position", nested.get("cache_position") if nested else None)
+    mask_name = next((n for n in masks if isinstance(arguments.get(n), torch.Tensor)), None)
+    new_tokens = None
+    if isinstance(position, torch.Tensor) and position.numel():
+        if int(position.reshape(-1)[0]) + count != length:
+            return False
+        new_tokens = position.shape[-1]
+    elif mask_name is not None and arguments[mask_name].dim() == 2:
+        new_tokens = arguments[mask_name].shape[-1] + count - length
+        if new_tokens < 1:
+            return False
+    else:
+        return False
+    if isinstance(position, torch.Tensor):
+        if nested is not None and "cache_position" not in arguments:
+            nested["cache_position"] = position + count
+        else:
+            arguments["cache_position"] = position + count
+    if isinstance(arguments.get("position_ids"), torch.Tensor):
+        arguments["position_ids"] = arguments["position_ids"] + count
+    for name in masks:
+        mask = arguments.get(name)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] + count == length + new_tokens:
+            arguments[name] = torch.cat([mask.new_ones(mask.shape[0], count), mask], dim=-1)
+    return True

@@ -1,0 +1,90 @@
+"""``PrefixModel``: learned keys and values in front of every self-attention, on any mapped architecture."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from opendelta import DeltaModel, DeltaStateError, Target
+from opendelta.shapes import factory_kwargs
+from opendelta_prefix.config import PrefixConfig
+from opendelta_prefix.layer import PrefixLayer, PrefixReparameterization
+
+
+class PrefixModel(DeltaModel):
+    """Prefix tuning on a backbone (manual section 1.21.6).
+
+    ``PrefixModel(backbone_model=model)`` gives every self-attention block (common name ``attn``: the encoder's and
+    the decoder's) ``prefix_token_num`` learned key/value positions. Unlike the original, which had a hand-written
+    class per attention type and raised NotImplementedError elsewhere, the prefix is placed by one mechanism in core
+    (``opendelta.prefix``) that only needs the common structure's ``attn.k``/``attn.v``: BERT, RoBERTa, T5, GPT-2, BART,
+    DeBERTa-v2, OPT and their task heads, under transformers 4.57 and 5.x, ``generate()`` with the key/value cache
+    included. With ``reparameterize=True`` the prefixes come from a network shared by all layers; :meth:`fold` turns
+    them into plain parameters for saving and serving.
+    """
+
+    config_class = PrefixConfig
+    delta_type = "prefix"
+    delta_name = "prefix"
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn",)
+    insertion = "prefix"
+    identity_at_init = False
+    config: PrefixConfig
+
+    def _build_delta(self, target: Target) -> nn.Module:
+        """The prefix of one self-attention block, sized from its key and value projections."""
+        parts = self.attention_parts(target)
+        config = self.config
+        reparameterization = None
+        if config.reparameterize:
+            reparameterization = (self._network(), self._offsets()[target.name])
+        return PrefixLayer(
+            config.prefix_token_num,
+            parts.key_features,
+            parts.value_features,
+            reparameterization,
+            **factory_kwargs(target.module),
+        )
+
+    def _offsets(self) -> dict[str, int]:
+        """Each target's first column in the shared network's output."""
+        if "_prefix_offsets" not in self.__dict__:
+            offsets, total = {}, 0
+            for target in self.targets:
+                parts = self.attention_parts(target)
+                offsets[target.name] = total
+                total += parts.key_features + parts.value_features
+            self.__dict__["_prefix_offsets"] = offsets
+            self.__dict__["_prefix_total"] = total
+        return dict(self.__dict__["_prefix_offsets"])
+
+    def _network(self) -> PrefixReparameterization:
+        """The reparameterisation network every layer shares (built with the first layer)."""
+        if "_prefix_network" not in self.__dict__:
+            self._offsets()
+            config, first = self.config, self.targets[0].module
+            self.__dict__["_prefix_network"] = PrefixReparameterization(
+                config.prefix_token_num,
+                config.embed_dim,
+                config.mid_dim,
+                self.__dict__["_prefix_total"],
+                **factory_kwargs(first),
+            )
+        network: PrefixReparameterization = self.__dict__["_prefix_network"]
+        return network
+
+    def fold(self) -> None:
+        """Turn the reparameterised prefixes into plain ones: identical outputs, only ``P`` keys/values to save.
+
+        The config records ``reparameterize=False`` afterwards, so a checkpoint saved now loads as plain prefixes.
+
+        Raises:
+            DeltaStateError: the delta model is detached (fold it while it is attached).
+        """
+        if not self.attached:
+            raise DeltaStateError("fold() needs the prefixes attached; call attach() first")
+        for layer in self.deltas:
+            layer.fold()
+        self.__dict__.pop("_prefix_network", None)
+        self.config.reparameterize = False
