@@ -33,6 +33,7 @@ from opendelta.hookspecs import hookimpl
 from opendelta.insertion import insert_parallel_module, insert_sequential_module, replace_module
 from opendelta.plugins import list_plugins
 from opendelta.prefix import insert_prefix
+from opendelta.prompt import insert_soft_prompt
 from opendelta.registry import get_method, list_methods, list_structures
 from opendelta.visualization import count_parameters
 
@@ -65,6 +66,7 @@ __all__ = [
     "insert_parallel_module",
     "insert_prefix",
     "insert_sequential_module",
+    "insert_soft_prompt",
     "list_methods",
     "list_plugins",
     "list_structures",

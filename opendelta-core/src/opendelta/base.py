@@ -23,6 +23,7 @@ from opendelta.config import DeltaConfig
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.freezing import freeze_module
 from opendelta.insertion import (
+    PLACERS,
     Insertion,
     Kind,
     insert_parallel_module,
@@ -229,24 +230,13 @@ class DeltaModel(nn.Module):
             self._attention_parts[target.name] = attention_parts(self.backbone_model, target.name, type(self).__name__)
         return self._attention_parts[target.name]
 
-    def _place(self, target: Target, delta: nn.Module) -> Insertion:
-        if self.insertion == "prefix":
-            from opendelta.prefix import attention_backend, insert_prefix
+    def placement_options(self, target: Target) -> dict[str, Any]:
+        """Method-specific options for a placement kind registered in :data:`opendelta.insertion.PLACERS`."""
+        return {}
 
-            parts = self.attention_parts(target)
-            backend = attention_backend(target.module)
-            first_rows = backend == "rows" and not any(i.option.backend == "rows" for i in self._insertions)
-            return insert_prefix(
-                target.module,
-                delta,
-                self.delta_name,
-                key=parts.key,
-                value=parts.value,
-                relative_bias=parts.relative_bias,
-                relative_positions=parts.relative_positions,
-                backend=backend,
-                root=self.backbone_model if first_rows else None,
-            )
+    def _place(self, target: Target, delta: nn.Module) -> Insertion:
+        if self.insertion in PLACERS:
+            return PLACERS[self.insertion](self, target, delta, **self.placement_options(target))
         if self.insertion == "parallel":
             output = target.output.module if target.output is not None else None
             return insert_parallel_module(target.module, delta, self.delta_name, output_module=output)
@@ -365,7 +355,10 @@ class DeltaModel(nn.Module):
         state: dict[str, torch.Tensor] = {}
         used: dict[str, int] = {}
         for target, insertion in zip(self.targets, self._insertions, strict=True):
-            prefix = target.name if insertion.kind == "replace" else f"{target.host_name}.{insertion.base_name}"
+            if insertion.kind == "replace":
+                prefix = target.name
+            else:  # a delta on the backbone's root module (a soft prompt on a BertModel) has no host name
+                prefix = f"{target.host_name}.{insertion.base_name}" if target.host_name else insertion.base_name
             used[prefix] = used.get(prefix, -1) + 1
             prefix += f"_{used[prefix]}" if used[prefix] else ""  # two deltas of this model on one module
             wrapped = getattr(insertion.delta, "wrapped_name", None)

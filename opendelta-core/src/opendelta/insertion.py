@@ -18,7 +18,7 @@ to the delta, which lives on, and adds to the output of, the second.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -80,6 +80,10 @@ class SlotHandler(Protocol):
 
 SLOT_HANDLERS: dict[str, SlotHandler] = {}
 """Handlers by slot kind; registered at import by the core module that defines the kind."""
+
+PLACERS: dict[str, Callable[..., Insertion]] = {}
+"""How ``DeltaModel`` places a delta of an ``insertion`` kind beyond the primitives here ("prefix", "prompt"):
+``placer(delta_model, target, delta, **delta_model.placement_options(target)) -> Insertion``."""
 
 _CORE_KINDS = frozenset({"before", "after", "parallel", "capture"})
 

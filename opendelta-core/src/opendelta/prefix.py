@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError, UnsupportedTargetError
-from opendelta.insertion import SLOT_HANDLERS, Insertion, _insert, _Slot, main_input
+from opendelta.insertion import PLACERS, SLOT_HANDLERS, Insertion, _insert, _Slot, main_input
 from opendelta.sequence import (
     align_with_cache,
     bound_arguments,
@@ -53,6 +53,7 @@ __all__ = [
     "attention_backend",
     "attention_parts",
     "insert_prefix",
+    "place_prefix",
 ]
 
 INTERFACE_KEY = "opendelta_prefix"
@@ -475,3 +476,24 @@ def attention_parts(backbone: nn.Module, attention_name: str, method: str) -> At
         tuple(bias),
         tuple(structure.attention.get("relative_positions", [])),
     )
+
+
+def place_prefix(delta_model: Any, target: Any, delta: nn.Module) -> Insertion:
+    """The "prefix" placer for ``DeltaModel`` (see :data:`opendelta.insertion.PLACERS`)."""
+    parts = delta_model.attention_parts(target)
+    backend = attention_backend(target.module)
+    first_rows = backend == "rows" and not any(i.option.backend == "rows" for i in delta_model.insertions())
+    return insert_prefix(
+        target.module,
+        delta,
+        delta_model.delta_name,
+        key=parts.key,
+        value=parts.value,
+        relative_bias=parts.relative_bias,
+        relative_positions=parts.relative_positions,
+        backend=backend,
+        root=delta_model.backbone_model if first_rows else None,
+    )
+
+
+PLACERS["prefix"] = place_prefix

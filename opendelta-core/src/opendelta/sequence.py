@@ -49,14 +49,43 @@ def _signature(cls: type[nn.Module]) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
+class _BoundCall(inspect.BoundArguments):
+    """Bound arguments that remember how many the caller passed by position."""
+
+    __slots__ = ("positional",)
+
+
 def bound_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
     """The call's arguments by parameter name (positional ones included), for editing by name."""
-    return _signature(type(module)).bind(None, *args, **kwargs)  # ``None`` stands for ``self``
+    signature = _signature(type(module))
+    call = _BoundCall(signature, signature.bind(None, *args, **kwargs).arguments)  # ``None`` stands for ``self``
+    call.positional = len(args)
+    return call
 
 
 def unbind(bound: inspect.BoundArguments) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` of an edited call, without the ``self`` placeholder."""
-    return bound.args[1:], bound.kwargs
+    """``(args, kwargs)`` of an edited call, in the caller's own style.
+
+    What was passed by position stays positional; everything else, added arguments included, goes by keyword.
+    (Re-deriving the split from the signature is not safe: decorated ``forward`` methods of transformers accept
+    keywords their unwrapped signature places differently.)
+    """
+    count = bound.positional if isinstance(bound, _BoundCall) else len(bound.args) - 1
+    parameters = list(bound.signature.parameters.values())[1:]
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:count]
+    args = tuple(bound.arguments[name] for name in positional)
+    kwargs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if name == "self" or name in positional:
+            continue
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            args += tuple(value)
+        else:
+            kwargs[name] = value
+    return args, kwargs
 
 
 def _attend_value(tensor: torch.Tensor) -> bool | float | int:

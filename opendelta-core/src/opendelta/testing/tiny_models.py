@@ -56,8 +56,8 @@ NUM_HEADS = 4
 VOCAB_SIZE = 99
 """Vocabulary size; every special token id below lies inside it."""
 
-MAX_POSITIONS = 64
-"""Maximum sequence length for architectures with learned positions."""
+MAX_POSITIONS = 128
+"""Maximum sequence length for architectures with learned positions (room for the default 100 soft-prompt tokens)."""
 
 NUM_LABELS = 3
 """Classes of the sequence-classification heads (not 2, the HF default)."""

@@ -1,0 +1,56 @@
+"""``SoftPromptModel``: learned embeddings in front of the input, on any mapped architecture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from opendelta import DeltaModel, Target, UnsupportedTargetError
+from opendelta.prompt import input_stack
+from opendelta_soft_prompt.config import SoftPromptConfig
+from opendelta_soft_prompt.layer import SoftPromptLayer
+
+
+class SoftPromptModel(DeltaModel):
+    """Soft prompt tuning on a backbone (manual section 1.21.7).
+
+    ``SoftPromptModel(backbone_model=model, soft_token_num=100)`` puts 100 learned embeddings in front of every
+    input: of the base model for encoders and decoder-only models, of the encoder for encoder-decoders. Core does
+    the placing (``opendelta.prompt``): through the input stack's own embeddings, so wrapped models and task heads
+    without ``get_input_embeddings`` at the top work; with new, extended ``attention_mask``/``token_type_ids``
+    tensors (the caller's are never modified, unlike the original); and with the prompt rows cut from the output, so
+    heads and labels keep the bare model's shapes. ``generate()`` works with the key/value cache.
+
+    ``modified_modules`` may name another module that embeds tokens (it must have ``get_input_embeddings``); by
+    default the input stack is found from the model's config.
+    """
+
+    config_class = SoftPromptConfig
+    delta_type = "soft_prompt"
+    delta_name = "soft_prompt"
+    insertion = "prompt"
+    identity_at_init = False
+    config: SoftPromptConfig
+
+    def _resolve_targets(self) -> list[Target]:
+        """The input stack (or the one module ``modified_modules`` names)."""
+        if self.config.modified_modules is None:
+            name, stack, _outer = input_stack(self.backbone_model)
+            return [Target(name, stack)]
+        targets = super()._resolve_targets()
+        if len(targets) != 1 or not callable(getattr(targets[0].module, "get_input_embeddings", None)):
+            raise UnsupportedTargetError(
+                f"{type(self).__name__} needs exactly one module that embeds tokens (with get_input_embeddings); "
+                f"modified_modules={self.config.modified_modules!r} designates {[t.name for t in targets]}"
+            )
+        return targets
+
+    def placement_options(self, target: Target) -> dict[str, Any]:
+        """Which inputs grow with the prompt (``other_expand_ids``)."""
+        return {"expand": dict(self.config.other_expand_ids)}
+
+    def _build_delta(self, target: Target) -> nn.Module:
+        """The prompt, in the space of the stack's input embeddings."""
+        embeddings = target.module.get_input_embeddings().weight
+        return SoftPromptLayer(self.config.soft_token_num, embeddings, self.config.token_init, self.config.init_range)

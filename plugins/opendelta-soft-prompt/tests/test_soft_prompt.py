@@ -1,0 +1,216 @@
+"""Soft prompts: the prompt is attended to, padding and masks stay right, generation, wrapped models, refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+from opendelta import AutoDeltaModel, DeltaConfigError, DeltaStateError
+from opendelta.testing import ARCHITECTURES, TASK_HEADS, model_output_tensor, perturb, tiny_inputs, tiny_model
+from opendelta_soft_prompt import SoftPromptConfig, SoftPromptLayer, SoftPromptModel
+
+GENERATORS = {
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "t5": "T5ForConditionalGeneration",
+    "bart": "BartForConditionalGeneration",
+}
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model_output_tensor(model(**inputs))
+
+
+def prompt_inputs(arch, model):
+    inputs = tiny_inputs(arch)
+    inputs.pop("decoder_input_ids", None)
+    if model.config.is_encoder_decoder:
+        return inputs
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    left_ids, left_mask = torch.full_like(ids, model.config.pad_token_id), torch.zeros_like(mask)
+    for row, length in enumerate(mask.sum(1).tolist()):
+        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
+    return {"input_ids": left_ids, "attention_mask": left_mask}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_prompt_is_prepended_to_the_embedded_input(arch):
+    """The prompted model equals the bare model run on [prompt; embeddings] with an extended mask, rows cut."""
+    model = tiny_model(arch, "BartModel" if arch == "bart" else None)  # BART's classifier refuses inputs_embeds
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4, token_init=False)
+    stack = delta_model.targets[0].module
+    inputs = tiny_inputs(arch)
+    prompted = run(model, inputs)
+    delta_model.detach()
+    embeds = stack.get_input_embeddings()(inputs["input_ids"])
+    prompt = delta_model.deltas[0].prompt().expand(embeds.shape[0], -1, -1)
+    manual = {k: v for k, v in inputs.items() if k != "input_ids"}
+    manual["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+    manual["attention_mask"] = torch.cat(
+        [torch.ones(embeds.shape[0], 4, dtype=torch.long), inputs["attention_mask"]], 1
+    )
+    if arch in ("gpt2", "opt", "bert", "roberta", "deberta-v2"):
+        with torch.no_grad():
+            hidden = stack(**manual)[0][:, 4:]
+            bare_stack = stack(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"})[0]
+        assert hidden.shape == bare_stack.shape
+        delta_model.attach()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                stack(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"})[0], hidden
+            )
+    else:  # encoder-decoders: the decoder reads the prompted encoder, prompt rows included
+        with torch.no_grad():
+            expected = model_output_tensor(model(**manual))
+        torch.testing.assert_close(prompted, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_padded_batch_gives_each_row_what_it_gives_alone(arch):
+    model = tiny_model(arch)
+    SoftPromptModel(backbone_model=model, soft_token_num=3)
+    inputs = tiny_inputs(arch, batch=3)
+    batch = run(model, inputs)
+    for row in range(3):
+        length = int(inputs["attention_mask"][row].sum())
+        alone = {k: v[row : row + 1] for k, v in inputs.items()}
+        if arch != "bart":
+            alone = {k: (v[:, :length] if k in ("input_ids", "attention_mask") else v) for k, v in alone.items()}
+        expected = batch[row : row + 1]
+        if expected.dim() == 3 and not model.config.is_encoder_decoder:
+            expected = expected[:, : alone["input_ids"].shape[1]]
+        torch.testing.assert_close(run(model, alone), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "deberta-v2", "bart"])
+def test_the_callers_tensors_are_never_modified(arch):
+    model = tiny_model(arch)
+    SoftPromptModel(backbone_model=model, soft_token_num=3)
+    inputs = {
+        **tiny_inputs(arch),
+        **({"token_type_ids": torch.zeros(2, 7, dtype=torch.long)} if arch == "bert" else {}),
+    }
+    copies = {k: v.clone() for k, v in inputs.items()}
+    run(model, inputs)
+    for key, value in inputs.items():
+        assert value.shape == copies[key].shape and torch.equal(value, copies[key])
+
+
+@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
+    model = tiny_model(arch, GENERATORS[arch])
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4)
+    perturb(delta_model, seed=1, scale=0.5)
+    inputs = prompt_inputs(arch, model)
+    options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
+    with torch.no_grad():
+        cached = model.generate(**inputs, use_cache=True, output_scores=True, return_dict_in_generate=True, **options)
+        uncached = model.generate(
+            **inputs, use_cache=False, output_scores=True, return_dict_in_generate=True, **options
+        )
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for with_cache, without in zip(cached.scores, uncached.scores, strict=True):
+        torch.testing.assert_close(with_cache, without, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(GENERATORS))
+def test_the_prompt_steers_generation_and_a_detached_one_leaves_the_bare_model(arch):
+    model = tiny_model(arch, GENERATORS[arch])
+    inputs = prompt_inputs(arch, model)
+    options = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        bare = model.generate(**inputs, **options)
+        delta_model = SoftPromptModel(backbone_model=model, soft_token_num=5)
+        steered = model.generate(**inputs, **options)
+        delta_model.detach()
+        again = model.generate(**inputs, **options)
+    assert not torch.allclose(steered.scores[0], bare.scores[0])
+    assert torch.equal(again.sequences, bare.sequences)
+    for first, second in zip(again.scores, bare.scores, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_an_lm_loss_with_labels_trains_only_the_prompt():
+    model = tiny_model("gpt2", "GPT2LMHeadModel")
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4)
+    delta_model.freeze_module()
+    inputs = tiny_inputs("gpt2")
+    model.train()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert loss.isfinite()
+    trainable = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable == {"transformer.soft_prompt.soft_embeds"}
+
+
+def test_token_init_copies_the_first_vocabulary_embeddings():
+    model = tiny_model("bert")
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=5)
+    expected = model.bert.embeddings.word_embeddings.weight[:5]
+    assert torch.equal(delta_model.deltas[0].soft_embeds, expected)
+    assert delta_model.deltas[0].soft_embeds.data_ptr() != expected.data_ptr()
+    random = SoftPromptModel(backbone_model=tiny_model("bert"), soft_token_num=5, token_init=False, init_range=0.1)
+    assert random.deltas[0].soft_embeds.abs().max() <= 0.1
+
+
+def test_a_wrapped_model_without_input_embeddings_at_the_top_works(tmp_path):
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_model("gpt2", "GPT2LMHeadModel")
+
+        def forward(self, **inputs):
+            return self.lm(**inputs).logits
+
+    wrapper = Wrapper()
+    inputs = tiny_inputs("gpt2")
+    bare = run(wrapper, inputs)
+    delta_model = SoftPromptModel(backbone_model=wrapper, soft_token_num=3)
+    assert delta_model.targets[0].name == "lm.transformer"
+    prompted = run(wrapper, inputs)
+    assert prompted.shape == bare.shape and not torch.allclose(prompted, bare)
+    delta_model.save_finetuned(tmp_path / "prompt")
+    fresh = Wrapper()
+    AutoDeltaModel.from_finetuned(tmp_path / "prompt", backbone_model=fresh)
+    assert torch.equal(run(fresh, inputs), prompted)
+
+
+def test_a_prompt_too_long_for_the_positions_is_a_clear_error():
+    model = tiny_model("bert")
+    SoftPromptModel(backbone_model=model, soft_token_num=125)
+    with pytest.raises(DeltaStateError, match="125 prompt tokens"):
+        run(model, tiny_inputs("bert"))
+
+
+def test_a_module_that_embeds_nothing_is_refused():
+    with pytest.raises(Exception, match="exactly one module that embeds tokens"):
+        SoftPromptModel(backbone_model=tiny_model("bert"), modified_modules=["intermediate.dense"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "opt"])
+def test_task_heads_keep_their_output_shapes(arch):
+    for head in TASK_HEADS[arch]:
+        model = tiny_model(arch, head)
+        inputs = tiny_inputs(arch)
+        shape = run(model, inputs).shape
+        SoftPromptModel(backbone_model=model, soft_token_num=6)
+        assert run(model, inputs).shape == shape
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"soft_token_num": 0}, "soft_token_num"),
+        ({"init_range": 0}, "init_range"),
+        ({"token_init": "yes"}, "token_init"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_field(kwargs, field):
+    with pytest.raises(DeltaConfigError, match=field):
+        SoftPromptConfig(**kwargs)
+
+
+def test_the_layer_holds_only_the_prompt():
+    layer = SoftPromptLayer(3, torch.randn(10, 8), token_init=True, init_range=0.5)
+    assert [n for n, _ in layer.named_parameters()] == ["soft_embeds"] and layer.prompt().shape == (3, 8)
