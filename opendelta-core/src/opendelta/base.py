@@ -117,6 +117,8 @@ class DeltaModel(nn.Module):
         self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
         self.config = config
         self._insertions: list[Insertion] = []
+        self._merged: list[Insertion] = []
+        self._premerge_samples: dict[str, bytes | None] = {}
         self.deltas = nn.ModuleList()
         targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
@@ -295,10 +297,12 @@ class DeltaModel(nn.Module):
         """Take every delta of this model out of the backbone; outputs become the bare backbone's, exactly.
 
         Nothing is copied or deleted: :meth:`attach` puts the same modules back. Other delta models on the same
-        backbone are unaffected, whatever the order.
+        backbone are unaffected, whatever the order. A merged delta model is unmerged first.
         """
         del reset_state_dict
         self._check_module(module)
+        if self.merged:
+            self.unmerge()
         if not self.attached:
             raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
         for insertion in reversed(self._insertions):
@@ -308,10 +312,112 @@ class DeltaModel(nn.Module):
         """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly."""
         del reset_state_dict
         self._check_module(module)
+        if self.merged:
+            raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
         if self.attached:
             raise DeltaStateError(f"{type(self).__name__} is already attached")
         for insertion in self._insertions:
             insertion.attach()
+
+    # ------------------------------------------------------------------------------------------------- merging
+    @property
+    def merged(self) -> bool:
+        """Whether (some of) the deltas are folded into the backbone's weights (see :meth:`merge`)."""
+        return bool(self._merged)
+
+    def merge(self, safe_merge: bool = False) -> int:
+        """Fold every delta whose math allows it into the weights of the module it modifies.
+
+        The parameters are updated in place and the merged deltas detached, so the model runs the bare model's code
+        at its speed; deltas that cannot be merged (an adapter, or BitFit on T5's bias-less layer norm) stay attached.
+        Merging twice is a no-op; :meth:`unmerge` takes the deltas out of the weights again.
+
+        Args:
+            safe_merge: compute every merged weight first and refuse, changing nothing, if one holds NaN or Inf.
+
+        Returns:
+            How many deltas were merged (0 when already merged).
+
+        Raises:
+            DeltaStateError: the deltas are detached, or none of them can be merged.
+        """
+        from opendelta.hashing import parameter_sample
+        from opendelta.merging import apply_parameters, check_finite, is_mergeable
+
+        if self.merged:
+            return 0
+        if not self.attached:
+            raise DeltaStateError(f"{type(self).__name__} is detached; attach() it before merging")
+        chosen = [i for i in self._insertions if is_mergeable(i.delta, i.host)]
+        if not chosen:
+            raise DeltaStateError(
+                f"{type(self).__name__} has no delta that can be folded into the weights (its math is not a change of "
+                f"the modified modules' parameters); it always runs as an extra step"
+            )
+        updates = [(i.host, i.delta.merged_parameters(i.host)) for i in chosen]  # type: ignore[operator]
+        if safe_merge:
+            check_finite(updates, type(self).__name__)
+        names = {id(m): n for n, m in self.backbone_model.named_modules()}
+        for insertion, (host, values) in zip(chosen, updates, strict=True):
+            prefix = names[id(host)]
+            for name in values:
+                current = host._parameters.get(name)
+                full = f"{prefix}.{name}" if prefix else name
+                self._premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
+            insertion.detach()
+            apply_parameters(host, values)
+        self._merged = chosen
+        return len(chosen)
+
+    def unmerge(self) -> None:
+        """Take merged deltas out of the weights again and re-attach them (exact to float rounding).
+
+        Raises:
+            DeltaStateError: nothing is merged.
+        """
+        from opendelta.merging import apply_parameters
+
+        if not self.merged:
+            raise DeltaStateError(f"{type(self).__name__} is not merged")
+        for insertion in self._merged:
+            apply_parameters(insertion.host, insertion.delta.unmerged_parameters(insertion.host))  # type: ignore[attr-defined]
+            insertion.attach()
+        self._merged = []
+        self._premerge_samples = {}
+
+    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+        """Merge every delta for good and return the backbone: a plain model, ``save_pretrained`` ready.
+
+        The backbone then has no delta, hook or extra child, and its ``state_dict()`` holds every parameter again (as
+        ``freeze_module(set_state_dict=True)`` may have limited it); this delta model is left empty.
+
+        Raises:
+            DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
+        """
+        from opendelta.freezing import trainable_only_state_dict
+        from opendelta.merging import is_mergeable
+
+        pending = [i for i in self._insertions if i not in self._merged]
+        unmergeable = [f"{type(i.host).__name__}.{i.attr}" for i in pending if not is_mergeable(i.delta, i.host)]
+        if unmergeable:
+            raise DeltaStateError(
+                f"{type(self).__name__} cannot be unloaded into plain weights: {', '.join(unmergeable[:5])} cannot be "
+                f"merged; keep the delta model attached, or detach() it"
+            )
+        if pending:
+            self.merge(safe_merge=safe_merge)
+        self._insertions, self._merged, self._premerge_samples = [], [], {}
+        self.deltas = nn.ModuleList()
+        trainable_only_state_dict(self.backbone_model, enable=False)
+        return self.backbone_model
+
+    def premerge_samples(self) -> dict[str, bytes | None]:
+        """What the backbone hash read of the parameters merging changed, before it changed them (by name).
+
+        ``None`` marks a parameter merging created (a bias BitFit added to a bias-less layer). Saving a merged delta
+        model records the hash of the backbone it belongs to, not of the merged weights.
+        """
+        return dict(self._premerge_samples)
 
     def freeze_module(
         self, module: nn.Module | None = None, exclude: Sequence[str] | None = None, set_state_dict: bool = True

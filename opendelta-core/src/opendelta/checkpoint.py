@@ -61,7 +61,7 @@ def save_delta(
     if state_dict is None:
         state_dict = {**_trainable_backbone_tensors(backbone), **delta_model.delta_state_dict()}
     config = delta_model.config
-    config.backbone_hash = backbone_hash(backbone)
+    config.backbone_hash = backbone_hash(backbone, samples=delta_model.premerge_samples())
     document = {**config.to_dict(), **versions()}
     folder = Path(path)
     write_checkpoint(folder, document, state_dict)

@@ -49,6 +49,25 @@ class BiasDelta(nn.Module):
         """``hidden + bias`` for a ``(..., out_features)`` output, in the output's dtype (as under autocast)."""
         return hidden + self.delta_bias().to(hidden.dtype)  # (..., out_features)
 
+    def can_merge(self, host: nn.Module) -> bool:
+        """Whether ``host`` adds a bias of its own to its output: linear layers and LayerNorm, not RMS norms."""
+        if isinstance(host, (nn.Linear, nn.LayerNorm)) or type(host).__name__ == "Conv1D":
+            return True
+        return type(host).__name__.endswith("LayerNorm") and isinstance(getattr(host, "bias", None), nn.Parameter)
+
+    def merged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """``b + delta``, or ``delta`` as a new bias where the layer has none (remembered, to remove it again)."""
+        bias = getattr(host, "bias", None)
+        self.__dict__["_created_bias"] = bias is None
+        addend = self.delta_bias().detach()
+        return {"bias": addend.clone() if bias is None else bias + addend.to(bias.dtype)}
+
+    def unmerged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor | None]:
+        """``b - delta``, or no bias again where merging created it."""
+        if self.__dict__.get("_created_bias"):
+            return {"bias": None}
+        return {"bias": host.bias - self.delta_bias().detach().to(host.bias.dtype)}
+
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"
         return f"out_features={self.out_features}{sliced}"

@@ -63,6 +63,23 @@ class LoraLayer(nn.Module):
         full = dense.new_zeros(self.out_features, self.in_features)
         return full.index_copy(0, self.out_index, dense)
 
+    def can_merge(self, host: nn.Module) -> bool:
+        """LoRA is a change of the host's weight: it merges into any linear layer it was built for."""
+        return isinstance(getattr(host, "weight", None), torch.Tensor) and host.weight.dim() == 2
+
+    def _stored_delta(self, host: nn.Module) -> torch.Tensor:
+        """``scale * B A`` in the host's storage layout (``[out, in]``, or ``[in, out]`` for GPT-2's Conv1D)."""
+        dense = self.delta_weight().to(host.weight.dtype)
+        return dense if host.weight.shape == dense.shape else dense.t()
+
+    def merged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """``W + scale * B A``."""
+        return {"weight": host.weight + self._stored_delta(host)}
+
+    def unmerged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """``W - scale * B A``."""
+        return {"weight": host.weight - self._stored_delta(host)}
+
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{sliced}"
