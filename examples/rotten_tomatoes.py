@@ -67,6 +67,22 @@ def load_rotten_tomatoes(split: str, test_fraction: float = 0.2) -> list[tuple[s
     ]
 
 
+def load_plot_or_review(split: str, test_fraction: float = 0.2) -> list[tuple[str, int]]:
+    """A second task on the same corpus: is a snippet a plot synopsis (1) or a critic's verdict (0)?
+
+    Same film-based split as :func:`load_rotten_tomatoes`.
+    """
+    path = _locate(DATA_DIST, DATA_FILE)
+    with bz2.open(path, "rb") as raw:
+        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+    want_test = split == "test"
+    return [
+        (row["text"], int(row["category"] == "plot"))
+        for row in rows
+        if _is_test_film(row["movie_name"], test_fraction) == want_test
+    ]
+
+
 def batches(
     examples: list[tuple[str, int]], tokenizer, batch_size: int, max_length: int, shuffle_seed: int | None = None
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:

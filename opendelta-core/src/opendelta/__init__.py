@@ -35,6 +35,7 @@ from opendelta.plugins import list_plugins
 from opendelta.prefix import insert_prefix
 from opendelta.prompt import insert_soft_prompt
 from opendelta.registry import get_method, list_methods, list_structures
+from opendelta.routing import route_rows
 from opendelta.visualization import count_parameters
 
 __version__ = "0.1.0"
@@ -71,6 +72,7 @@ __all__ = [
     "list_plugins",
     "list_structures",
     "replace_module",
+    "route_rows",
 ]
 
 _METHOD_CLASS = re.compile(r"^[A-Z][A-Za-z0-9]*(Model|Config)$")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
+from opendelta.routing import _ROUTING, Routing
 
 __all__ = [
     "DELTA_MARK",
@@ -157,8 +158,9 @@ class _BeforeHook:
         captures = [s for s in slots if s.kind == "capture"]
         if befores or captures:
             where, hidden = main_input(module, args, kwargs)
+            routing = _ROUTING.get()
             for slot in befores:
-                hidden = module._modules[slot.attr](hidden)
+                hidden = _replace(module._modules[slot.attr], hidden, routing)
             for slot in captures:
                 setattr(slot.ref, CAPTURED_ATTR, hidden)
             if befores:
@@ -177,16 +179,17 @@ class _AfterHook:
         if slots:
             hidden = main_output(module, output)
             x = None
+            routing = _ROUTING.get()
             for slot in slots:
                 delta = module._modules[slot.attr]
                 if slot.kind == "after":
-                    hidden = delta(hidden)
+                    hidden = _replace(delta, hidden, routing)
                 elif slot.ref is not None:
-                    hidden = hidden + delta(_take_captured(delta, module))
+                    hidden = _add(delta, hidden, _take_captured(delta, module), routing)
                 else:
                     if x is None:
                         x = main_input(module, args, kwargs)[1]
-                    hidden = hidden + delta(x)
+                    hidden = _add(delta, hidden, x, routing)
             output, changed = _with_output(output, hidden), True
         for slot in all_slots:
             if slot.kind not in _CORE_KINDS:
@@ -194,6 +197,35 @@ class _AfterHook:
                 if new is not None:
                     output, changed = new, True
         return output if changed else None
+
+
+def _rows(delta: nn.Module, hidden: torch.Tensor, routing: Routing | None) -> torch.Tensor | None:
+    """The rows a delta applies to under per-row routing; ``None`` for all of them."""
+    if routing is None:
+        return None
+    rows = routing.rows(delta, hidden.shape[0], hidden.device)
+    return None if rows is not None and rows.numel() == hidden.shape[0] else rows
+
+
+def _replace(delta: nn.Module, hidden: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+    """A sequential delta: ``delta(hidden)``, on the routed rows only when routing is active."""
+    rows = _rows(delta, hidden, routing)
+    if rows is None:
+        return delta(hidden)
+    if not rows.numel():
+        return hidden
+    return hidden.index_copy(0, rows, delta(hidden.index_select(0, rows)))
+
+
+def _add(delta: nn.Module, hidden: torch.Tensor, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+    """A parallel delta: ``hidden + delta(x)``, fused when the delta offers it, on the routed rows under routing."""
+    rows = _rows(delta, hidden, routing)
+    if rows is None:
+        add_to = getattr(delta, "add_to", None)
+        return add_to(hidden, x) if add_to is not None else hidden + delta(x)
+    if not rows.numel():
+        return hidden
+    return hidden.index_add(0, rows, delta(x.index_select(0, rows)))
 
 
 def _take_captured(delta: nn.Module, module: nn.Module) -> torch.Tensor:

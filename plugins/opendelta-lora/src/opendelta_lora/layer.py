@@ -55,6 +55,21 @@ class LoraLayer(nn.Module):
         full = update.new_zeros(*update.shape[:-1], self.out_features)
         return full.index_copy(-1, self.out_index, update)
 
+    def add_to(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``hidden + forward(x)`` as one fused multiply-add (``addmm``): no full-size intermediate tensors.
+
+        ``hidden`` is the linear layer's fresh output, so without autograd it is updated in place.
+        """
+        if self.out_index is not None:
+            return hidden + self.forward(x)
+        low = self.lora_dropout(x).reshape(-1, self.in_features) @ self.lora_A.t()  # (N, r)
+        up = (self.lora_B * self.scaling).t()  # (r, out), scaled on the small matrix
+        flat = hidden.reshape(-1, self.out_features)  # (N, out)
+        if not torch.is_grad_enabled() and flat.data_ptr() == hidden.data_ptr() and hidden.is_contiguous():
+            flat.addmm_(low, up)
+            return hidden
+        return torch.addmm(flat, low, up).view_as(hidden)
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging)."""
         dense = self.lora_B @ self.lora_A * self.scaling  # (rows, in)

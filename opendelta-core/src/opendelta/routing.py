@@ -1,0 +1,117 @@
+"""Multi-delta serving: one forward pass in which each row of the batch uses its own delta.
+
+Several delta models (trained for different tasks) are attached to one backbone at once. Inside
+``with route_rows(model, [delta_a, delta_b, None, ...]):`` row ``i`` of every batch goes through the deltas of the
+``i``-th delta model only (``None``: through none of the routed ones), while delta models not listed keep applying to
+every row. Each routed delta runs on its rows alone (gathered, then scattered back), so a row gets exactly what it
+gets with only its delta attached, and the work grows with the rows, not with the number of deltas.
+
+``generate()`` works inside the context: when the batch it runs is a whole multiple of the routed rows (beam search
+repeats each row ``num_beams`` times in a row), each routing entry is repeated to match.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from opendelta.errors import DeltaStateError
+
+if TYPE_CHECKING:
+    from opendelta.base import DeltaModel
+
+__all__ = ["Routing", "active_routing", "route_rows"]
+
+ROUTABLE_KINDS = frozenset({"before", "after", "parallel"})
+
+
+class Routing:
+    """Which rows each routed delta module serves.
+
+    Args:
+        owners: for each row, the index of its delta model in ``models`` (``-1``: none).
+        modules: for each routed delta model, the ids of its delta modules.
+    """
+
+    def __init__(self, owners: list[int], modules: list[set[int]]) -> None:
+        self.owners = owners
+        self.module_owner = {module: index for index, ids in enumerate(modules) for module in ids}
+        self._rows: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def rows(self, delta: nn.Module, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The batch rows ``delta`` applies to, or ``None`` when it is not routed (it serves every row)."""
+        owner = self.module_owner.get(id(delta))
+        if owner is None:
+            return None
+        key = (owner, batch, device)
+        if key not in self._rows:
+            routed = len(self.owners)
+            if batch % routed:
+                raise DeltaStateError(
+                    f"route_rows was given {routed} rows but the model runs a batch of {batch}; route one entry per "
+                    f"row (generate() may repeat each row: the batch must be a multiple of the routed rows)"
+                )
+            repeat = batch // routed
+            chosen = [i * repeat + j for i, o in enumerate(self.owners) if o == owner for j in range(repeat)]
+            self._rows[key] = torch.tensor(chosen, dtype=torch.long, device=device)
+        return self._rows[key]
+
+
+_ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("opendelta_routing", default=None)
+
+
+def active_routing() -> Routing | None:
+    """The routing of the enclosing :func:`route_rows`, if any."""
+    return _ROUTING.get()
+
+
+@contextmanager
+def route_rows(backbone: nn.Module, per_row: Sequence[DeltaModel | None]) -> Iterator[Routing]:
+    """Run each batch row through its own delta model (see the module docstring).
+
+    Args:
+        backbone: the model the delta models are attached to.
+        per_row: for each row of the batches run inside the context, its delta model or ``None``.
+
+    Raises:
+        DeltaStateError: a delta model is not attached to ``backbone``, is merged, or places deltas that cannot
+            be routed per row (prefixes, soft prompts change the sequence length: route with separate passes).
+    """
+    models: list[DeltaModel] = []
+    owners: list[int] = []
+    for model in per_row:
+        if model is None:
+            owners.append(-1)
+            continue
+        if not any(model is m for m in models):
+            _check_routable(model, backbone)
+            models.append(model)
+        owners.append(next(i for i, m in enumerate(models) if m is model))
+    if not owners:
+        raise DeltaStateError("route_rows needs one entry per batch row; got none")
+    routing = Routing(owners, [{id(i.delta) for i in m.insertions()} for m in models])
+    token = _ROUTING.set(routing)
+    try:
+        yield routing
+    finally:
+        _ROUTING.reset(token)
+
+
+def _check_routable(model: DeltaModel, backbone: nn.Module) -> None:
+    name = type(model).__name__
+    if model.backbone_model is not backbone:
+        raise DeltaStateError(f"{name} is attached to another model than the one given to route_rows")
+    if model.merged or not model.attached:
+        state = "merged into the weights" if model.merged else "detached"
+        raise DeltaStateError(f"{name} is {state}; route_rows needs attached delta models")
+    kinds = {i.kind for i in model.insertions()} - ROUTABLE_KINDS
+    if kinds:
+        raise DeltaStateError(
+            f"{name} places {sorted(kinds)} deltas, which change the sequence rather than each row's values; route "
+            f"rows between LoRA, adapters, BitFit and the like, and run prefix or prompt tasks in passes of their own"
+        )
