@@ -38,3 +38,12 @@ def test_a_batch_that_is_no_multiple_of_the_rows_is_refused(toy):
         run(model, tiny_inputs("bert", batch=2))
     with pytest.raises(DeltaStateError, match="one entry per batch row"), route_rows(model, []):
         pass
+
+
+def test_a_second_routing_on_the_same_model_is_refused_and_the_first_is_cleaned_up(toy):
+    model = tiny_model("bert")
+    delta = ToyModel(model)
+    with route_rows(model, [delta]):
+        with pytest.raises(DeltaStateError, match="already active"), route_rows(model, [None]):
+            pass
+    assert not any(hasattr(m, "_opendelta_routing") for m in model.modules())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
-from opendelta.routing import _ROUTING, Routing
+from opendelta.routing import ROUTING_ATTR, Routing
 
 __all__ = [
     "DELTA_MARK",
@@ -49,6 +49,20 @@ Kind = str
 """"before", "after", "parallel", "replace", or a kind with a registered :class:`SlotHandler` ("prefix")."""
 
 _sequence = itertools.count()
+
+
+def _guard_hooks_under_compile() -> None:
+    """Make ``torch.compile`` check module hooks, so a compiled model sees deltas attached or detached later.
+
+    PyTorch skips those checks by default for speed; attaching and detaching add and remove hooks, which a compiled
+    model would otherwise ignore. With the checks, each attach/detach state is compiled once and then reused.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
+_guard_hooks_under_compile()
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,7 @@ class _BeforeHook:
         captures = [s for s in slots if s.kind == "capture"]
         if befores or captures:
             where, hidden = main_input(module, args, kwargs)
-            routing = _ROUTING.get()
+            routing = getattr(module, ROUTING_ATTR, None)
             for slot in befores:
                 hidden = _replace(module._modules[slot.attr], hidden, routing)
             for slot in captures:
@@ -179,7 +193,7 @@ class _AfterHook:
         if slots:
             hidden = main_output(module, output)
             x = None
-            routing = _ROUTING.get()
+            routing = getattr(module, ROUTING_ATTR, None)
             for slot in slots:
                 delta = module._modules[slot.attr]
                 if slot.kind == "after":

@@ -22,9 +22,9 @@ mapping (the key and value projections ``attn.k``/``attn.v``; the optional ``att
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -119,7 +119,13 @@ class _Active:
     called: bool = False
 
 
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("opendelta_prefix_active", default=None)
+class _ActiveState(threading.local):
+    """The prefix whose attention is running in this thread (thread-local: torch.compile can trace it)."""
+
+    active: _Active | None = None
+
+
+_ACTIVE = _ActiveState()
 
 
 def _base_function(module: nn.Module, base: str) -> Callable[..., Any]:
@@ -144,7 +150,7 @@ def _prefixed_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
 ) -> Any:
     """The wrapper registered as :data:`INTERFACE_KEY`: prefix keys/values, then the model's own implementation."""
-    active = _ACTIVE.get()
+    active = _ACTIVE.active
     if active is None:  # the config was left switched (an exception mid-forward): behave as the base
         return _base_function(module, _fallback_base(module))(module, query, key, value, attention_mask, **kwargs)
     active.called = True
@@ -237,7 +243,8 @@ class _PrefixHandler:
                 base = getattr(config, _FALLBACK_ATTR, "sdpa")
             setattr(config, _FALLBACK_ATTR, base)
             _switch(config, INTERFACE_KEY)
-            delta.__dict__[_STATE_ATTR] = _ACTIVE.set(_Active(delta, base, config))
+            delta.__dict__[_STATE_ATTR] = _ACTIVE.active
+            _ACTIVE.active = _Active(delta, base, config)
             return None
         bound = bound_arguments(module, args, kwargs)
         cache_ = find_cache(bound)
@@ -260,8 +267,8 @@ class _PrefixHandler:
         state = delta.__dict__.pop(_STATE_ATTR, None)
         placement: PrefixPlacement = slot.option
         if placement.backend == "interface":
-            active = _ACTIVE.get()
-            _ACTIVE.reset(state)
+            active = _ACTIVE.active
+            _ACTIVE.active = state
             _switch(active.config, active.base)
             if not active.called:
                 raise UnsupportedTargetError(

@@ -8,11 +8,14 @@ gets with only its delta attached, and the work grows with the rows, not with th
 
 ``generate()`` works inside the context: when the batch it runs is a whole multiple of the routed rows (beam search
 repeats each row ``num_beams`` times in a row), each routing entry is repeated to match.
+
+The routing is set on the modules that carry deltas for the duration of the context (an attribute torch.compile
+guards on, so a compiled model recompiles once for routed calls and stays correct). One model therefore routes one
+batch plan at a time: a second ``route_rows`` on the same model while one is active (another thread) is refused.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -25,7 +28,7 @@ from opendelta.errors import DeltaStateError
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
 
-__all__ = ["Routing", "active_routing", "route_rows"]
+__all__ = ["ROUTING_ATTR", "Routing", "active_routing", "route_rows"]
 
 ROUTABLE_KINDS = frozenset({"before", "after", "parallel"})
 
@@ -62,12 +65,12 @@ class Routing:
         return self._rows[key]
 
 
-_ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("opendelta_routing", default=None)
+ROUTING_ATTR = "_opendelta_routing"
 
 
-def active_routing() -> Routing | None:
-    """The routing of the enclosing :func:`route_rows`, if any."""
-    return _ROUTING.get()
+def active_routing(module: nn.Module) -> Routing | None:
+    """The routing of the enclosing :func:`route_rows` for a module that carries deltas, if any."""
+    return getattr(module, ROUTING_ATTR, None)
 
 
 @contextmanager
@@ -94,12 +97,22 @@ def route_rows(backbone: nn.Module, per_row: Sequence[DeltaModel | None]) -> Ite
         owners.append(next(i for i, m in enumerate(models) if m is model))
     if not owners:
         raise DeltaStateError("route_rows needs one entry per batch row; got none")
+    from opendelta.insertion import SLOTS_ATTR
+
     routing = Routing(owners, [{id(i.delta) for i in m.insertions()} for m in models])
-    token = _ROUTING.set(routing)
+    hosts = [m for m in backbone.modules() if getattr(m, SLOTS_ATTR, None)]
+    if any(getattr(m, ROUTING_ATTR, None) is not None for m in hosts):
+        raise DeltaStateError(
+            f"route_rows is already active on this {type(backbone).__name__} (nested, or in another thread); one model "
+            f"routes one batch plan at a time"
+        )
+    for host in hosts:
+        setattr(host, ROUTING_ATTR, routing)
     try:
         yield routing
     finally:
-        _ROUTING.reset(token)
+        for host in hosts:
+            delattr(host, ROUTING_ATTR)
 
 
 def _check_routable(model: DeltaModel, backbone: nn.Module) -> None:

@@ -51,3 +51,13 @@ def test_merge_and_unload_gives_a_plain_model_that_reloads_with_the_same_outputs
     plain.save_pretrained(tmp_path / "merged")
     reloaded = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(run(reloaded, "bart"), attached, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # transformers 4.57's GPT-2 under dynamo, not ours
+def test_lora_compiles_without_graph_breaks_with_and_without_autograd():
+    model = tiny_model("gpt2")
+    perturb(LoraModel(backbone_model=model))
+    inputs = tiny_inputs("gpt2")
+    assert torch._dynamo.explain(model)(**inputs).graph_break_count == 0
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(**inputs).graph_break_count == 0

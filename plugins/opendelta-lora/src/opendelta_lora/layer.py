@@ -64,11 +64,10 @@ class LoraLayer(nn.Module):
             return hidden + self.forward(x)
         low = self.lora_dropout(x).reshape(-1, self.in_features) @ self.lora_A.t()  # (N, r)
         up = (self.lora_B * self.scaling).t()  # (r, out), scaled on the small matrix
-        flat = hidden.reshape(-1, self.out_features)  # (N, out)
-        if not torch.is_grad_enabled() and flat.data_ptr() == hidden.data_ptr() and hidden.is_contiguous():
-            flat.addmm_(low, up)
+        if not torch.is_grad_enabled() and hidden.is_contiguous():
+            hidden.view(-1, self.out_features).addmm_(low, up)  # a view of the same memory: (N, out)
             return hidden
-        return torch.addmm(flat, low, up).view_as(hidden)
+        return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging)."""
