@@ -2,31 +2,33 @@
 
 import pytest
 import torch
-from toy_method import Scale, ToyModel
+from toy_method import ToyModel
 
 from opendelta import DeltaStateError
 from opendelta.hashing import backbone_hash
 from opendelta.testing import model_output_tensor, perturb, tiny_inputs, tiny_model
 
 
-class MergeableScale(Scale):
-    """``h * (1 + s)`` after a linear layer is the linear layer ``diag(1 + s) W, (1 + s) b``."""
+class Offset(torch.nn.Module):
+    """``h + c`` after a linear layer: an additive change of its bias, so it can merge."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.zeros(features))
+
+    def forward(self, hidden):
+        return hidden + self.c
 
     def can_merge(self, host):
         return isinstance(host, torch.nn.Linear)
 
-    def merged_parameters(self, host):
-        factor = 1 + self.s.detach()
-        return {"weight": host.weight * factor[:, None], "bias": host.bias * factor}
-
-    def unmerged_parameters(self, host):
-        factor = 1 + self.s.detach()
-        return {"weight": host.weight / factor[:, None], "bias": host.bias / factor}
+    def merge_update(self, host):
+        return {"bias": self.c.detach()}
 
 
 class MergeableToy(ToyModel):
     def _build_delta(self, target):
-        return MergeableScale(self.features(target.module)[1])
+        return Offset(self.features(target.module)[1])
 
 
 def run(model):
@@ -56,18 +58,24 @@ def test_merge_gives_the_attached_outputs_with_no_hook_left_and_unmerge_restores
         torch.testing.assert_close(model.state_dict()[name], value)
 
 
-def test_merge_updates_the_same_parameter_objects(toy):
+def test_merge_updates_the_same_parameter_objects_and_creates_missing_ones(toy):
     model, delta_model = merged_model()
     dense = model.bert.encoder.layer[0].attention.output.dense
-    weight = dense.weight
+    bias = dense.bias
     delta_model.merge()
-    assert dense.weight is weight
+    assert dense.bias is bias
+    delta_model.unmerge()
+    dense.bias = None  # a layer without a bias gets one while merged, and loses it again
+    delta_model.merge()
+    assert isinstance(dense.bias, torch.nn.Parameter)
+    delta_model.unmerge()
+    assert dense.bias is None
 
 
 def test_safe_merge_refuses_nan_and_changes_nothing(toy):
     model, delta_model = merged_model()
     with torch.no_grad():
-        delta_model.deltas[1].s[0] = float("nan")
+        delta_model.deltas[1].c[0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(DeltaStateError, match="NaN or Inf"):
         delta_model.merge(safe_merge=True)
@@ -91,6 +99,7 @@ def test_detach_of_a_merged_model_unmerges_first_and_attach_needs_unmerge(toy):
 def test_saving_a_merged_model_records_the_bare_backbones_hash(toy, tmp_path):
     _model, delta_model = merged_model()
     expected = backbone_hash(tiny_model("bert"))
+    delta_model.freeze_module()
     delta_model.merge()
     delta_model.save_finetuned(tmp_path / "merged")
     assert delta_model.config.backbone_hash == expected

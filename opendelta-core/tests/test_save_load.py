@@ -98,6 +98,7 @@ def test_tampered_weights_are_refused(saved):
 def test_saving_twice_keeps_one_weights_file(toy, tmp_path):
     model = tiny_model("bert")
     delta_model = toy(model)
+    delta_model.freeze_module()
     delta_model.save_finetuned(tmp_path)
     perturb(delta_model)
     delta_model.save_finetuned(tmp_path)
@@ -125,3 +126,12 @@ def test_missing_folder_is_a_clear_error(toy, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"config\.json"):
         AutoDeltaModel.from_finetuned(tmp_path / "empty", backbone_model=tiny_model("bert"))
+
+
+def test_saving_an_unfrozen_backbone_warns_how_to_save_only_the_delta(toy, tmp_path):
+    model = tiny_model("bert")
+    delta_model = toy(model)
+    with pytest.warns(UserWarning, match=r"freeze_module\(exclude=\['deltas'"):
+        delta_model.save_finetuned(tmp_path)
+    delta_model.freeze_module(exclude=["deltas", "classifier"])
+    delta_model.save_finetuned(tmp_path / "frozen")  # a trainable head is no reason to warn

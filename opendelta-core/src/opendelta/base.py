@@ -119,6 +119,7 @@ class DeltaModel(nn.Module):
         self._insertions: list[Insertion] = []
         self._merged: list[Insertion] = []
         self._premerge_samples: dict[str, bytes | None] = {}
+        self._created: dict[int, list[str]] = {}
         self.deltas = nn.ModuleList()
         targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
@@ -342,7 +343,7 @@ class DeltaModel(nn.Module):
             DeltaStateError: the deltas are detached, or none of them can be merged.
         """
         from opendelta.hashing import parameter_sample
-        from opendelta.merging import apply_parameters, check_finite, is_mergeable
+        from opendelta.merging import add_update, check_finite, is_mergeable
 
         if self.merged:
             return 0
@@ -354,18 +355,18 @@ class DeltaModel(nn.Module):
                 f"{type(self).__name__} has no delta that can be folded into the weights (its math is not a change of "
                 f"the modified modules' parameters); it always runs as an extra step"
             )
-        updates = [(i.host, i.delta.merged_parameters(i.host)) for i in chosen]  # type: ignore[operator]
+        updates = [(i.host, i.delta.merge_update(i.host)) for i in chosen]  # type: ignore[operator]
         if safe_merge:
             check_finite(updates, type(self).__name__)
         names = {id(m): n for n, m in self.backbone_model.named_modules()}
-        for insertion, (host, values) in zip(chosen, updates, strict=True):
+        for insertion, (host, update) in zip(chosen, updates, strict=True):
             prefix = names[id(host)]
-            for name in values:
+            for name in update:
                 current = host._parameters.get(name)
                 full = f"{prefix}.{name}" if prefix else name
                 self._premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
             insertion.detach()
-            apply_parameters(host, values)
+            self._created[id(insertion)] = add_update(host, update, 1)
         self._merged = chosen
         return len(chosen)
 
@@ -375,12 +376,15 @@ class DeltaModel(nn.Module):
         Raises:
             DeltaStateError: nothing is merged.
         """
-        from opendelta.merging import apply_parameters
+        from opendelta.merging import add_update, remove_created
 
         if not self.merged:
             raise DeltaStateError(f"{type(self).__name__} is not merged")
         for insertion in self._merged:
-            apply_parameters(insertion.host, insertion.delta.unmerged_parameters(insertion.host))  # type: ignore[attr-defined]
+            created = self._created.pop(id(insertion), [])
+            update = insertion.delta.merge_update(insertion.host)  # type: ignore[attr-defined]
+            add_update(insertion.host, {k: v for k, v in update.items() if k not in created}, -1)
+            remove_created(insertion.host, created)
             insertion.attach()
         self._merged = []
         self._premerge_samples = {}

@@ -45,6 +45,18 @@ def _trainable_backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in backbone.named_parameters() if p.requires_grad and n not in deltas}
 
 
+def _warn_if_most_of_the_backbone(backbone: nn.Module, trainable: dict[str, torch.Tensor]) -> None:
+    saved = sum(t.numel() for t in trainable.values())
+    total = sum(p.numel() for p in backbone.parameters())
+    if total and saved > total / 2:
+        warnings.warn(
+            f"saving {saved:,} trainable backbone parameters ({saved / total:.0%} of the model) with the delta, "
+            f"because they require grad; call delta_model.freeze_module(exclude=['deltas', ...]) first to save only "
+            f"the delta (and what you list, such as a task head)",
+            stacklevel=3,
+        )
+
+
 def save_delta(
     delta_model: DeltaModel,
     path: str | os.PathLike[str],
@@ -59,7 +71,9 @@ def save_delta(
         warnings.warn("push_to_dc: DeltaCenter no longer exists; use push_to_hub=True, repo_id=...", stacklevel=3)
     backbone = delta_model.backbone_model
     if state_dict is None:
-        state_dict = {**_trainable_backbone_tensors(backbone), **delta_model.delta_state_dict()}
+        trainable = _trainable_backbone_tensors(backbone)
+        _warn_if_most_of_the_backbone(backbone, trainable)
+        state_dict = {**trainable, **delta_model.delta_state_dict()}
     config = delta_model.config
     config.backbone_hash = backbone_hash(backbone, samples=delta_model.premerge_samples())
     document = {**config.to_dict(), **versions()}

@@ -1,9 +1,9 @@
 """Merging: folding a delta into the weights of the module it modifies, and taking it out again.
 
-A delta whose math is a change of its module's parameters (LoRA's ``W + s B A``, BitFit's ``b + delta``) can be
-merged: the parameters are updated in place (the same tensor objects, so optimizers and tied weights keep pointing
-at them) and the delta is detached, so the merged model runs exactly the bare model's code at its speed. A delta
-module opts in by implementing :class:`Mergeable`; core decides, checks and applies.
+A delta whose math is an additive change of its module's parameters (LoRA's ``W + s B A``, BitFit's ``b + delta``)
+can be merged: the parameters are updated in place (the same tensor objects, so optimizers and tied weights keep
+pointing at them) and the delta is detached, so the merged model runs exactly the bare model's code at its speed. A
+delta module opts in by implementing :class:`Mergeable`; core decides, checks and applies.
 
 Unmerging subtracts again; like any floating-point round trip it restores the weights to within rounding, not
 bit for bit (``merge`` followed by ``unmerge`` is exact to float tolerance, and repeated merges are no-ops).
@@ -19,23 +19,22 @@ from torch import nn
 
 from opendelta.errors import DeltaStateError
 
-__all__ = ["Mergeable", "apply_parameters", "check_finite", "is_mergeable"]
+__all__ = ["Mergeable", "add_update", "check_finite", "is_mergeable", "remove_created"]
 
 
 @runtime_checkable
 class Mergeable(Protocol):
-    """A delta module that can be folded into its host's parameters."""
+    """A delta module that is an additive change of its host's parameters (LoRA's ``s B A``, BitFit's bias)."""
 
     def can_merge(self, host: nn.Module) -> bool:
         """Whether the host has parameters that can express this delta (T5's bias-less layer norm cannot)."""
         ...
 
-    def merged_parameters(self, host: nn.Module) -> Mapping[str, torch.Tensor]:
-        """The host's parameters with the delta folded in, by name (a name the host lacks is created)."""
-        ...
+    def merge_update(self, host: nn.Module) -> Mapping[str, torch.Tensor]:
+        """What merging adds to each of the host's parameters, by name, shaped like them.
 
-    def unmerged_parameters(self, host: nn.Module) -> Mapping[str, torch.Tensor | None]:
-        """The host's parameters with the delta taken out again; ``None`` removes a parameter merging created."""
+        A name the host lacks, or holds as ``None``, is created with this value and removed again on unmerge.
+        """
         ...
 
 
@@ -44,24 +43,38 @@ def is_mergeable(delta: nn.Module, host: nn.Module) -> bool:
     return isinstance(delta, Mergeable) and delta.can_merge(host)
 
 
-def check_finite(updates: Iterable[tuple[nn.Module, Mapping[str, torch.Tensor | None]]], where: str) -> None:
-    """Refuse updates with NaN or Inf, naming the first module and parameter (a "safe merge")."""
+def check_finite(updates: Iterable[tuple[nn.Module, Mapping[str, torch.Tensor]]], where: str) -> None:
+    """Refuse updates that would put NaN or Inf into a parameter, naming it (a "safe merge")."""
     for host, values in updates:
-        for name, value in values.items():
-            if value is not None and not torch.isfinite(value).all():
+        for name, update in values.items():
+            current = host._parameters.get(name)
+            merged = update if current is None else current + update.to(current.dtype)
+            if not torch.isfinite(merged).all():
                 raise DeltaStateError(
                     f"{where}: merging would write NaN or Inf into {type(host).__name__}.{name}; nothing was merged"
                 )
 
 
-def apply_parameters(host: nn.Module, values: Mapping[str, torch.Tensor | None]) -> None:
-    """Write ``values`` into ``host``'s parameters in place; create missing ones, remove those set to ``None``."""
+def add_update(host: nn.Module, update: Mapping[str, torch.Tensor], sign: int) -> list[str]:
+    """Add (``sign=1``) or subtract (``-1``) ``update`` in place; returns the names of parameters it created.
+
+    Subtracting from a parameter that adding created removes it (it is set back to ``None``, as an
+    ``nn.Linear(bias=False)`` holds its bias).
+    """
+    created = []
     with torch.no_grad():
-        for name, value in values.items():
+        for name, value in update.items():
             current = host._parameters.get(name)
-            if value is None:
-                host._parameters[name] = None  # as nn.Linear(bias=False) holds it
-            elif current is None:
-                host.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+            if current is None:
+                if sign > 0:
+                    host.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+                    created.append(name)
             else:
-                current.copy_(value)
+                current.add_(value.to(current.dtype), alpha=sign)
+    return created
+
+
+def remove_created(host: nn.Module, names: Iterable[str]) -> None:
+    """Drop parameters :func:`add_update` created."""
+    for name in names:
+        host._parameters[name] = None

@@ -143,6 +143,7 @@ def test_fold_replaces_the_network_by_plain_prefixes_with_identical_outputs(arch
     assert all(not layer.reparameterized for layer in delta_model.deltas)
     assert sum(p.numel() for p in delta_model.parameters()) == len(delta_model.deltas) * 5 * 64 < network_size
     torch.testing.assert_close(run(model, inputs), trained, rtol=1e-6, atol=1e-6)
+    delta_model.freeze_module()
     delta_model.save_finetuned(tmp_path / "folded")
     fresh = tiny_model(arch)
     loaded = AutoDeltaModel.from_finetuned(tmp_path / "folded", backbone_model=fresh)

@@ -170,6 +170,7 @@ def test_a_wrapped_model_without_input_embeddings_at_the_top_works(tmp_path):
     assert delta_model.targets[0].name == "lm.transformer"
     prompted = run(wrapper, inputs)
     assert prompted.shape == bare.shape and not torch.allclose(prompted, bare)
+    delta_model.freeze_module()
     delta_model.save_finetuned(tmp_path / "prompt")
     fresh = Wrapper()
     AutoDeltaModel.from_finetuned(tmp_path / "prompt", backbone_model=fresh)

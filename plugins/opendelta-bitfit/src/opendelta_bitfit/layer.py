@@ -55,18 +55,9 @@ class BiasDelta(nn.Module):
             return True
         return type(host).__name__.endswith("LayerNorm") and isinstance(getattr(host, "bias", None), nn.Parameter)
 
-    def merged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        """``b + delta``, or ``delta`` as a new bias where the layer has none (remembered, to remove it again)."""
-        bias = getattr(host, "bias", None)
-        self.__dict__["_created_bias"] = bias is None
-        addend = self.delta_bias().detach()
-        return {"bias": addend.clone() if bias is None else bias + addend.to(bias.dtype)}
-
-    def unmerged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor | None]:
-        """``b - delta``, or no bias again where merging created it."""
-        if self.__dict__.get("_created_bias"):
-            return {"bias": None}
-        return {"bias": host.bias - self.delta_bias().detach().to(host.bias.dtype)}
+    def merge_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """The bias over the whole output: added to ``b``, or the new ``b`` of a layer that has none."""
+        return {"bias": self.delta_bias().detach()}
 
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"

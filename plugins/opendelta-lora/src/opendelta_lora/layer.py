@@ -81,18 +81,10 @@ class LoraLayer(nn.Module):
         """LoRA is a change of the host's weight: it merges into any linear layer it was built for."""
         return isinstance(getattr(host, "weight", None), torch.Tensor) and host.weight.dim() == 2
 
-    def _stored_delta(self, host: nn.Module) -> torch.Tensor:
-        """``scale * B A`` in the host's storage layout (``[out, in]``, or ``[in, out]`` for GPT-2's Conv1D)."""
-        dense = self.delta_weight().to(host.weight.dtype)
-        return dense if host.weight.shape == dense.shape else dense.t()
-
-    def merged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        """``W + scale * B A``."""
-        return {"weight": host.weight + self._stored_delta(host)}
-
-    def unmerged_parameters(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        """``W - scale * B A``."""
-        return {"weight": host.weight - self._stored_delta(host)}
+    def merge_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        """``scale * B A``, added to ``W`` in its storage layout (``[out, in]``; ``[in, out]`` for GPT-2's Conv1D)."""
+        dense = self.delta_weight().detach()
+        return {"weight": dense if host.weight.shape == dense.shape else dense.t()}
 
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"
