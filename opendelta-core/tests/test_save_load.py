@@ -32,7 +32,7 @@ def saved(toy, tmp_path):
 def test_round_trip_and_config_contents(saved):
     path, expected = saved
     files = sorted(p.name for p in path.iterdir())
-    assert files[0] == "config.json" and len(files) == 2 and files[1].endswith(".safetensors")
+    assert files[:2] == ["README.md", "config.json"] and len(files) == 3 and files[2].endswith(".safetensors")
     config = json.loads((path / "config.json").read_text())
     for key in (
         "delta_type",

@@ -496,10 +496,14 @@ class DeltaModel(nn.Module):
             save_config: kept for compatibility; the config is always written, since a checkpoint without it
                 cannot be loaded.
             state_dict: tensors to save instead of the delta's own and the trainable backbone parameters.
-            push_to_hub: also upload the folder to the Hugging Face Hub as ``repo_id``.
+            push_to_hub: also upload the folder to the Hugging Face Hub as ``repo_id`` (with ``huggingface_hub``;
+                a failed upload raises :class:`~opendelta.errors.HubError` and leaves the local save complete).
             repo_id: the Hub repo (``user/name``) for ``push_to_hub``.
-            kwargs: options of the original's DeltaCenter upload (``push_to_dc``, ``center_args``...), accepted
-                and ignored: DeltaCenter no longer exists; use ``push_to_hub``.
+            kwargs: ``private``, ``token``, ``commit_message`` for the upload; the options of the original's
+                DeltaCenter upload (``push_to_dc``, ``center_args``...) are accepted and ignored.
+
+        A model card (``README.md``: method, backbone, trainable parameters, usage code) is written beside the
+        checkpoint unless the folder holds a README of the user's own.
 
         Returns:
             The folder.
@@ -529,11 +533,17 @@ class DeltaModel(nn.Module):
         hash differs from the one this backbone would have after loading) is refused with
         :class:`~opendelta.errors.BackboneMismatchError`, or only warned about with ``check_hash=False``; tensor
         names or shapes that do not fit are refused and the backbone is left as it was.
+
+        ``finetuned_delta_path`` is a local folder or a Hub repo id (``user/name``), fetched with
+        ``huggingface_hub`` into its cache (``cache_dir``, ``local_files_only``, ``force_download``, and ``revision``
+        and ``token`` as keywords); with ``HF_HUB_OFFLINE=1`` a repo already in the cache loads without network.
         """
         from opendelta.checkpoint import load_delta
 
         if model_args:
             raise TypeError(f"unexpected positional arguments {model_args!r}; pass options by name")
+        hub = {"cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only}
+        hub.update({k: kwargs.pop(k) for k in ("revision", "token") if k in kwargs})
         return load_delta(
             cls,
             finetuned_delta_path,
@@ -541,7 +551,7 @@ class DeltaModel(nn.Module):
             delta_config=delta_config,
             state_dict=state_dict,
             check_hash=check_hash,
-            hub_kwargs={"cache_dir": cache_dir, "force_download": force_download, "local_files_only": local_files_only},
+            hub_kwargs=hub,
             **kwargs,
         )
 

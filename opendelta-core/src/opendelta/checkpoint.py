@@ -64,11 +64,18 @@ def save_delta(
     *,
     push_to_hub: bool = False,
     repo_id: str | None = None,
-    **ignored: Any,
+    **options: Any,
 ) -> Path:
-    """Write ``delta_model``'s checkpoint to ``path`` (see ``DeltaModel.save_finetuned``)."""
-    if ignored.get("push_to_dc"):
+    """Write ``delta_model``'s checkpoint and model card to ``path`` (see ``DeltaModel.save_finetuned``)."""
+    from opendelta.hub import check_repo_id, hub_upload_options, model_card, push_folder, write_model_card
+
+    upload = hub_upload_options(options)
+    if options.get("push_to_dc"):
         warnings.warn("push_to_dc: DeltaCenter no longer exists; use push_to_hub=True, repo_id=...", stacklevel=3)
+    if push_to_hub:
+        if not repo_id:
+            raise ValueError("push_to_hub=True needs repo_id='user/name'; nothing was saved")
+        check_repo_id(repo_id)
     backbone = delta_model.backbone_model
     if state_dict is None:
         trainable = _trainable_backbone_tensors(backbone)
@@ -79,14 +86,9 @@ def save_delta(
     document = {**config.to_dict(), **versions()}
     folder = Path(path)
     write_checkpoint(folder, document, state_dict)
+    write_model_card(folder, model_card(delta_model, state_dict, repo_id=repo_id))
     if push_to_hub:
-        if not repo_id:
-            raise ValueError("push_to_hub=True needs repo_id='user/name'")
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=["config.json", "*.safetensors"])
+        push_folder(folder, repo_id, **upload)
     return folder
 
 

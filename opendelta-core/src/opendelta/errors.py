@@ -16,6 +16,7 @@ __all__ = [
     "DeltaConfigError",
     "DeltaMethodNotInstalledError",
     "DeltaStateError",
+    "HubError",
     "ModuleNotFoundInStructureError",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
@@ -81,6 +82,10 @@ class CheckpointError(OpenDeltaError, ValueError):
 
 class BackboneMismatchError(CheckpointError):
     """A delta checkpoint saved for a different backbone than the one it is loaded into."""
+
+
+class HubError(OpenDeltaError, OSError):
+    """Talking to the Hugging Face Hub failed (offline, no permission...); local files are intact."""
 
 
 class OpenDeltaPluginWarning(UserWarning):
