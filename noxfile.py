@@ -7,6 +7,7 @@ wheel), so nothing pulls a CUDA build. ``nox -t ci`` runs what CI runs; ``nox -s
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -102,6 +103,19 @@ def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(tags=["ci"])
+def interactive(session: nox.Session) -> None:
+    """The interactive module selector, driven in real headless Chromium (Debian's package, installed if missing)."""
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        session.run("apt-get", "update", "-q", external=True)
+        session.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium", external=True)
+    install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"])
+    browser = ROOT / "tests" / "test_interactive_browser.py"
+    unit = CORE / "tests" / "test_interactive_selector.py"
+    env = {"HF_HUB_OFFLINE": "1", "OPENDELTA_REQUIRE_BROWSER": "1"}  # a missing browser fails here, never skips
+    session.run("pytest", "-q", str(browser), str(unit), *session.posargs, env=env)
 
 
 @nox.session

@@ -135,3 +135,10 @@ def test_saving_an_unfrozen_backbone_warns_how_to_save_only_the_delta(toy, tmp_p
         delta_model.save_finetuned(tmp_path)
     delta_model.freeze_module(exclude=["deltas", "classifier"])
     delta_model.save_finetuned(tmp_path / "frozen")  # a trainable head is no reason to warn
+
+
+def test_from_config_with_a_dict_takes_the_constructor_options_apart_from_the_fields(toy):
+    delta_model = toy.from_config({"delta_type": "toy", "width": 2}, tiny_model("bert"), backend="hf")
+    assert delta_model.config.width == 2
+    with pytest.raises(DeltaConfigError, match="backend='bmt'"):
+        toy.from_config({"delta_type": "toy"}, tiny_model("bert"), backend="bmt")

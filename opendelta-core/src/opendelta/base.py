@@ -99,13 +99,14 @@ class DeltaModel(nn.Module):
             )
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
-        if interactive_modify:
-            raise DeltaConfigError(
-                "interactive_modify is not available in this version of opendelta; pass modified_modules=[...] "
-                "(print the module names with bigmodelvis.Visualization(model).structure_graph())"
-            )
         if backend != "hf":
             raise DeltaConfigError(f"backend={backend!r} is not supported; only 'hf' (PyTorch modules) is")
+        if interactive_modify:  # the modules clicked on a local page become modified_modules (manual 1.15.3)
+            from opendelta.interactive import modified_modules_from_page
+
+            self.config_class.from_dict({} if config is None else config.to_dict(), **kwargs)  # typos before the page
+            given = kwargs.get("modified_modules", None if config is None else config.modified_modules)
+            kwargs = {**kwargs, **modified_modules_from_page(type(self), backbone_model, interactive_modify, given)}
         if config is None:
             config = self.config_class.from_dict(kwargs)  # an unknown argument is named, with the known ones
         elif kwargs:
@@ -266,10 +267,10 @@ class DeltaModel(nn.Module):
         :meth:`from_finetuned`, where there are weights to check it against.
         """
         del check_hash
+        core = {k: kwargs.pop(k) for k in _CORE_ARGS if k in kwargs}  # constructor options, not config fields
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config, **kwargs)
             kwargs = {}
-        core = {k: kwargs.pop(k) for k in _CORE_ARGS if k in kwargs}
         return cls(backbone_model, config=config, **core, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

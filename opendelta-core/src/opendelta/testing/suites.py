@@ -145,7 +145,9 @@ class DeltaMethodSuite:
         expected = _run(model, arch)
         delta_model.save_finetuned(tmp_path / "delta")
         files = sorted(p.name for p in (tmp_path / "delta").iterdir())
-        assert files[0] == "config.json" and len(files) == 2 and files[1].endswith(".safetensors"), files
+        assert files[:2] == ["README.md", "config.json"] and len(files) == 3, files
+        assert files[2].endswith(".safetensors"), files
+        assert f"**Method**: `{method_name}`" in (tmp_path / "delta" / "README.md").read_text()  # the model card
         fresh = tiny_model(arch)
         AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
         assert torch.equal(_run(fresh, arch), expected)
