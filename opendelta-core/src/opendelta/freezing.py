@@ -58,11 +58,42 @@ class _KeepTrainable:
             del state_dict[key]
 
 
+class _FrozenMayBeMissing:
+    """``load_state_dict`` hooks: what the trimmed ``state_dict`` leaves out is not "missing" when loading it back.
+
+    Without them ``model.load_state_dict(model.state_dict())`` fails under ``strict=True`` and every non-strict
+    loader (the Trainer resuming, accelerate's ``load_state``) reports the whole frozen backbone as missing keys. A
+    missing *trainable* key is still reported. The pre-hook records under which prefix this module is being loaded,
+    since the post-hook sees the keys of the outermost ``load_state_dict`` call.
+    """
+
+    def pre(self, module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+        module.__dict__["_opendelta_load_prefix"] = prefix
+
+    def post(self, module: nn.Module, incompatible_keys: Any) -> None:
+        prefix = module.__dict__.pop("_opendelta_load_prefix", "")
+        trainable = trainable_parameter_names(module)
+        frozen = {prefix + n for n, _ in module.named_parameters(remove_duplicate=False) if n not in trainable}
+        frozen |= {prefix + n for n, _ in module.named_buffers(remove_duplicate=False)}
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in frozen]
+
+
 def trainable_only_state_dict(module: nn.Module, enable: bool = True) -> None:
-    """Make ``module.state_dict()`` hold only trainable parameters (``enable=False`` restores the full one)."""
-    handle = getattr(module, _STATE_DICT_HANDLE, None)
-    if enable and handle is None:
-        setattr(module, _STATE_DICT_HANDLE, module.register_state_dict_post_hook(_KeepTrainable()))
-    elif not enable and handle is not None:
-        handle.remove()
+    """Make ``module.state_dict()`` hold only trainable parameters (``enable=False`` restores the full one).
+
+    Loading such a state dict back (strictly or not) then leaves the frozen parameters as they are, without
+    reporting them as missing.
+    """
+    handles = getattr(module, _STATE_DICT_HANDLE, None)
+    if enable and handles is None:
+        loading = _FrozenMayBeMissing()
+        handles = (
+            module.register_state_dict_post_hook(_KeepTrainable()),
+            module.register_load_state_dict_pre_hook(loading.pre),
+            module.register_load_state_dict_post_hook(loading.post),
+        )
+        setattr(module, _STATE_DICT_HANDLE, handles)
+    elif not enable and handles is not None:
+        for handle in handles:
+            handle.remove()
         delattr(module, _STATE_DICT_HANDLE)
