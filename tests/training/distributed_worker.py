@@ -272,7 +272,7 @@ def phase_accelerate(out: Path) -> dict:
     resumed_optimizer = make_optimizer(trainable(resumed_model))
     accelerator2 = Accelerator(cpu=True)
     _, resumed_optimizer = accelerator2.prepare(resumed_model, resumed_optimizer)
-    accelerator2.load_state(str(out / "acc-state"), strict=False)  # strict: the frozen backbone is not in the file
+    accelerator2.load_state(str(out / "acc-state"))  # strict: the frozen backbone is absent and not "missing"
     resumed_momentum = {k: v["momentum_buffer"] for k, v in resumed_optimizer.state_dict()["state"].items()}
     return {
         "wrapped_in_ddp": isinstance(wrapped, DistributedDataParallel),

@@ -94,7 +94,7 @@ def test_accelerate_prepare_trains_saves_once_and_resumes(runs):
         assert record["reference_diff"] <= CLOSE
         assert record["loaded_diff"] == 0
         assert record["state_keys"] == record["trainable_names"]  # save_state's model file: delta and head only
-        assert record["resumed_diff"] == 0  # load_state(strict=False) restores them into a fresh model
+        assert record["resumed_diff"] == 0  # strict load_state restores them into a fresh model
         assert record["momentum_tensors"] == record["trainable_tensors"]
         assert record["resumed_momentum_diff"] == 0
     assert [r["writes"] for r in records] == [1, 0]
