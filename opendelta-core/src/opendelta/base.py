@@ -479,6 +479,25 @@ class DeltaModel(nn.Module):
                 state[f"{prefix}.{name}"] = tensor
         return state
 
+    @classmethod
+    def translate_legacy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """This method's part of reading an OpenDelta 0.3.x ``config.json`` (see :mod:`opendelta.legacy`).
+
+        Core has already turned ``@`` names into common names and dropped stale fields; a plugin overrides this where
+        one of its fields changed name, type or meaning since the original. The default returns ``config`` as is.
+        """
+        return config
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This method's part of reading an OpenDelta 0.3.x ``pytorch_model.bin``, on the freshly built delta model.
+
+        Returns the tensors under :meth:`delta_state_dict`'s names (backbone parameters, such as a task head, keep
+        theirs). The default returns them as is: the original named a delta's tensors as this library does
+        (``<module>.<delta_name>.<param>``); a plugin overrides this where its names or values differ (BitFit, which
+        trained the backbone's own biases). Names left unknown are refused afterwards, naming them.
+        """
+        return tensors
+
     def save_finetuned(
         self,
         finetuned_delta_path: str | os.PathLike[str] = "./delta_checkpoints/",

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta.config import DeltaConfig
+from opendelta.config import CONFIG_NAME, DeltaConfig
 from opendelta.errors import BackboneMismatchError, CheckpointError
 from opendelta.hashing import backbone_hash
 from opendelta.insertion import delta_parameter_names
+from opendelta.legacy import is_legacy_checkpoint, legacy_config, legacy_state_dict, read_legacy_weights
 from opendelta.saving import load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:
@@ -115,11 +116,30 @@ def load_delta(
     **overrides: Any,
 ) -> DeltaModel:
     """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself."""
-    from opendelta.registry import get_method
+    from opendelta.registry import get_method, list_methods
 
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
+    local, peft_config = Path(path), "adapter_config.json"
+    if (local / peft_config).is_file() and not (local / CONFIG_NAME).is_file():  # a PEFT adapter folder
+        peft_type = str(read_config_dict(local / peft_config).get("peft_type"))
+        spec = next((s for s in list_methods() if s.name == peft_type.lower()), None)
+        reader_cls = cls if cls.delta_type not in ("", None) else (spec.model_cls if spec else None)
+        reader = getattr(reader_cls, "from_peft", None)  # the method that reads PEFT's format of itself, if any
+        if reader is None or spec is None or getattr(reader_cls, "delta_type", None) != spec.name:
+            who = f"{reader_cls.__name__} cannot read it" if reader_cls else "no installed delta method reads that type"
+            raise CheckpointError(
+                f"{local} is a PEFT {peft_type!r} adapter ({peft_config}), and {who}; a PEFT LoRA adapter loads with "
+                f"opendelta_lora.load_peft_adapter(path, model)"
+            )
+        if delta_config is not None or state_dict is not None or overrides:
+            raise CheckpointError(f"{local} is a PEFT adapter: its config and weights are its own; pass no options")
+        loaded: DeltaModel = reader(local, backbone)
+        return loaded
     folder = resolve_checkpoint(path, **hub_kwargs)
     raw = read_config_dict(folder)
+    legacy = is_legacy_checkpoint(folder, raw)  # saved by OpenDelta 0.3.x: see opendelta.legacy
+    if legacy:
+        raw = legacy_config(raw, cls, overrides, fields=delta_config is None)
     delta_type = raw.get("delta_type")
     if not isinstance(delta_type, str):
         raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
@@ -127,11 +147,15 @@ def load_delta(
     if model_cls.delta_type != delta_type:
         raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
     config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
-    tensors = state_dict if state_dict is not None else load_weights(folder, raw)
+    if state_dict is not None:
+        tensors = state_dict
+    else:
+        tensors = read_legacy_weights(folder) if legacy else load_weights(folder, raw)
 
     backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
     backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
-    _check_backbone_tensors(backbone, backbone_part, str(folder))
+    if not legacy:  # a legacy checkpoint's names are known once its delta is built (below); it has no hash
+        _check_backbone_tensors(backbone, backbone_part, str(folder))
     expected = raw.get("backbone_hash")
     if expected and check_hash:
         actual = backbone_hash(backbone, overrides=backbone_part)
@@ -146,6 +170,10 @@ def load_delta(
 
     delta_model = model_cls(backbone, config=config)
     try:
+        if legacy:
+            tensors = legacy_state_dict(delta_model, tensors, str(folder))
+            backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
+            _check_backbone_tensors(backbone, backbone_part, str(folder))
         own = delta_model.delta_state_dict()
         delta_part = {n: t for n, t in tensors.items() if n not in backbone_part}
         missing, unexpected = sorted(set(own) - set(delta_part)), sorted(set(delta_part) - set(own))

@@ -100,7 +100,11 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.md"], **hub_kwargs))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.md", "pytorch_model.bin"], **hub_kwargs
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise CheckpointError(
             f"no local folder {repo_id!r}, and the Hub repo could not be fetched ({type(exc).__name__}: {exc})"

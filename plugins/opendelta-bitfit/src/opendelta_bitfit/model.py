@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar
 
+import torch
 from torch import nn
 
-from opendelta import DeltaModel, Target
+from opendelta import CheckpointError, DeltaModel, Target
 from opendelta.insertion import DELTA_MARK
 from opendelta.shapes import LINEAR_TYPES, factory_kwargs, fused_output_index, is_norm
 from opendelta_bitfit.config import BitFitConfig
@@ -85,3 +86,36 @@ class BitFitModel(DeltaModel):
             fused_output_index(out_features, target.parts, target.num_parts),
             **factory_kwargs(target.module),
         )
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read an OpenDelta 0.3.x BitFit checkpoint: the trained biases become this model's deltas.
+
+        The original trained each layer's own bias in place (creating it where a linear layer had none) and saved it
+        under the backbone's name (``...query.bias``); here the backbone keeps its bias and the delta is what training
+        added, ``saved - backbone``, so ``detach()`` gives back the untouched backbone. A bias the original added
+        after another kind of module was already named ``<module>.bitfit.bias``, as here.
+
+        Raises:
+            CheckpointError: a fused layer's saved bias changed outside the slices this delta covers.
+        """
+        out = dict(tensors)
+        params = dict(self.backbone_model.named_parameters())
+        for target, insertion in zip(self.targets, self.insertions(), strict=True):
+            saved = out.pop(f"{target.name}.bias", None)
+            if saved is None:
+                continue
+            own = params.get(f"{target.name}.bias")
+            delta = saved.to(own.dtype) - own.detach().cpu() if own is not None else saved
+            index = insertion.delta.out_index
+            if index is not None:
+                outside = torch.ones(delta.numel(), dtype=torch.bool)
+                outside[index.cpu()] = False
+                if delta[outside].any():
+                    raise CheckpointError(
+                        f"the OpenDelta 0.3.x checkpoint changes {target.name}.bias outside the slices "
+                        f"{target.parts} of {target.num_parts} this BitFit covers; load it with modified_modules "
+                        f"naming the whole module"
+                    )
+                delta = delta[index.cpu()]
+            out[f"{target.name}.{self.delta_name}.bias"] = delta
+        return out

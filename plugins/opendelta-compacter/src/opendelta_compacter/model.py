@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from opendelta import DeltaConfigError, DeltaModel, Target
@@ -84,6 +85,15 @@ class CompacterModel(DeltaModel):
             kronecker_prod=cfg.kronecker_prod,
         )
         return HyperComplexAdapterLayer(down, up, cfg.non_linearity)
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read an OpenDelta 0.3.x Compacter checkpoint, whose delta was named ``compactor``.
+
+        The tensors inside it have the same names and shapes here (the original refused the shared options, so
+        none are shared).
+        """
+        marker = f".{self.delta_name}."
+        return {name.replace(".compactor.", marker, 1): tensor for name, tensor in tensors.items()}
 
     def _new_rule(self, kwargs: dict[str, Any]) -> PHMFactors:
         """A fresh phm rule as the config says (``kwargs``: device and dtype)."""

@@ -1,7 +1,11 @@
-"""LoRA for OpenDelta: ``from opendelta import LoraModel`` once this distribution is installed."""
+"""LoRA for OpenDelta: ``from opendelta import LoraModel`` once this distribution is installed.
+
+``load_peft_adapter``/``save_peft_adapter`` read and write PEFT's adapter format (what vLLM and TGI serve).
+"""
 
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.layer import LoraLayer
 from opendelta_lora.model import LoraModel
+from opendelta_lora.peft_format import load_peft_adapter, save_peft_adapter
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "load_peft_adapter", "save_peft_adapter"]

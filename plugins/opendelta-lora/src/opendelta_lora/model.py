@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -43,3 +45,19 @@ class LoraModel(DeltaModel):
             device=weight.device,
             dtype=weight.dtype,
         )
+
+    @classmethod
+    def from_peft(cls, path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
+        """Load a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        ``LoraModel.from_finetuned`` and ``AutoDeltaModel.from_finetuned`` call this for such a folder.
+        """
+        from opendelta_lora.peft_format import load_peft_adapter
+
+        return load_peft_adapter(path, backbone_model)
+
+    def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Export in PEFT's format, which PEFT, vLLM and TGI read (see ``peft_format.save_peft_adapter``)."""
+        from opendelta_lora.peft_format import save_peft_adapter
+
+        return save_peft_adapter(self, path, **kwargs)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from opendelta import DeltaModel, Target, UnsupportedTargetError
+from opendelta import CheckpointError, DeltaModel, Target, UnsupportedTargetError
 from opendelta.layers import BottleneckAdapter
 from opendelta.shapes import factory_kwargs
 from opendelta_parallel_adapter.config import ParallelAdapterConfig
@@ -74,3 +75,37 @@ class ParallelAdapterModel(DeltaModel):
             scale=self.config.scaled,
             **factory_kwargs(end.module),
         )
+
+    @classmethod
+    def translate_legacy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Read an OpenDelta 0.3.x config: flat pairs become spans, and ``scaled`` becomes the 1 it always ran with.
+
+        The original paired ``modified_modules`` two by two, ``["attn", "attn", "ff.w1", "ff.w2"]``: a pair of equal
+        patterns is one module, two different ones a span (``["attn", ["ff.w1", "ff.w2"]]`` here). It recorded
+        ``scaled`` but never passed it to its layers, which always used 1.
+
+        Raises:
+            CheckpointError: an odd number of flat patterns, which the original could not pair either.
+        """
+        config = {**config, "scaled": 1.0}
+        flat = config.get("modified_modules")
+        if isinstance(flat, list) and all(isinstance(p, str) for p in flat):
+            if len(flat) % 2:
+                raise CheckpointError(
+                    f"the OpenDelta 0.3.x parallel adapter config's modified_modules={flat!r} must pair its patterns "
+                    f"two by two (start, end); pass modified_modules=[...] to from_finetuned"
+                )
+            pairs = zip(flat[::2], flat[1::2], strict=True)
+            config["modified_modules"] = [start if start == end else [start, end] for start, end in pairs]
+        return config
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read an OpenDelta 0.3.x checkpoint: a span's adapter was saved under its first module, here its last."""
+        renames = {
+            f"{t.name}.{self.delta_name}.": f"{t.host_name}.{self.delta_name}." for t in self.targets if t.output
+        }
+        out = {}
+        for name, tensor in tensors.items():
+            prefix = next((p for p in renames if name.startswith(p)), None)
+            out[renames[prefix] + name[len(prefix) :] if prefix else name] = tensor
+        return out

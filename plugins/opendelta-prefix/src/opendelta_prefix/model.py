@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
-from opendelta import DeltaModel, DeltaStateError, Target
+from opendelta import CheckpointError, DeltaModel, DeltaStateError, Target
 from opendelta.shapes import factory_kwargs
 from opendelta_prefix.config import PrefixConfig
 from opendelta_prefix.layer import PrefixLayer, PrefixReparameterization
+
+LEGACY_PREFIX_ARCHITECTURES = frozenset({"gpt2"})
+"""Where an OpenDelta 0.3.x prefix checkpoint gives the original's outputs here (checked against the original)."""
 
 
 class PrefixModel(DeltaModel):
@@ -88,3 +92,32 @@ class PrefixModel(DeltaModel):
             layer.fold()
         self.__dict__.pop("_prefix_network", None)
         self.config.reparameterize = False
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read an OpenDelta 0.3.x checkpoint: its shared network was one ``reparams`` module on the first block.
+
+        It computed every block's keys and values at once, ``[P, blocks * 2 * hidden]`` in the blocks' order, keys
+        before values: the layout of :class:`PrefixReparameterization` here, which each block holds (so it is saved
+        under each block's name). Its embedding was an ``nn.Embedding`` (``wte.weight``); here it is the
+        parameter ``wte``.
+        """
+        legacy = f"{self.targets[0].name}.reparams."
+        if not self.config.reparameterize or not any(n.startswith(legacy) for n in tensors):
+            return tensors
+        model_type = getattr(getattr(self.backbone_model, "config", None), "model_type", None)
+        if model_type not in LEGACY_PREFIX_ARCHITECTURES:
+            raise CheckpointError(
+                f"OpenDelta 0.3.x prefix checkpoints load on {sorted(LEGACY_PREFIX_ARCHITECTURES)} only, where this "
+                f"prefix computes what the original did; on {model_type!r} the original fed its prefixes through "
+                f"attention internals of its time with other results (on T5 it dropped the relative position bias of "
+                f"every block after the first; on BERT and RoBERTa it failed), so the trained outputs cannot be "
+                f"reproduced: train the prefix again with PrefixModel"
+            )
+        out = {n: t for n, t in tensors.items() if not n.startswith(legacy)}
+        for name, tensor in tensors.items():
+            if name.startswith(legacy):
+                rest = name[len(legacy) :]
+                rest = "wte" if rest == "wte.weight" else rest
+                for target in self.targets:
+                    out[f"{target.name}.{self.delta_name}.reparameterization.{rest}"] = tensor
+        return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from opendelta import DeltaModel, Target, UnsupportedTargetError
@@ -54,3 +55,24 @@ class SoftPromptModel(DeltaModel):
         """The prompt, in the space of the stack's input embeddings."""
         embeddings = target.module.get_input_embeddings().weight
         return SoftPromptLayer(self.config.soft_token_num, embeddings, self.config.token_init, self.config.init_range)
+
+    @classmethod
+    def translate_legacy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Read an OpenDelta 0.3.x config: it always recorded ``modified_modules=["root"]``, which it ignored."""
+        if config.get("modified_modules") == ["root"]:
+            config = {**config, "modified_modules": None, "common_structure": None}
+        return config
+
+    def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Read an OpenDelta 0.3.x checkpoint, whose one prompt tensor is under the original's name.
+
+        That was ``<model or encoder>.soft_prompt_layer.soft_embeds``; here the prompt sits in front of the input
+        stack, under :meth:`delta_state_dict`'s name.
+        """
+        legacy = [n for n in tensors if n.split(".")[-2:] == ["soft_prompt_layer", "soft_embeds"]]
+        ours = [n for n in self.delta_state_dict() if n.endswith(".soft_embeds")]
+        if len(legacy) != 1 or len(ours) != 1:
+            return tensors  # not the original's layout: the names are checked (and refused) as they are
+        out = {n: t for n, t in tensors.items() if n != legacy[0]}
+        out[ours[0]] = tensors[legacy[0]]
+        return out

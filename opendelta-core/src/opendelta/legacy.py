@@ -1,0 +1,238 @@
+"""Reading checkpoints saved by the original OpenDelta 0.3.x (``config.json`` + ``pytorch_model.bin``).
+
+What the original's ``save_finetuned`` wrote (``opendelta/utils/saving_loading_utils.py`` and ``delta_configs.py``
+of thunlp/OpenDelta 0.3.2):
+
+* ``config.json``: the config's fields that differ from the defaults, plus ``delta_type``, ``backbone_class``,
+  ``backbone_checkpoint_name``, ``backbone_hash``, ``opendelta_version`` and ``transformers_version``. Common names
+  are written in an internal form with ``@`` after each segment (``attn@.q@``) and always spelled out, even when
+  they are the method's defaults; ``exclude_modules`` defaults to ``["lm_head"]``.
+* ``pytorch_model.bin``: ``torch.save`` of the backbone's ``state_dict()``. After ``freeze_module()`` that holds the
+  trainable tensors only (the deltas, and what was left unfrozen, such as a task head); without it, the whole
+  backbone. A delta's tensors are named after the module it modifies plus the delta's child name
+  (``bert.encoder.layer.0.attention.self.query.lora.lora_A``), which is mostly what ``delta_state_dict()`` uses.
+
+How they are read here, without running anything the file contains:
+
+* the weights with ``torch.load(..., weights_only=True)``: a pickle that holds anything but tensors (an object
+  whose unpickling would run code) is refused before any of it is executed, with :class:`CheckpointError`;
+* the config is translated to ours (:func:`legacy_config`): ``@`` names become common names, spelled-out defaults
+  become ``None``, stale fields are dropped, then the method's :meth:`DeltaModel.translate_legacy_config` hook runs;
+* the tensors are translated after the delta model is built (:func:`legacy_state_dict`): backbone buffers saved
+  with an unfrozen backbone are dropped when they equal the backbone's, then the method's
+  :meth:`DeltaModel.translate_legacy_state_dict` hook renames what the method itself changed.
+
+The original's ``backbone_hash`` is an md5 over ``repr(model)`` and every weight; ``repr`` changes between
+transformers versions, so it cannot be checked. A log line says so, and the names and shapes of every tensor are
+checked against the backbone instead, as for any checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from opendelta.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from opendelta.base import DeltaModel
+
+__all__ = [
+    "LEGACY_WEIGHTS_NAME",
+    "is_legacy_checkpoint",
+    "legacy_config",
+    "legacy_state_dict",
+    "read_legacy_weights",
+    "read_pickled_tensors",
+    "strip_legacy_names",
+]
+
+logger = logging.getLogger(__name__)
+
+LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+"""The weights file of an OpenDelta 0.3.x checkpoint (a pickle written by ``torch.save``)."""
+
+_STALE_FIELDS = ("opendelta_version", "transformers_version", "backbone_hash")
+"""Fields of the original's config that describe the file, not the delta; the md5 hash cannot be checked here."""
+
+
+def is_legacy_checkpoint(folder: Path, config: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` holds an OpenDelta 0.3.x checkpoint.
+
+    That is a ``pytorch_model.bin`` beside a config naming no safetensors weights file (every checkpoint this library
+    writes names its ``weights_file``).
+    """
+    return "weights_file" not in config and (folder / LEGACY_WEIGHTS_NAME).is_file()
+
+
+def read_legacy_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/pytorch_model.bin`` (see :func:`read_pickled_tensors`)."""
+    return read_pickled_tensors(folder / LEGACY_WEIGHTS_NAME)
+
+
+def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a pickle written by ``torch.save``, unpickled with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file holds something other than a mapping of names to tensors (a code-running object
+            included: it is refused before it runs), or is not a readable ``torch.save`` file.
+    """
+    try:
+        with warnings.catch_warnings():  # a plain pickle (not torch.save's zip) makes torch warn about its protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors, so it was refused without running them (OpenDelta "
+            f"reads pickled weights with torch.load(weights_only=True); refused: {str(exc).splitlines()[0][:300]}). "
+            f"If you trust the file, load it yourself, keep only its tensors and pass them on: "
+            f"from_finetuned(path, model, state_dict={{name: tensor ...}})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as a torch.save file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict (a mapping of parameter names to tensors)"
+        )
+    wrong = [f"{k!r}: {type(v).__name__}" for k, v in loaded.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if wrong:
+        raise CheckpointError(
+            f"{path} must map parameter names to tensors only, but holds {', '.join(wrong[:5])}; if the state dict "
+            f"is nested (under 'state_dict' or 'model'), pass it with from_finetuned(..., state_dict=...)"
+        )
+    return dict(loaded)
+
+
+def strip_legacy_names(patterns: list[str] | None, common_structure: Any, field: str) -> tuple[list[str] | None, bool]:
+    """Turn the original's module patterns into ours: ``(patterns, whether they are common names)``.
+
+    With ``common_structure`` the original matched common names written ``attn@.q@``; they become ``attn.q``. A
+    pattern without ``@`` then matched only modules outside the mapping, by real name: a list of only those is a
+    real-name list here; a list mixing both cannot be expressed and is refused.
+    """
+    if not patterns or not common_structure:
+        return patterns, bool(common_structure and not patterns)
+    marked = [p for p in patterns if isinstance(p, str) and "@" in p]
+    if not marked:
+        return patterns, False
+    if len(marked) != len(patterns):
+        plain = [p for p in patterns if p not in marked]
+        raise CheckpointError(
+            f"the OpenDelta 0.3.x config's {field}={patterns!r} mixes common names ({marked!r}) with real module names "
+            f"({plain!r}), which one list cannot express here; pass {field}=[...] (real names, or common names "
+            f"with common_structure=True) to from_finetuned"
+        )
+    return [p.replace("@", "") for p in patterns], True
+
+
+def _normalised(patterns: Any) -> Any:
+    if isinstance(patterns, (list, tuple)):
+        return [_normalised(p) for p in patterns]
+    return patterns
+
+
+def legacy_config(
+    raw: Mapping[str, Any], cls: type[DeltaModel], overrides: Mapping[str, Any], *, fields: bool = True
+) -> dict[str, Any]:
+    """Translate an OpenDelta 0.3.x ``config.json`` into this library's config dict for the same method.
+
+    Args:
+        raw: the original's config, as read from the file.
+        cls: the class ``from_finetuned`` was called on (``DeltaModel`` itself for ``AutoDeltaModel``).
+        overrides: the caller's config overrides; a field given there is not translated.
+        fields: translate the hyper-parameters too; ``False`` when the caller passes a ``delta_config`` of its own
+            (only ``delta_type`` and the stale fields are then dealt with).
+
+    Returns:
+        A config dict with ``delta_type`` set to the method's registered name (the original's ``low_rank_adapter``
+        is ``lowrankadapter`` here), ready for ``config_class.from_dict``.
+    """
+    from opendelta.errors import UnknownDeltaMethodError
+    from opendelta.registry import get_method
+
+    config = dict(raw)
+    delta_type = config.get("delta_type")
+    try:
+        spec = get_method(delta_type) if isinstance(delta_type, str) else None
+    except UnknownDeltaMethodError:
+        spec = None
+    model_cls = spec.model_cls if spec is not None and cls.delta_type in ("", None) else cls
+    if spec is None or not issubclass(model_cls, spec.model_cls):
+        return config  # load_delta reports the missing, unknown or mismatched delta_type
+    config["delta_type"] = model_cls.delta_type  # an alias of the original's name (low_rank_adapter) resolves to ours
+    md5 = config.get("backbone_hash")
+    for key in _STALE_FIELDS:
+        config.pop(key, None)
+    if md5:
+        logger.warning(
+            "loading an OpenDelta 0.3.x checkpoint (%s on %s): its backbone_hash %s is an md5 over the model's repr "
+            "and weights that cannot be reproduced, so the backbone is checked by parameter names and shapes only",
+            delta_type,
+            config.get("backbone_class"),
+            md5,
+        )
+    if not config.get("backbone_checkpoint_name"):
+        config["backbone_checkpoint_name"] = None
+    if not fields:
+        return config
+    if "modified_modules" not in overrides:
+        patterns, common = strip_legacy_names(
+            config.get("modified_modules"), config.get("common_structure"), "modified_modules"
+        )
+        config["modified_modules"], config["common_structure"] = patterns, common or None
+    elif "common_structure" not in overrides:
+        config["common_structure"] = None  # the original's flag was about its '@' names: the caller's are real names
+    known = set(model_cls.config_class.field_names())
+    for key in [k for k, v in config.items() if v is None and k not in known]:
+        del config[key]  # the original wrote unset options as null (Compacter's bottleneck_dim, sequential)
+    config = model_cls.translate_legacy_config(config)
+    defaults = _normalised(list(model_cls.default_modified_modules))
+    if config.get("common_structure") and _normalised(config.get("modified_modules")) == defaults:
+        config["modified_modules"], config["common_structure"] = None, None  # the defaults, spelled out
+    return config
+
+
+def legacy_state_dict(
+    delta_model: DeltaModel, tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Translate an OpenDelta 0.3.x state dict to the names ``load_delta`` expects, for a built delta model.
+
+    A backbone saved unfrozen brings its buffers: those equal to this backbone's are dropped, and so are names that
+    transformers itself ignores in old checkpoints of this model class (``_keys_to_ignore_on_load_unexpected``, such
+    as GPT-2's ``attn.bias`` mask). The method's :meth:`~opendelta.DeltaModel.translate_legacy_state_dict` renames
+    its own tensors in between. Whatever name is still unknown is refused afterwards by ``load_delta``.
+
+    Raises:
+        CheckpointError: a saved buffer differs from the backbone's (the checkpoint was made for another backbone).
+    """
+    backbone = delta_model.backbone_model
+    buffers = dict(backbone.named_buffers())
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        buffer = buffers.get(name)
+        if buffer is None:
+            kept[name] = tensor
+        elif buffer.shape != tensor.shape or not torch.equal(buffer.cpu(), tensor.to(buffer.dtype)):
+            raise CheckpointError(
+                f"{source} saves the backbone buffer {name!r} with other values than this backbone's: it was made for "
+                f"another backbone (or configuration, such as max_position_embeddings)"
+            )
+    translated = delta_model.translate_legacy_state_dict(kept)
+    known = set(delta_model.delta_state_dict()) | {n for n, _ in backbone.named_parameters()}
+    stale = [re.compile(p) for p in getattr(type(backbone), "_keys_to_ignore_on_load_unexpected", None) or ()]
+    dropped = [n for n in translated if n not in known and any(p.search(n) for p in stale)]
+    if dropped:
+        logger.info(
+            "%s: ignoring %s, which transformers ignores in old checkpoints of %s",
+            source,
+            dropped,
+            type(backbone).__name__,
+        )
+    return {n: t for n, t in translated.items() if n not in dropped}

@@ -1,0 +1,463 @@
+"""PEFT's LoRA adapter format: load what PEFT saved into a :class:`LoraModel`, and export a ``LoraModel`` to it.
+
+The format is what ``PeftModel.save_pretrained`` writes, and what vLLM and TGI serve: a folder with
+``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``...) and
+``adapter_model.safetensors``, whose keys are ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and
+``.lora_B.weight`` (``[out, r]``) for each modified module, and ``base_model.model.<module>.<param>`` for each
+parameter of the ``modules_to_save`` (a task head trained with the adapter). The math is the same as
+:class:`~opendelta_lora.LoraLayer`'s: ``W x + s * B A dropout(x)`` with ``s = lora_alpha / r`` (``lora_alpha /
+sqrt(r)`` with ``use_rslora``), for ``nn.Linear`` and GPT-2's ``Conv1D`` alike (PEFT's ``fan_in_fan_out`` only says
+how ``W`` is stored). Reading and writing need only ``json`` and ``safetensors``, not ``peft``.
+
+PEFT features that change the computation and that ``LoraModel`` does not have (DoRA, per-module ranks, LoRA on
+embeddings...) are refused by name rather than loaded into something that computes differently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from opendelta import CheckpointError
+from opendelta.insertion import delta_parameter_names
+from opendelta.legacy import read_pickled_tensors
+from opendelta.shapes import LINEAR_TYPES
+from opendelta.targets import backbone_module_names
+from opendelta_lora.config import LoraConfig
+from opendelta_lora.model import LoraModel
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "load_peft_adapter",
+    "lora_config_from_peft",
+    "peft_target_names",
+    "save_peft_adapter",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT wrote before safetensors
+_PREFIX = "base_model.model."
+_SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES
+
+_UNSUPPORTED = frozenset(
+    {
+        "use_dora",
+        "lora_bias",
+        "rank_pattern",
+        "alpha_pattern",
+        "layer_replication",
+        "target_parameters",
+        "trainable_token_indices",
+        "use_qalora",
+        "alora_invocation_tokens",
+        "use_bdlora",
+        "arrow_config",
+        "velora_config",
+        "monteclora_config",
+        "kasa_config",
+        "megatron_config",
+    }
+)
+"""PEFT fields that change what the adapter computes and that LoraModel does not have; refused unless unset."""
+
+_READ = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "bias",
+        "fan_in_fan_out",
+        "task_type",
+    }
+)
+_INERT = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "init_lora_weights",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "runtime_config",
+        "ensure_weight_tying",
+        "megatron_core",
+        "qalora_group_size",
+    }
+)
+"""PEFT fields that only concern initialisation, training or bookkeeping: a trained adapter computes the same."""
+
+
+def _is_off(value: Any) -> bool:
+    """Whether a PEFT option is unset: ``None``, ``False`` or empty (``{}`` is how PEFT writes no rank pattern)."""
+    return value is None or (isinstance(value, (bool, list, dict, str)) and not value)
+
+
+def _adapter_folder(path: str | os.PathLike[str]) -> Path:
+    folder = Path(path)
+    folder = folder.parent if folder.is_file() else folder
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"no {ADAPTER_CONFIG_NAME} in {folder}: not a PEFT adapter folder (for a Hub repo, download it first: "
+            f"huggingface_hub.snapshot_download(repo_id))"
+        )
+    return folder
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {folder / ADAPTER_CONFIG_NAME}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG_NAME} must hold a JSON object")
+    return config
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / ADAPTER_WEIGHTS_NAME).is_file():
+        return load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+    if (folder / _PICKLED_WEIGHTS_NAME).is_file():
+        return read_pickled_tensors(folder / _PICKLED_WEIGHTS_NAME)
+    raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
+
+
+def _check_supported(config: Mapping[str, Any], source: str) -> None:
+    """Refuse, naming the field, what LoraModel cannot compute."""
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{source} holds a PEFT {config.get('peft_type')!r} adapter (peft_type); only LoRA adapters "
+            f"(peft_type 'LORA') load into a LoraModel"
+        )
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(
+            f"{source} was trained with bias={config['bias']!r}, which also trains the backbone's own biases; only "
+            f"bias='none' adapters load into a LoraModel (the deltas must leave the backbone untouched)"
+        )
+    for field, value in config.items():
+        if field in _READ or field in _INERT or _is_off(value):
+            continue
+        what = (
+            "is a PEFT option that changes what the adapter computes, which LoraModel does not support"
+            if field in _UNSUPPORTED
+            else "is a PEFT option unknown here (it may change what the adapter computes)"
+        )
+        raise CheckpointError(
+            f"{source}: {field}={value!r} {what}; LoraModel loads plain LoRA (r, lora_alpha, lora_dropout, "
+            f"use_rslora, target_modules, exclude_modules, layers_to_transform, modules_to_save). Use PEFT for this "
+            f"adapter, or retrain without {field}."
+        )
+
+
+def _all_linear(model: nn.Module, task_type: str | None) -> set[str]:
+    """PEFT's ``target_modules="all-linear"``: every linear layer but the output layer (or classification head)."""
+    names = {n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+    if head is not None:
+        names -= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _in_layers(key: str, layers: int | list[int], pattern: str | list[str] | None) -> bool:
+    """PEFT's ``layers_to_transform``: the first numbered segment (after ``layers_pattern``) is one of ``layers``."""
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def peft_target_names(config: Mapping[str, Any], model: nn.Module) -> list[str]:
+    """The modules PEFT puts LoRA on for ``config``, by PEFT's own rules, in module order.
+
+    ``target_modules`` is a list of names (a module matches its full name or a ``.``-suffix), a regular expression
+    (a full match of the name) or ``"all-linear"``; ``exclude_modules`` likewise; ``layers_to_transform`` (with
+    ``layers_pattern``) keeps the layers of the given indices; modules under ``modules_to_save`` are never targets.
+    """
+    targets = config.get("target_modules")
+    task_type = config.get("task_type")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, task_type)
+    exclude = config.get("exclude_modules")
+    saved = config.get("modules_to_save") or []
+    layers = config.get("layers_to_transform")
+    use_layers = layers is not None and (layers != [] if isinstance(layers, list) else True)
+    found = []
+    for key in backbone_module_names(model):
+        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+            continue
+        if isinstance(exclude, (list, tuple)) and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
+            continue
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, key) is not None
+        elif key in targets:
+            hit = True
+        else:
+            hit = any(key.endswith(f".{t}") for t in targets)
+            hit = hit and (not use_layers or _in_layers(key, layers, config.get("layers_pattern")))
+        if hit:
+            found.append(key)
+    return found
+
+
+def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str = "the PEFT adapter") -> LoraConfig:
+    """The :class:`LoraConfig` that computes what the PEFT LoRA ``config`` computes on ``model``.
+
+    Raises:
+        CheckpointError: an unsupported PEFT feature (named), no ``target_modules``, targets that match nothing or
+            that are not linear layers.
+    """
+    _check_supported(config, source)
+    if not config.get("target_modules"):
+        raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
+    names = peft_target_names(config, model)
+    if not names:
+        raise CheckpointError(
+            f"{source}: target_modules={config['target_modules']!r} matches no module of this "
+            f"{type(model).__name__}; the adapter was made for another architecture"
+        )
+    modules = dict(model.named_modules())
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], LINEAR_TYPES)]
+    if wrong:
+        raise CheckpointError(
+            f"{source} puts LoRA on {', '.join(wrong[:5])}: LoraModel modifies linear layers (nn.Linear, Conv1D) only"
+        )
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); LoraLayer by alpha / r
+    return LoraConfig(
+        lora_r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        modified_modules=_as_patterns(config["target_modules"], names, model),
+        common_structure=False,
+    )
+
+
+def _as_patterns(listed: Any, names: list[str], model: nn.Module) -> list[str]:
+    """PEFT's own list of names when, read as OpenDelta patterns, it designates exactly ``names``; else ``names``.
+
+    The rules agree (a name or a ``.``-suffix), but OpenDelta wants every pattern to match, and PEFT also skips
+    ``exclude_modules``, other layers and ``modules_to_save``.
+    """
+    if not isinstance(listed, list) or not all(isinstance(t, str) for t in listed):
+        return names
+    hits = {t: [n for n in backbone_module_names(model) if n == t or n.endswith(f".{t}")] for t in listed}
+    chosen = {n for found in hits.values() for n in found}
+    return list(listed) if all(hits.values()) and chosen == set(names) else names
+
+
+def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
+    """Load a LoRA adapter saved by PEFT (``PeftModel.save_pretrained``) into a new :class:`LoraModel`.
+
+    The backbone gets the adapter's LoRA layers with its weights, and the weights of its ``modules_to_save`` (a task
+    head); outputs equal the PEFT model's. Everything is checked before the backbone changes; on an error it is
+    left as it was. The backbone is put in eval mode, as ``from_finetuned`` does.
+
+    Args:
+        path: the adapter folder (or a file in it).
+        backbone_model: the model the adapter was trained on.
+
+    Returns:
+        The attached delta model (``save_finetuned`` saves it in OpenDelta's format, :func:`save_peft_adapter` in
+        PEFT's).
+
+    Raises:
+        CheckpointError: not a PEFT LoRA folder, an unsupported feature, or weights that do not fit the backbone.
+    """
+    folder = _adapter_folder(path)
+    source = str(folder)
+    config = _read_config(folder)
+    lora_config = lora_config_from_peft(config, backbone_model, source)
+    tensors = _read_weights(folder)
+    if not all(name.startswith(_PREFIX) for name in tensors):
+        odd = [n for n in tensors if not n.startswith(_PREFIX)]
+        raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
+    params = {n: p for n, p in backbone_model.named_parameters() if n not in delta_parameter_names(backbone_model)}
+    delta_model = LoraModel(backbone_model, config=lora_config)
+    try:
+        own = delta_model.delta_state_dict()
+        ours = {_our_name(name[len(_PREFIX) :], delta_model.delta_name): t for name, t in tensors.items()}
+        heads = {n: t for n, t in ours.items() if n in params}
+        lora = {n: t for n, t in ours.items() if n not in heads}
+        missing, unexpected = sorted(set(own) - set(lora)), sorted(set(lora) - set(own))
+        shapes = {n: t.shape for n, t in [*own.items(), *params.items()]}
+        misshaped = [
+            f"{n}: {tuple(t.shape)} vs {tuple(shapes[n])}" for n, t in ours.items() if t.shape != shapes.get(n, t.shape)
+        ]
+        if missing or unexpected or misshaped:
+            raise CheckpointError(
+                f"{source} does not fit its own config on this {type(backbone_model).__name__}: missing LoRA "
+                f"tensors for {missing[:4]}, tensors that are neither LoRA nor backbone parameters {unexpected[:4]}, "
+                f"shape mismatch {misshaped[:4]}"
+            )
+        with torch.no_grad():
+            for name, tensor in lora.items():
+                own[name].copy_(tensor)
+            for name, tensor in heads.items():
+                params[name].copy_(tensor)
+    except BaseException:
+        delta_model.detach()
+        raise
+    backbone_model.eval()
+    return delta_model
+
+
+def _our_name(name: str, delta_name: str) -> str:
+    """``<module>.lora_A.weight`` -> ``<module>.<delta_name>.lora_A`` (delta_state_dict's name); others unchanged."""
+    for part in ("lora_A", "lora_B"):
+        if name.endswith(f".{part}.weight"):
+            return f"{name[: -len(f'.{part}.weight')]}.{delta_name}.{part}"
+    return name
+
+
+def _short_names(targets: list[str], model: nn.Module) -> list[str]:
+    """The modules' last name components when, by PEFT's rule, they designate exactly ``targets``; else the names."""
+    leaves = sorted({t.rpartition(".")[2] for t in targets})
+    chosen = [n for n in backbone_module_names(model) if any(n == leaf or n.endswith(f".{leaf}") for leaf in leaves)]
+    return leaves if sorted(chosen) == sorted(targets) else targets
+
+
+def _resolve_modules(patterns: Sequence[str], model: nn.Module, targets: list[str]) -> list[str]:
+    names = backbone_module_names(model)
+    resolved = []
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or n.endswith(f".{pattern}")]
+        if not hits:
+            raise CheckpointError(f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__}")
+        inside = [t for t in targets for h in hits if t == h or t.startswith(f"{h}.")]
+        if inside:
+            raise CheckpointError(
+                f"modules_to_save entry {pattern!r} contains LoRA targets ({inside[:3]}); PEFT saves whole copies of "
+                f"these modules and cannot also put LoRA inside them"
+            )
+        resolved += [h for h in hits if h not in resolved]
+    return resolved
+
+
+def save_peft_adapter(
+    delta_model: LoraModel,
+    path: str | os.PathLike[str],
+    *,
+    modules_to_save: Sequence[str] = (),
+    task_type: str | None = None,
+) -> Path:
+    """Export ``delta_model`` as a PEFT LoRA adapter folder that PEFT, vLLM and TGI load.
+
+    A LoRA on some slices of a fused layer (GPT-2's ``c_attn`` with the default ``attn.q``/``attn.v``) becomes a
+    LoRA on the whole layer whose ``B`` rows for the other slices are zero: the same outputs.
+
+    Args:
+        delta_model: the LoRA delta model to export.
+        path: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors`` into (created if needed).
+        modules_to_save: backbone modules to ship whole with the adapter (a task head trained with it, such as
+            ``["classifier"]``); patterns like ``modified_modules``' real names.
+        task_type: PEFT's ``task_type`` to record (``"SEQ_CLS"``, ``"CAUSAL_LM"``...); ``None`` loads as a plain
+            ``PeftModel``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: ``delta_model`` is not a LoraModel.
+        CheckpointError: a ``modules_to_save`` entry matches nothing or contains a LoRA target.
+    """
+    if not isinstance(delta_model, LoraModel):
+        raise TypeError(f"save_peft_adapter exports a LoraModel, got {type(delta_model).__name__}")
+    backbone = delta_model.backbone_model
+    tensors: dict[str, torch.Tensor] = {}
+    targets = []
+    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+        layer = insertion.delta
+        down, up = layer.lora_A.detach(), layer.lora_B.detach()  # (r, in), (rows, r)
+        if layer.out_index is not None:  # some slices of a fused layer: zero rows for the others
+            up = up.new_zeros(layer.out_features, layer.r).index_copy(0, layer.out_index, up)
+        tensors[f"{_PREFIX}{target.name}.lora_A.weight"] = down
+        tensors[f"{_PREFIX}{target.name}.lora_B.weight"] = up
+        targets.append(target.name)
+    heads = _resolve_modules(modules_to_save, backbone, targets)
+    skip = delta_parameter_names(backbone)
+    for head in heads:
+        for name, param in backbone.get_submodule(head).named_parameters():
+            if f"{head}.{name}" not in skip:
+                tensors[f"{_PREFIX}{head}.{name}"] = param.detach()
+    modules = dict(backbone.named_modules())
+    config = delta_model.config
+    document = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(getattr(backbone, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": _short_names(targets, backbone),
+        "exclude_modules": None,
+        "fan_in_fan_out": all(not isinstance(modules[t], nn.Linear) for t in targets),  # GPT-2's Conv1D: [in, out]
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": heads or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, document, tensors)
+    return folder
+
+
+def _write(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write both files under temporary names and rename them into place (the weights first)."""
+    for name, write in (
+        (ADAPTER_WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata={"format": "pt"})),
+        (ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")),
+    ):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
