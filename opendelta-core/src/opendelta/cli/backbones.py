@@ -1,0 +1,124 @@
+"""Loading a transformers backbone from a local folder for the CLI: its config, its class, its weights (or none).
+
+``show`` only needs the module tree, so it builds the model on PyTorch's ``meta`` device: no weights are read or
+allocated, and a 7B-parameter architecture is shown in a fraction of a second. ``merge`` loads real weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from opendelta.cli.common import CommandError, one_line
+
+__all__ = ["TOKENIZER_FILES", "build_skeleton", "copy_tokenizer_files", "load_config", "load_pretrained", "model_class"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "spm.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+"""Files a model folder may hold beside the weights, that a merged model keeps (``save_pretrained`` skips them)."""
+
+
+def load_config(path: str | os.PathLike[str]) -> PretrainedConfig:
+    """The transformers config of a model folder (or of a ``config.json`` file).
+
+    Raises:
+        CommandError: no such path, no ``config.json``, or transformers cannot read it.
+    """
+    location = Path(path)
+    if not location.exists():
+        raise CommandError(f"{location}: no such file or folder; give a model folder with a config.json, or the file")
+    if location.is_dir() and not (location / "config.json").is_file():
+        raise CommandError(f"{location} holds no config.json, so it is not a transformers model folder")
+    try:
+        config: PretrainedConfig = AutoConfig.from_pretrained(str(location))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CommandError(f"transformers cannot read the config in {location}: {one_line(str(exc))}") from exc
+    return config
+
+
+def _transformers_class(name: str) -> type[PreTrainedModel] | None:
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) else None
+
+
+def model_class(
+    config: PretrainedConfig, requested: str | None = None, recorded: str | None = None
+) -> type[PreTrainedModel] | None:
+    """The transformers class to build a backbone as; ``None`` means ``AutoModel`` (the base model).
+
+    In order: ``requested`` (``--class``), else ``recorded`` (the ``backbone_class`` a delta checkpoint records), else
+    the config's first ``architectures`` entry (the class the folder was saved from).
+
+    Raises:
+        CommandError: ``requested`` is not a transformers model class, or one for another kind of config.
+    """
+    if requested:
+        cls = _transformers_class(requested)
+        if cls is None:
+            close = difflib.get_close_matches(requested, [n for n in dir(transformers) if n[:1].isupper()], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise CommandError(f"--class {requested}: transformers has no model class of that name{hint}")
+        if not isinstance(config, cls.config_class):
+            raise CommandError(
+                f"--class {requested} is built from a {cls.config_class.__name__}, but the folder's config is a "
+                f"{type(config).__name__} (model_type {config.model_type!r})"
+            )
+        return cls
+    for name in ([recorded] if recorded else []) + list(getattr(config, "architectures", None) or [])[:1]:
+        cls = _transformers_class(name)
+        if cls is not None and isinstance(config, cls.config_class):
+            return cls
+    return None
+
+
+def build_skeleton(config: PretrainedConfig, cls: type[PreTrainedModel] | None) -> nn.Module:
+    """The model's module tree with every tensor on the ``meta`` device: right names, types and shapes, no data."""
+    with torch.device("meta"):
+        model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
+    return model
+
+
+def load_pretrained(folder: str | os.PathLike[str], cls: type[PreTrainedModel] | None) -> PreTrainedModel:
+    """The model in ``folder`` with its weights (``cls`` or ``AutoModel``), in eval mode.
+
+    Raises:
+        CommandError: the folder holds no weights, or they do not fit the class.
+    """
+    loader = cls if cls is not None else AutoModel
+    try:
+        model: PreTrainedModel = loader.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CommandError(f"cannot load {loader.__name__} from {folder}: {one_line(str(exc))}") from exc
+    model.eval()
+    return model
+
+
+def copy_tokenizer_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` that ``source`` holds and ``destination`` lacks; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src, dst = Path(source) / name, Path(destination) / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
