@@ -119,8 +119,9 @@ def lint(session: nox.Session) -> None:
 def interactive(session: nox.Session) -> None:
     """The interactive module selector, driven in real headless Chromium (Debian's package, installed if missing)."""
     if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        session.run("apt-get", "update", "-q", external=True)
-        session.run("apt-get", "install", "-y", "-q", "chromium", external=True)
+        apt_env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-q", external=True, env=apt_env)
+        session.run("apt-get", "install", "-y", "-q", "chromium", external=True, env=apt_env)
     install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"])
     browser = ROOT / "tests" / "test_interactive_browser.py"
     unit = CORE / "tests" / "test_interactive_selector.py"
