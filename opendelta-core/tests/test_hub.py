@@ -149,7 +149,7 @@ def test_offline_mode_loads_from_the_cache_and_push_stops_at_the_network_boundar
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(torch.load(out), expected)
+    torch.testing.assert_close(torch.load(out, weights_only=True), expected)
     message = result.stdout.split("HUBERROR", 1)[1]
     assert "saved locally" in message and "someone/pushed" in message and "Offline" in message
     config = json.loads((push / "config.json").read_text())  # the local save is complete and loadable

@@ -9,33 +9,22 @@ from torch import nn
 
 import opendelta.prefix
 from opendelta import AutoDeltaModel, UnsupportedTargetError
-from opendelta.testing import ARCHITECTURES, TASK_HEADS, model_output_tensor, perturb, tiny_inputs, tiny_model
+from opendelta.testing import (
+    ARCHITECTURES,
+    GENERATION_HEADS,
+    TASK_HEADS,
+    generation_inputs,
+    model_output_tensor,
+    perturb,
+    tiny_inputs,
+    tiny_model,
+)
 from opendelta_prefix import PrefixConfig, PrefixLayer, PrefixModel
-
-GENERATORS = {
-    "gpt2": "GPT2LMHeadModel",
-    "opt": "OPTForCausalLM",
-    "t5": "T5ForConditionalGeneration",
-    "bart": "BartForConditionalGeneration",
-}
 
 
 def run(model, inputs):
     with torch.no_grad():
         return model_output_tensor(model(**inputs))
-
-
-def prompt_inputs(arch, model):
-    """Generation inputs: a left-padded batch for decoder-only models (as their tokenizers pad for generation)."""
-    inputs = tiny_inputs(arch)
-    inputs.pop("decoder_input_ids", None)
-    if model.config.is_encoder_decoder:
-        return inputs
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    left_ids, left_mask = torch.full_like(ids, model.config.pad_token_id), torch.zeros_like(mask)
-    for row, length in enumerate(mask.sum(1).tolist()):
-        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
-    return {"input_ids": left_ids, "attention_mask": left_mask}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -80,13 +69,13 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(arch):
         torch.testing.assert_close(run(model, alone), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
-    model = tiny_model(arch, GENERATORS[arch])
+    model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = PrefixModel(backbone_model=model, prefix_token_num=4)
     perturb(delta_model, seed=2, scale=1.0)
-    inputs = prompt_inputs(arch, model)
+    inputs = generation_inputs(arch, model)
     options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, output_scores=True, return_dict_in_generate=True, **options)
@@ -98,10 +87,10 @@ def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
         torch.testing.assert_close(with_cache, without, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 def test_the_prefix_steers_generation_and_a_detached_one_leaves_the_bare_model(arch):
-    model = tiny_model(arch, GENERATORS[arch])
-    inputs = prompt_inputs(arch, model)
+    model = tiny_model(arch, GENERATION_HEADS[arch])
+    inputs = generation_inputs(arch, model)
     options = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         bare = model.generate(**inputs, **options)
@@ -244,16 +233,16 @@ def test_bad_hyper_parameters_name_the_field(kwargs, field):
         PrefixConfig(**kwargs)
 
 
-@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 def test_a_prefix_on_some_decoder_layers_generates_or_says_why_not(arch):
     """Through the attention interface any subset works; through placeholder rows (T5 on 4.57) a cached generate()
     needs every layer of the stack, and says so instead of failing deep inside the model."""
-    model = tiny_model(arch, GENERATORS[arch])
+    model = tiny_model(arch, GENERATION_HEADS[arch])
     pattern = r"[r]decoder\.block\.1\.attn"
     delta_model = PrefixModel(backbone_model=model, modified_modules=[pattern], common_structure=True)
     perturb(delta_model, seed=6, scale=1.0)
     assert len(delta_model.targets) == 1
-    inputs = prompt_inputs(arch, model)
+    inputs = generation_inputs(arch, model)
     options = {"max_new_tokens": 4, "do_sample": False}
     if opendelta.prefix.attention_backend(delta_model.targets[0].module) == "interface":
         with torch.no_grad():

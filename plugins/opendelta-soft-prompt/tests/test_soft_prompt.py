@@ -5,32 +5,22 @@ import torch
 from torch import nn
 
 from opendelta import AutoDeltaModel, DeltaConfigError, DeltaStateError
-from opendelta.testing import ARCHITECTURES, TASK_HEADS, model_output_tensor, perturb, tiny_inputs, tiny_model
+from opendelta.testing import (
+    ARCHITECTURES,
+    GENERATION_HEADS,
+    TASK_HEADS,
+    generation_inputs,
+    model_output_tensor,
+    perturb,
+    tiny_inputs,
+    tiny_model,
+)
 from opendelta_soft_prompt import SoftPromptConfig, SoftPromptLayer, SoftPromptModel
-
-GENERATORS = {
-    "gpt2": "GPT2LMHeadModel",
-    "opt": "OPTForCausalLM",
-    "t5": "T5ForConditionalGeneration",
-    "bart": "BartForConditionalGeneration",
-}
 
 
 def run(model, inputs):
     with torch.no_grad():
         return model_output_tensor(model(**inputs))
-
-
-def prompt_inputs(arch, model):
-    inputs = tiny_inputs(arch)
-    inputs.pop("decoder_input_ids", None)
-    if model.config.is_encoder_decoder:
-        return inputs
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    left_ids, left_mask = torch.full_like(ids, model.config.pad_token_id), torch.zeros_like(mask)
-    for row, length in enumerate(mask.sum(1).tolist()):
-        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
-    return {"input_ids": left_ids, "attention_mask": left_mask}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -96,13 +86,13 @@ def test_the_callers_tensors_are_never_modified(arch):
         assert value.shape == copies[key].shape and torch.equal(value, copies[key])
 
 
-@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
-    model = tiny_model(arch, GENERATORS[arch])
+    model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4)
     perturb(delta_model, seed=1, scale=0.5)
-    inputs = prompt_inputs(arch, model)
+    inputs = generation_inputs(arch, model)
     options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, output_scores=True, return_dict_in_generate=True, **options)
@@ -114,10 +104,10 @@ def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
         torch.testing.assert_close(with_cache, without, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", sorted(GENERATORS))
+@pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 def test_the_prompt_steers_generation_and_a_detached_one_leaves_the_bare_model(arch):
-    model = tiny_model(arch, GENERATORS[arch])
-    inputs = prompt_inputs(arch, model)
+    model = tiny_model(arch, GENERATION_HEADS[arch])
+    inputs = generation_inputs(arch, model)
     options = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         bare = model.generate(**inputs, **options)

@@ -24,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 __all__ = [
     "ARCHITECTURES",
     "FFN_SIZE",
+    "GENERATION_HEADS",
     "HIDDEN_SIZE",
     "MAX_POSITIONS",
     "NUM_HEADS",
@@ -32,6 +33,7 @@ __all__ = [
     "SPECIAL_TOKEN_IDS",
     "TASK_HEADS",
     "VOCAB_SIZE",
+    "generation_inputs",
     "model_output_tensor",
     "register_architecture",
     "registered_architectures",
@@ -195,6 +197,14 @@ Names, not classes, so importing this module stays cheap and does not fail
 on a transformers version that lacks one class; resolve a name with
 ``getattr(transformers, name)``.
 """
+
+GENERATION_HEADS: dict[str, str] = {
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "t5": "T5ForConditionalGeneration",
+    "bart": "BartForConditionalGeneration",
+}
+"""The class that ``generate()`` runs on, per architecture that generates text (decoders and encoder-decoders)."""
 
 _ENCODER_DECODERS = {"t5", "bart"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
@@ -410,6 +420,23 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
         decoder_input_ids[:, 0] = ids["decoder_start_token_id"]
         inputs["decoder_input_ids"] = decoder_input_ids
     return inputs
+
+
+def generation_inputs(arch: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """:func:`tiny_inputs` as ``generate()`` takes them: no decoder inputs, and decoder-only rows left-padded.
+
+    Decoder-only models continue each row from its last position, so their tokenizers pad on the left for
+    generation; encoder-decoders keep the right-padded encoder input.
+    """
+    inputs = tiny_inputs(arch)
+    inputs.pop("decoder_input_ids", None)
+    if model.config.is_encoder_decoder:
+        return inputs
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    left_ids, left_mask = torch.full_like(ids, model.config.pad_token_id), torch.zeros_like(mask)
+    for row, length in enumerate(mask.sum(1).tolist()):
+        left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
+    return {"input_ids": left_ids, "attention_mask": left_mask}
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
