@@ -27,6 +27,8 @@ PEFT = ("peft==0.21.2",)
 """The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
 PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT}
 """What a plugin's tests need beyond core (never what the plugin itself needs: that is in its pyproject)."""
+TESTING = ("pytest>=8", "hypothesis==6.170.15")
+"""What every test session needs: the runner, and hypothesis for the property tests (addressing, configs)."""
 SCAFFOLD = ("hatchling>=1.21",)
 """The build backend of a plugin that `opendelta new-plugin` writes; its test builds one without fetching it."""
 TRAINING = ("accelerate==1.15.0",)
@@ -59,7 +61,7 @@ PLUGINS = discover_plugins()
 
 def install(session: nox.Session, *editable: Path, transformers: str = "5", extra: tuple[str, ...] = ()) -> None:
     """Install torch (pinned), one transformers line, pytest and the given folders in editable mode."""
-    args = ["-c", str(CONSTRAINTS), "torch==2.13.0", TRANSFORMERS[transformers], "pytest>=8", *extra]
+    args = ["-c", str(CONSTRAINTS), "torch==2.13.0", TRANSFORMERS[transformers], *TESTING, *extra]
     for folder in editable:
         args += ["-e", str(folder)]
     session.install(*args)
@@ -99,7 +101,7 @@ def tests_all(session: nox.Session, transformers: str) -> None:
 def structures(session: nox.Session) -> None:
     """Build the wheels of core and the structures, install the built wheels, and check every mapping loads."""
     dist = Path(session.create_tmp()) / "dist"
-    session.install("-c", str(CONSTRAINTS), "build", "torch==2.13.0", TRANSFORMERS["5"], "pytest>=8")
+    session.install("-c", str(CONSTRAINTS), "build", "torch==2.13.0", TRANSFORMERS["5"], *TESTING)
     for folder in (STRUCTURES, CORE):
         session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), str(folder))
     session.install("-c", str(CONSTRAINTS), *map(str, sorted(dist.glob("*.whl"))))

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from opendelta.base import DeltaModel
+from opendelta.compat import method_for
 from opendelta.config import DeltaConfig, _hub_kwargs
 from opendelta.errors import DeltaConfigError
 from opendelta.registry import get_method
@@ -34,7 +35,8 @@ class AutoDeltaConfig:
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DeltaConfig:
         """The config for ``config_dict["delta_type"]`` with the given values (``kwargs`` override them)."""
-        return get_method(_delta_type_of(config_dict)).config_cls.from_dict(config_dict, **kwargs)
+        _delta_type_of(config_dict)
+        return method_for(config_dict).config_cls.from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_finetuned(cls, finetuned_delta_path: str | os.PathLike[str], **kwargs: Any) -> DeltaConfig:
@@ -53,7 +55,8 @@ class AutoDeltaModel:
     def from_config(cls, config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, **kwargs: Any) -> DeltaModel:
         """A fresh delta model (weights initialised, not loaded) for ``config`` on ``backbone_model``."""
         if isinstance(config, dict):
-            return get_method(_delta_type_of(config)).model_cls.from_config(config, backbone_model, **kwargs)
+            _delta_type_of(config)
+            return method_for(config).model_cls.from_config(config, backbone_model, **kwargs)
         if not isinstance(config, DeltaConfig):
             raise DeltaConfigError(f"config must be a DeltaConfig or a dict, got {type(config).__name__}")
         return get_method(config.delta_type).model_cls.from_config(config, backbone_model, **kwargs)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
+from opendelta.budget import DeltaMemoryBudget
 from opendelta.config import DeltaConfig
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.freezing import freeze_module
@@ -127,9 +128,12 @@ class DeltaModel(nn.Module):
         self.targets = targets
         self._features: dict[int, tuple[int, int]] = {}
         self._attention_parts: dict[str, Any] = {}
+        budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
         try:
-            for target in targets:
-                delta = self._build_delta(target)
+            for count, target in enumerate(targets, start=1):
+                with budget:
+                    delta = self._build_delta(target)
+                budget.built(delta, count)
                 self._insertions.append(self._place(target, delta))
                 self.deltas.append(delta)
         except BaseException:

@@ -15,17 +15,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from opendelta.compat import check_requirements, method_for, version_record
 from opendelta.config import CONFIG_NAME, DeltaConfig
 from opendelta.errors import BackboneMismatchError, CheckpointError
 from opendelta.hashing import backbone_hash
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import is_legacy_checkpoint, legacy_config, legacy_state_dict, read_legacy_weights
-from opendelta.saving import load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
+from opendelta.saving import checkpoint_lock, load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
 
-__all__ = ["load_delta", "save_delta", "versions"]
+__all__ = ["config_document", "load_delta", "save_delta", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -39,6 +40,11 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[key] = "unknown"
     return out
+
+
+def config_document(config: DeltaConfig) -> dict[str, Any]:
+    """What ``config.json`` holds: the hyper-parameters, the library versions, and what reading it requires."""
+    return {**config.to_dict(), **versions(), **version_record(config)}
 
 
 def _trainable_backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,10 +90,11 @@ def save_delta(
         state_dict = {**trainable, **delta_model.delta_state_dict()}
     config = delta_model.config
     config.backbone_hash = backbone_hash(backbone, samples=delta_model.premerge_samples())
-    document = {**config.to_dict(), **versions()}
+    document = config_document(config)
     folder = Path(path)
-    write_checkpoint(folder, document, state_dict)
-    write_model_card(folder, model_card(delta_model, state_dict, repo_id=repo_id))
+    with checkpoint_lock(folder):  # the weights, the config and the card come from one save, never two
+        write_checkpoint(folder, document, state_dict)
+        write_model_card(folder, model_card(delta_model, state_dict, repo_id=repo_id))
     if push_to_hub:
         push_folder(folder, repo_id, **upload)
     return folder
@@ -104,6 +111,21 @@ def _check_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor
         raise CheckpointError(f"{source} does not fit this backbone; shape mismatch for {'; '.join(wrong[:5])}")
 
 
+def _check_tensor_values(tensors: Any, source: str) -> None:
+    """Refuse, before the backbone changes, what cannot be trained weights: non-tensors, integer or NaN/inf values."""
+    if not isinstance(tensors, dict) or not all(isinstance(n, str) for n in tensors):
+        raise CheckpointError(f"the weights of {source} must map parameter names to tensors")
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(f"{source}: {name!r} is {kind}, not a floating-point tensor; the file is damaged")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: {name!r} holds NaN or infinite values (training diverged, or the file is damaged); "
+                f"nothing was loaded"
+            )
+
+
 def load_delta(
     cls: type[DeltaModel],
     path: str | os.PathLike[str],
@@ -116,7 +138,7 @@ def load_delta(
     **overrides: Any,
 ) -> DeltaModel:
     """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself."""
-    from opendelta.registry import get_method, list_methods
+    from opendelta.registry import list_methods
 
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
     local, peft_config = Path(path), "adapter_config.json"
@@ -136,21 +158,24 @@ def load_delta(
         loaded: DeltaModel = reader(local, backbone)
         return loaded
     folder = resolve_checkpoint(path, **hub_kwargs)
-    raw = read_config_dict(folder)
-    legacy = is_legacy_checkpoint(folder, raw)  # saved by OpenDelta 0.3.x: see opendelta.legacy
-    if legacy:
-        raw = legacy_config(raw, cls, overrides, fields=delta_config is None)
-    delta_type = raw.get("delta_type")
-    if not isinstance(delta_type, str):
-        raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
-    model_cls = get_method(delta_type).model_cls if cls.delta_type in ("", None) else cls
-    if model_cls.delta_type != delta_type:
-        raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
-    config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
-    if state_dict is not None:
-        tensors = state_dict
-    else:
-        tensors = read_legacy_weights(folder) if legacy else load_weights(folder, raw)
+    with checkpoint_lock(folder, shared=True):  # a save running beside us finishes first (see opendelta.saving)
+        raw = read_config_dict(folder)
+        legacy = is_legacy_checkpoint(folder, raw)  # saved by OpenDelta 0.3.x: see opendelta.legacy
+        if legacy:
+            raw = legacy_config(raw, cls, overrides, fields=delta_config is None)
+        delta_type = raw.get("delta_type")
+        if not isinstance(delta_type, str):
+            raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
+        check_requirements(raw, str(folder))
+        model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls
+        if model_cls.delta_type != delta_type:
+            raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
+        config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
+        if state_dict is not None:
+            tensors = state_dict
+        else:
+            tensors = read_legacy_weights(folder) if legacy else load_weights(folder, raw)
+    _check_tensor_values(tensors, str(folder))
 
     backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
     backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}

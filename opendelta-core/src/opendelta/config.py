@@ -8,6 +8,7 @@ message naming the field, instead of failing deep inside a layer.
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 from collections import abc
@@ -15,13 +16,23 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from opendelta.compat import check_requirements, newer_writers, warn_unknown_fields
 from opendelta.errors import DeltaConfigError
 
 __all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
 
 CONFIG_NAME = "config.json"
 METADATA_FIELDS = frozenset(
-    {"delta_type", "opendelta_version", "transformers_version", "torch_version", "weights_file", "weights_sha256"}
+    {
+        "delta_type",
+        "opendelta_version",
+        "transformers_version",
+        "torch_version",
+        "weights_file",
+        "weights_sha256",
+        "written_by",
+        "requires",
+    }
 )
 """Keys a saved config carries besides the hyper-parameters; they describe the file, not the delta."""
 
@@ -44,8 +55,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is dict:
         key, val = get_args(hint) or (Any, Any)
         return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, val) for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN and infinity pass every "x > 0" check a plugin writes, so they are refused here
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint) if isinstance(hint, type) else True
@@ -65,6 +76,9 @@ class DeltaConfig:
         backbone_class: the backbone's class name, recorded on save.
         backbone_checkpoint_name: the backbone's checkpoint (``config._name_or_path``), recorded on save.
         backbone_hash: the backbone's fingerprint (see ``opendelta.hashing``), recorded on save and checked on load.
+
+    A field added in a later release of a plugin declares it: ``field(default=..., metadata={"since": "0.3.0"})``.
+    A checkpoint that sets it to a non-default value then requires that version (see ``opendelta.compat``).
     """
 
     delta_type: ClassVar[str] = ""
@@ -105,6 +119,7 @@ class DeltaConfig:
     @classmethod
     def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
         """Build a config from a dict (``kwargs`` override its entries); unknown keys are refused by name."""
+        check_requirements(config_dict, f"this {cls.__name__} (saved config)")
         merged = {**config_dict, **kwargs}
         given_type = merged.get("delta_type")
         if cls.delta_type and given_type not in (None, cls.delta_type):
@@ -114,7 +129,10 @@ class DeltaConfig:
             )
         known = set(cls.field_names())
         unknown = sorted(set(merged) - known - METADATA_FIELDS)
-        if unknown:
+        newer = newer_writers(config_dict, cls) if unknown else []
+        if newer and not set(unknown) & set(kwargs):  # optional fields of a newer release (never a typo in kwargs)
+            warn_unknown_fields(cls, unknown, newer)
+        elif unknown:
             raise DeltaConfigError(
                 f"unknown field(s) {unknown} for {cls.__name__} (delta_type {cls.delta_type!r}); known fields: "
                 f"{sorted(known)}"
@@ -130,7 +148,9 @@ class DeltaConfig:
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
-        path.write_text(self.to_json_string() + "\n", encoding="utf-8")
+        tmp = path.with_name(f".tmp-{os.getpid()}-{CONFIG_NAME}")
+        tmp.write_text(self.to_json_string() + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # never a half-written config.json, even if the process is killed
         return path
 
     @classmethod

@@ -20,7 +20,9 @@ __all__ = [
     "ModuleNotFoundInStructureError",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
+    "OpenDeltaVersionWarning",
     "PluginValidationError",
+    "ResourceLimitError",
     "ShapeInferenceError",
     "StructureNotFoundError",
     "StructureValidationError",
@@ -84,9 +86,17 @@ class BackboneMismatchError(CheckpointError):
     """A delta checkpoint saved for a different backbone than the one it is loaded into."""
 
 
+class ResourceLimitError(DeltaConfigError, MemoryError):
+    """A config that asks for more memory than the machine has (a rank of 10**9): refused before allocating."""
+
+
 class HubError(OpenDeltaError, OSError):
     """Talking to the Hugging Face Hub failed (offline, no permission...); local files are intact."""
 
 
 class OpenDeltaPluginWarning(UserWarning):
     """A plugin failed to load or register; core and the other plugins keep working."""
+
+
+class OpenDeltaVersionWarning(UserWarning):
+    """A checkpoint written by a newer opendelta or plugin: its optional fields unknown here were ignored."""

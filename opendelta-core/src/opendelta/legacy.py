@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from opendelta.errors import CheckpointError
+from opendelta.saving import contained_file
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
@@ -73,8 +74,8 @@ def is_legacy_checkpoint(folder: Path, config: Mapping[str, Any]) -> bool:
 
 
 def read_legacy_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder/pytorch_model.bin`` (see :func:`read_pickled_tensors`)."""
-    return read_pickled_tensors(folder / LEGACY_WEIGHTS_NAME)
+    """The tensors of ``folder/pytorch_model.bin`` (see :func:`read_pickled_tensors`); a link out is refused."""
+    return read_pickled_tensors(contained_file(folder, LEGACY_WEIGHTS_NAME, "weights file"))
 
 
 def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:

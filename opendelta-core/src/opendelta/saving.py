@@ -6,30 +6,119 @@ temporary name and renamed into place, then ``config.json``, which names that fi
 (its config still names its own, untouched weights) or the new one; weight files no config names are removed
 after the commit.
 
+Concurrency: writers of one folder take an exclusive lock (``fcntl.flock`` on the folder), so two processes saving
+to the same path run one after the other and the folder ends as one of them wrote it, never a mix (without the
+lock, one writer's clean-up could delete the weights the other is about to commit). Readers take it shared, so a
+load never sees a config whose weights a concurrent save just replaced. A killed process's lock is released by the
+kernel; the temporary files of a save that was killed are removed by the next save.
+
+Untrusted input: ``config.json`` is size-capped JSON; the weights file it names must be a plain file name inside
+the folder (a link may only lead into the Hub cache's blob store of the same repo); the weights are safetensors,
+which hold tensors and nothing that runs.
+
 Checkpoints can also live on the Hugging Face Hub: a path that is not a local folder is resolved as a repo id
 through ``huggingface_hub`` (honouring ``cache_dir``, ``local_files_only``, ``force_download``, ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent saves are not serialised
+    fcntl = None  # type: ignore[assignment]
 
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import CheckpointError
 
-__all__ = ["WEIGHTS_PREFIX", "load_weights", "read_config_dict", "resolve_checkpoint", "write_checkpoint"]
+__all__ = [
+    "WEIGHTS_PREFIX",
+    "checkpoint_lock",
+    "contained_file",
+    "load_weights",
+    "read_config_dict",
+    "resolve_checkpoint",
+    "write_checkpoint",
+]
 
 WEIGHTS_PREFIX = "delta_model"
 WEIGHTS_SUFFIX = ".safetensors"
+TMP_PREFIX = ".tmp-"
+MAX_CONFIG_BYTES = 1 << 20
+"""A delta config is a few kB; a bigger ``config.json`` is not one (and is not read into memory)."""
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def checkpoint_lock(directory: str | os.PathLike[str], *, shared: bool = False) -> Iterator[None]:
+    """Hold the folder's lock: exclusive to write (creating the folder), shared to read.
+
+    The lock is ``flock`` on the folder itself, so no lock file appears among the checkpoint's files. Re-entrant
+    within a thread, so a save that writes the checkpoint and then its model card holds it once.
+    """
+    folder = Path(directory)
+    if not shared:
+        folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if fcntl is None or key in held:
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not a folder we can open (then the read that follows reports what is wrong)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _remove_leftover_temporaries(directory: Path) -> None:
+    """Delete the temporary files of saves that were killed (only called with the exclusive lock held)."""
+    for pattern in (f"*{WEIGHTS_SUFFIX}", "*.json", "*.md"):  # ours: weights, config, model card
+        for leftover in directory.glob(TMP_PREFIX + pattern):
+            leftover.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a power cut after the save keeps the new checkpoint)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -48,25 +137,28 @@ def write_checkpoint(
         The path of the weights file.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=WEIGHTS_SUFFIX, dir=directory)
-    os.close(fd)
-    fd, tmp_config_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    os.close(fd)
-    tmp_weights, tmp_config = Path(tmp_name), Path(tmp_config_name)
-    try:
-        save_file(contiguous, str(tmp_weights), metadata={"format": "pt", "delta_type": str(config.get("delta_type"))})
-        digest = hashlib.sha256(tmp_weights.read_bytes()).hexdigest()
-        weights = directory / f"{WEIGHTS_PREFIX}-{digest[:16]}{WEIGHTS_SUFFIX}"
-        os.replace(tmp_weights, weights)
-        full = {**config, "weights_file": weights.name, "weights_sha256": digest}
-        _fsync_write(tmp_config, (json.dumps(full, indent=2) + "\n").encode())
-        os.replace(tmp_config, directory / CONFIG_NAME)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_config.unlink(missing_ok=True)
-    _remove_unreferenced(directory)
+    with checkpoint_lock(directory):
+        _remove_leftover_temporaries(directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=WEIGHTS_SUFFIX, dir=directory)
+        os.close(fd)
+        fd, tmp_config_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=directory)
+        os.close(fd)
+        tmp_weights, tmp_config = Path(tmp_name), Path(tmp_config_name)
+        try:
+            metadata = {"format": "pt", "delta_type": str(config.get("delta_type"))}
+            save_file(contiguous, str(tmp_weights), metadata=metadata)
+            digest = _sha256(tmp_weights)
+            weights = directory / f"{WEIGHTS_PREFIX}-{digest[:16]}{WEIGHTS_SUFFIX}"
+            os.replace(tmp_weights, weights)
+            full = {**config, "weights_file": weights.name, "weights_sha256": digest}
+            _fsync_write(tmp_config, (json.dumps(full, indent=2) + "\n").encode())
+            os.replace(tmp_config, directory / CONFIG_NAME)
+            _fsync_directory(directory)
+        finally:
+            tmp_weights.unlink(missing_ok=True)
+            tmp_config.unlink(missing_ok=True)
+        _remove_unreferenced(directory)
     return weights
 
 
@@ -116,23 +208,61 @@ def read_config_dict(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) ->
     local = Path(path_or_repo)
     config_file = local if local.is_file() else resolve_checkpoint(path_or_repo, **hub_kwargs) / CONFIG_NAME
     try:
+        size = config_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(
+                f"{config_file} is {size:,} bytes; a delta config is a few kB (limit {MAX_CONFIG_BYTES:,}): "
+                f"this is not an OpenDelta config"
+            )
         data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read delta config {config_file}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(f"cannot read delta config {config_file}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links followed) stays in ``folder``, or in the blob store of the Hub repo it snapshots.
+
+    A Hub cache snapshot (``models--user--name/snapshots/<rev>``) links each file into ``models--user--name/blobs``.
+    """
+    target = path.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return any(target.is_relative_to(root) for root in roots)
+
+
+def contained_file(folder: Path, name: Any, field: str) -> Path:
+    """``folder/name`` for a file name read from an untrusted config, refused if it could leave ``folder``.
+
+    Raises:
+        CheckpointError: ``name`` is not a plain file name (``../x``, ``/etc/x``, ``..``), or a link out of the folder.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise CheckpointError(
+            f"{field} {name!r} in {folder / CONFIG_NAME} must be a plain file name inside the checkpoint folder; "
+            f"the checkpoint is damaged or was crafted to read other files"
+        )
+    path = folder / name
+    if path.exists() and not _inside(path, folder):
+        raise CheckpointError(f"{field} {name!r} in {folder} is a link that leads outside the checkpoint folder")
+    return path
+
+
 def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint in ``folder``, checked against the digest its config records."""
-    name = config.get("weights_file") or f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}"
-    if Path(name).name != name:
-        raise CheckpointError(f"weights_file {name!r} in {folder / CONFIG_NAME} must be a plain file name")
-    path = folder / name
+    name = config.get("weights_file", f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}")
+    path = contained_file(folder, name, "weights_file")
     if not path.is_file():
         raise CheckpointError(f"{folder / CONFIG_NAME} names weights file {name!r}, which is missing")
     expected = config.get("weights_sha256")
-    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    if expected is not None and not isinstance(expected, str):
+        raise CheckpointError(f"weights_sha256 in {folder / CONFIG_NAME} must be a hex string, got {expected!r}")
+    if expected and _sha256(path) != expected:
         raise CheckpointError(f"{path} does not match the sha256 recorded in its config: the file is damaged")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc

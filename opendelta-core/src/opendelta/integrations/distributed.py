@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from opendelta.checkpoint import versions
+from opendelta.checkpoint import config_document
 from opendelta.errors import DeltaStateError
 from opendelta.hashing import backbone_hash, parameter_sample
 from opendelta.insertion import delta_parameter_names
@@ -94,7 +94,7 @@ def save_finetuned_distributed(delta_model: DeltaModel, path: str | os.PathLike[
         config = delta_model.config
         config.backbone_hash = backbone_hash(backbone, samples=samples)  # every rank's config records it
         if is_main_process():
-            write_checkpoint(folder, {**config.to_dict(), **versions()}, tensors)
+            write_checkpoint(folder, config_document(config), tensors)
     if _distributed():
         dist.barrier()
     return folder

@@ -1,5 +1,6 @@
 """Testing helpers: tiny models of every mapped architecture and the conformance battery for delta methods."""
 
+from opendelta.testing.pristine import Pristine
 from opendelta.testing.suites import DeltaMethodSuite, perturb
 from opendelta.testing.tiny_models import (
     ARCHITECTURES,
@@ -16,6 +17,7 @@ __all__ = [
     "GENERATION_HEADS",
     "TASK_HEADS",
     "DeltaMethodSuite",
+    "Pristine",
     "generation_inputs",
     "model_output_tensor",
     "perturb",

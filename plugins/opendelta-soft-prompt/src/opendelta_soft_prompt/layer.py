@@ -25,12 +25,14 @@ class SoftPromptLayer(nn.Module):
     def __init__(self, num_tokens: int, embeddings: torch.Tensor, token_init: bool, init_range: float) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        with torch.no_grad():
-            if token_init:
-                ids = torch.arange(num_tokens, device=embeddings.device) % embeddings.shape[0]
-                start = embeddings[ids].clone()  # (P, hidden)
+        with torch.no_grad():  # the prompt is allocated first, so an absurd P is refused before any other work
+            start = torch.empty(num_tokens, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
+            if token_init:  # rows 0 .. P-1 of the vocabulary, wrapping around: whole copies, then the remainder
+                vocab = embeddings.shape[0]
+                for begin in range(0, num_tokens, vocab):
+                    rows = min(vocab, num_tokens - begin)
+                    start[begin : begin + rows] = embeddings[:rows]
             else:
-                start = torch.empty(num_tokens, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
                 start.uniform_(-init_range, init_range)
         self.soft_embeds = nn.Parameter(start)
 
