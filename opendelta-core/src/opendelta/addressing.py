@@ -43,17 +43,26 @@ def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modi
     """Validate and compile a list of patterns, naming ``argument`` in every error."""
     if patterns is None:
         return []
-    if isinstance(patterns, str):
+    if isinstance(patterns, (str, bytes)):
         raise AddressingError(f"{argument} must be a list of strings, got the string {patterns!r}; use [{patterns!r}]")
+    if not isinstance(patterns, Iterable):
+        raise AddressingError(
+            f"{argument} must be a list of strings, got {patterns!r} ({type(patterns).__name__}); e.g. ['query']"
+        )
+    patterns = list(patterns)  # a generator would be half consumed when an error quotes the list
     compiled = []
     for text in patterns:
         if not isinstance(text, str) or not text.strip():
-            raise AddressingError(f"{argument} entries must be non-empty strings, got {text!r} in {list(patterns)!r}")
+            raise AddressingError(f"{argument} entries must be non-empty strings, got {text!r} in {patterns!r}")
         if text.startswith(REGEX_PREFIX):
             expression = text[len(REGEX_PREFIX) :]
+            if not expression.strip():  # would silently match nothing: fullmatch of "" never fits a module name
+                raise AddressingError(
+                    f"{argument} entry {text!r} has no regular expression after '[r]'; e.g. '[r][0-5]\\.attention'"
+                )
             try:
                 compiled.append(Pattern(text, re.compile(expression)))
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; parentheses nested 500 deep
                 raise AddressingError(
                     f"{argument} entry {text!r} is not a valid regular expression ({exc}); in JSON, write a literal "
                     f'dot as "\\\\."'
@@ -108,6 +117,11 @@ def find_matches(
             patterns and suggests the closest real names.
     """
     texts = [p.text for p in patterns]
+    if not texts:  # else the message below would read "modified_modules=[]:  matched no module"
+        raise ModuleNotFoundInStructureError(
+            f"got an empty modified_modules list, which designates no module of {describe}; name the modules to "
+            f"modify, e.g. modified_modules=['query']"
+        )
     hits = {p.text: [n for n in names if p.matches(n)] for p in patterns}
     missing = [t for t in texts if not hits[t]]
     if (require_each and missing) or not any(hits.values()):

@@ -95,9 +95,16 @@ def resolve_targets(
     use_defaults = modified_modules is None
     patterns = compile_patterns(default_modified_modules if use_defaults else modified_modules)
     exclude = compile_patterns(exclude_modules, argument="exclude_modules")
-    if not patterns:
+    if not patterns:  # [] designates nothing: falling back to the defaults would modify modules nobody named
+        given = "has no default modified_modules" if use_defaults else "got an empty modified_modules list"
+        fallback = (
+            f"leave modified_modules out (None) for the defaults {list(default_modified_modules)!r}, or "
+            if default_modified_modules and not use_defaults
+            else ""
+        )
         raise ModuleNotFoundInStructureError(
-            f"{method} got an empty modified_modules list and has no defaults; name the modules to modify"
+            f"{method} {given}, so no module would be modified; {fallback}name the modules to modify, e.g. "
+            f"modified_modules=['query']"
         )
     names = backbone_module_names(model)
     modules = dict(model.named_modules())
