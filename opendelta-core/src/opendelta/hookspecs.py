@@ -45,8 +45,10 @@ def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register delta-tuning methods.
 
     Call ``register(name, config_cls, model_cls, aliases=())`` once per method. ``name`` is the ``delta_type``
-    written into saved configs (``^[a-z][a-z0-9_]*$``), unique across all installed plugins; a clash is reported
-    naming both plugins. Return values are ignored.
+    written into saved configs (``^[a-z][a-z0-9_]*$``) and must equal both classes' ``delta_type``; it is unique
+    across all installed plugins: a clash is reported naming both plugins, and the distribution named after the
+    method (``opendelta-lora`` for ``lora``) keeps it. Return values are ignored; an exception is reported as a
+    warning naming the distribution, and the methods registered before it are kept.
 
     Args:
         register: the callback, bound to the calling plugin so that errors name it.
@@ -76,6 +78,8 @@ def resolve_common_structure(model: nn.Module, model_type: str | None) -> dict[s
 
     Called only when no mapping is registered for ``model_type``. The first implementation that returns a
     document wins; return ``None`` to let the next plugin try. The document is validated like a registered one.
+    An implementation that raises or returns an invalid document is reported once, naming its distribution, and
+    skipped until ``opendelta.registry.reload()``; the next implementation is tried.
 
     Args:
         model: the backbone (or the part of it that carries the ``config``).

@@ -3,6 +3,8 @@
 Plugins are found through ``importlib.metadata`` entry points in the ``opendelta`` group (the entry-point name is the
 plugin name). We do not use pluggy's ``load_setuptools_entrypoints``: a plugin that fails to import must only cost a
 warning naming its distribution, and a second plugin with the same name must be reported, not silently skipped.
+Every such warning is one sentence that names the plugin, its distribution and version, and the
+``OPENDELTA_DISABLE_PLUGINS=<name>`` setting that skips it; ``list_plugins()`` keeps the reason.
 
 Environment variables (read at load time):
 
@@ -15,6 +17,7 @@ Environment variables (read at load time):
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import warnings
@@ -31,6 +34,9 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DEFAULT_PLUGINS: tuple[str, ...] = ()
 """Modules registered before the entry points (none: every method and mapping comes from a distribution)."""
 
+PLUGIN_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+"""What a plugin may raise without taking the program down (a ``sys.exit()`` at import time included)."""
+
 _DISABLE_ENV = "OPENDELTA_DISABLE_PLUGINS"
 
 pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
@@ -42,7 +48,7 @@ _loaded = False
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """What ``list_plugins()`` reports about one plugin."""
+    """What ``list_plugins()`` reports about one plugin (``error``: why it failed or what it did wrong)."""
 
     name: str
     distribution: str | None
@@ -55,6 +61,7 @@ class PluginInfo:
 class _LoadState:
     distributions: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     failed: list[PluginInfo] = field(default_factory=list)
+    problems: dict[str, list[str]] = field(default_factory=dict)
 
 
 _state = _LoadState()
@@ -68,46 +75,133 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def normalize_distribution_name(name: str) -> str:
+    """``Opendelta_Lora`` -> ``opendelta-lora`` (PEP 503), so that names from METADATA and hints compare equal."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def first_party_distribution(name: str) -> str:
+    """The distribution named after a method or plugin (``lora``/``LoraModel`` -> ``opendelta-lora``).
+
+    It doubles as the owner of that name: when two plugins claim it, the distribution named after it keeps it, so
+    a third-party plugin cannot shadow ``lora`` or the shipped ``common_structures`` however it sorts.
+    """
+    stem = re.sub(r"(Model|Config)$", "", name)
+    kebab = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", stem).lower().replace("_", "-")
+    return "opendelta-" + {"bit-fit": "bitfit", "lowrankadapter": "low-rank-adapter"}.get(kebab, kebab)
+
+
+def owns(plugin_name: str, name: str) -> bool:
+    """Whether ``plugin_name`` comes from the distribution named after ``name`` (:func:`first_party_distribution`)."""
+    dist = _state.distributions.get(plugin_name, (None, None))[0]
+    return dist is not None and normalize_distribution_name(dist) == first_party_distribution(name)
+
+
+def _sentence(plugin_name: str, dist: str | None, version: str | None, problem: str, advice: str | None) -> str:
+    owner = f"OpenDelta plugin {plugin_name!r}"
+    if dist:
+        owner += f" from distribution {dist}" + (f" {version}" if version else "")
+    advice = advice or f"set {_DISABLE_ENV}={plugin_name} to skip it"
+    return f"{owner} {' '.join(problem.split())}; core and the other plugins keep working ({advice})."
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, OpenDeltaPluginWarning, stacklevel=4)
+
+
 def warn_plugin(plugin_name: str, problem: str) -> None:
-    """Warn that ``plugin_name`` misbehaved, naming its distribution and how to switch it off."""
+    """Warn that the loaded plugin ``plugin_name`` misbehaved, and keep ``problem`` for ``list_plugins()``.
+
+    ``problem`` is a verb phrase (``"raised inside register_delta_methods (RuntimeError: boom)"``); the warning
+    adds the distribution and how to switch the plugin off. It is recorded before warning, so that the report
+    stays complete when warnings are turned into errors.
+    """
     dist, version = _state.distributions.get(plugin_name, (None, None))
-    owner = f"plugin {plugin_name!r}" + (f" (distribution {dist} {version})" if dist else "")
-    warnings.warn(
-        f"OpenDelta {owner}: {problem}. Core and the other plugins keep working; "
-        f"to skip this plugin set {_DISABLE_ENV}={plugin_name}.",
-        OpenDeltaPluginWarning,
-        stacklevel=3,
-    )
+    _state.problems.setdefault(plugin_name, []).append(" ".join(problem.split()))
+    _warn(_sentence(plugin_name, dist, version, problem, None))
 
 
-def _register(plugin: object, name: str) -> bool:
+def _fail(
+    name: str, dist: str | None, version: str | None, problem: str, reason: str | None = None, advice: str | None = None
+) -> None:
+    """Record a plugin that is not loaded at all, then warn about it."""
+    _state.failed.append(PluginInfo(name, dist, version, (), reason or " ".join(problem.split())))
+    _warn(_sentence(name, dist, version, problem, advice))
+
+
+def _forget(plugin: object, name: str) -> None:
+    """Undo a half-done ``pm.register`` (pluggy < 1.6 adds hooks one by one before validating the next)."""
+    if pm.get_plugin(name) is plugin:
+        pm.unregister(plugin)
+
+
+def _register(plugin: object, name: str) -> None:
+    dist, version = _state.distributions.get(name, (None, None))
+    if plugin is None:  # pluggy would silently ignore it: say why nothing of this plugin shows up
+        _fail(name, dist, version, "resolved to None instead of a module or object with hook implementations")
+        return
     try:
         pm.register(plugin, name=name)
-    except (pluggy.PluginValidationError, ValueError) as exc:
-        warn_plugin(name, f"could not be registered: {exc}")
-        _state.failed.append(PluginInfo(name, *_state.distributions.get(name, (None, None)), (), str(exc)))
-        return False
-    return True
+    except PLUGIN_ERRORS as exc:
+        _forget(plugin, name)
+        _fail(name, dist, version, f"could not be registered ({type(exc).__name__}: {exc})")
+
+
+def _distribution_id(dist: metadata.Distribution | None) -> tuple[str | None, str | None]:
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"], dist.version
+    except PLUGIN_ERRORS:  # an unreadable METADATA still lets the plugin load; it is just not named
+        return None, None
 
 
 def _load_entry_point(ep: metadata.EntryPoint) -> None:
-    dist = ep.dist
-    dist_name = dist.metadata["Name"] if dist is not None else None
-    dist_version = dist.version if dist is not None else None
-    if ep.name in _state.distributions:
-        first = _state.distributions[ep.name][0]
-        warn_plugin(
-            ep.name, f"the name is also claimed by distribution {dist_name}, which was not loaded (first: {first})"
-        )
-        return
+    dist_name, dist_version = _distribution_id(ep.dist)
     _state.distributions[ep.name] = (dist_name, dist_version)
     try:
         plugin = ep.load()
-    except Exception as exc:
-        warn_plugin(ep.name, f"failed to import ({type(exc).__name__}: {exc})")
-        _state.failed.append(PluginInfo(ep.name, dist_name, dist_version, (), f"{type(exc).__name__}: {exc}"))
+    except PLUGIN_ERRORS as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        _fail(ep.name, dist_name, dist_version, f"failed to import {ep.value} ({reason})", reason)
         return
     _register(plugin, ep.name)
+
+
+def _load_group(entry_points: list[metadata.EntryPoint]) -> None:
+    """Load the plugins named ``entry_points[0].name``: one of them, the others are reported as shadowed."""
+    name = entry_points[0].name
+    first_party = first_party_distribution(name)
+    chosen = next(
+        (ep for ep in entry_points if normalize_distribution_name(_distribution_id(ep.dist)[0] or "") == first_party),
+        entry_points[0],
+    )
+    _load_entry_point(chosen)
+    kept, kept_version = _state.distributions[name]
+    for ep in entry_points:
+        if ep is not chosen:
+            dist_name, version = _distribution_id(ep.dist)
+            _fail(
+                name,
+                dist_name,
+                version,
+                f"was not loaded because distribution {kept} {kept_version} already provides a plugin of that name",
+                advice=f"uninstall one of them, or set {_DISABLE_ENV}={name} to skip both",
+            )
+
+
+def _unregister_unknown_hooks() -> None:
+    """Unregister, one by one, every plugin that implements a hook OpenDelta does not define (a misspelled name)."""
+    for _ in range(len(pm.get_plugins()) + 1):
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            pm.unregister(exc.plugin)
+            dist, version = _state.distributions.get(name, (None, None))
+            _fail(name, dist, version, f"implements an unknown hook ({exc}) and was unregistered")
+        else:
+            return
 
 
 def load_plugins() -> None:
@@ -129,16 +223,13 @@ def load_plugins() -> None:
         if _truthy("OPENDELTA_DISABLE_PLUGIN_AUTOLOAD"):
             return
         allow, deny = _env_list("OPENDELTA_LOAD_PLUGINS"), _env_list(_DISABLE_ENV)
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if (allow and ep.name not in allow) or ep.name in deny:
-                continue
-            _load_entry_point(ep)
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = pm.get_name(exc.plugin) or repr(exc.plugin)
-            warn_plugin(name, f"implements an unknown hook ({exc}); it was unregistered")
-            pm.unregister(exc.plugin)
+        groups: dict[str, list[metadata.EntryPoint]] = {}
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if not ((allow and ep.name not in allow) or ep.name in deny):
+                groups.setdefault(ep.name, []).append(ep)
+        for name in sorted(groups):
+            _load_group(groups[name])
+        _unregister_unknown_hooks()
 
 
 def distribution_of(plugin_name: str) -> tuple[str | None, str | None]:
@@ -148,13 +239,20 @@ def distribution_of(plugin_name: str) -> tuple[str | None, str | None]:
 
 
 def list_plugins() -> list[PluginInfo]:
-    """Every plugin: the loaded ones with their hooks, then those that failed with the reason."""
+    """Every plugin: the loaded ones with their hooks, then those that failed with the reason.
+
+    A loaded plugin whose hooks raised or registered something invalid carries that in ``error`` (once the registry
+    has been used: its hooks run on the first lookup).
+    """
     load_plugins()
     infos = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None:  # a name blocked with pm.set_blocked
+            continue
         callers = pm.get_hookcallers(plugin) or []
         dist, version = _state.distributions.get(name, (None, None))
-        infos.append(PluginInfo(name, dist, version, tuple(sorted(c.name for c in callers))))
+        error = "; ".join(_state.problems.get(name, ())) or None
+        infos.append(PluginInfo(name, dist, version, tuple(sorted(c.name for c in callers)), error))
     return infos + list(_state.failed)
 
 
@@ -163,7 +261,9 @@ def reset_plugins() -> None:
     global _loaded
     with _lock:
         for _name, plugin in list(pm.list_name_plugin()):
-            pm.unregister(plugin)
+            if plugin is not None:
+                pm.unregister(plugin)
         _state.distributions.clear()
         _state.failed.clear()
+        _state.problems.clear()
         _loaded = False

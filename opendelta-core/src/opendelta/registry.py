@@ -2,7 +2,12 @@
 
 There is no enum of methods in core. Each ``register_delta_methods`` implementation is called with a ``register``
 callback bound to its plugin, so a bad registration is reported naming that plugin; one bad plugin never stops the
-others from registering.
+others from registering. Every hook implementation is called on its own (not through ``pm.hook``), so that one that
+raises or returns garbage is reported and skipped while the others still run.
+
+When two plugins claim one name (a method, its delta attribute, an alias, a model type), the distribution named
+after it keeps it (``opendelta-lora`` for ``lora``, ``opendelta-common-structures`` for the shipped mappings),
+then the plugin registered first: a third-party plugin cannot shadow a first-party one by sorting before it.
 """
 
 from __future__ import annotations
@@ -56,13 +61,13 @@ _lock = threading.RLock()
 _methods: dict[str, MethodSpec] | None = None
 _aliases: dict[str, str] = {}
 _structures: dict[str, CommonStructure] | None = None
+_failed_resolvers: set[str] = set()
+"""Plugins whose ``resolve_common_structure`` raised or returned garbage: warned about once, then skipped."""
 
 
 def distribution_hint(method_or_class: str) -> str:
     """The distribution that provides a first-party method (``lora`` or ``LoraModel`` -> ``opendelta-lora``)."""
-    stem = re.sub(r"(Model|Config)$", "", method_or_class)
-    kebab = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", stem).lower().replace("_", "-")
-    return "opendelta-" + {"bit-fit": "bitfit", "lowrankadapter": "low-rank-adapter"}.get(kebab, kebab)
+    return plugins.first_party_distribution(method_or_class)
 
 
 def _call_each(hook_name: str, make_register: Any) -> None:
@@ -71,71 +76,113 @@ def _call_each(hook_name: str, make_register: Any) -> None:
         register = make_register(impl.plugin_name)
         try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except Exception as exc:
+        except plugins.PLUGIN_ERRORS as exc:
             plugins.warn_plugin(impl.plugin_name, f"raised inside {hook_name} ({type(exc).__name__}: {exc})")
 
 
-def _collect_methods() -> dict[str, MethodSpec]:
+def _method_problem(name: Any, config_cls: Any, model_cls: Any, aliases: Any) -> str | None:
+    """What is wrong with one ``register(...)`` call on its own (clashes with other plugins are checked later)."""
     from opendelta.base import DeltaConfig, DeltaModel
 
-    methods: dict[str, MethodSpec] = {}
-    attr_owner: dict[str, str] = {}
+    if not isinstance(name, str) or not METHOD_NAME.match(name):
+        return f"registered method name {name!r}, which must match {METHOD_NAME.pattern}; it was ignored"
+    if not (isinstance(config_cls, type) and issubclass(config_cls, DeltaConfig)):
+        return f"registered a config class for {name!r} that does not subclass opendelta.DeltaConfig: {config_cls!r}"
+    if not (isinstance(model_cls, type) and issubclass(model_cls, DeltaModel)):
+        return f"registered a model class for {name!r} that does not subclass opendelta.DeltaModel: {model_cls!r}"
+    for cls in (config_cls, model_cls):  # a saved config names its class by delta_type: it must come back here
+        if cls.delta_type != name:
+            return (
+                f"registered method {name!r} with {cls.__name__}, whose delta_type is {cls.delta_type!r}; "
+                f"configs it saves could not be loaded back, so it was ignored"
+            )
+    if isinstance(aliases, str) or not isinstance(aliases, (tuple, list)):
+        return f"registered aliases for {name!r} as {aliases!r}, not a tuple of names; the method was ignored"
+    bad = [alias for alias in aliases if not isinstance(alias, str) or not METHOD_NAME.match(alias)]
+    if bad:
+        return f"registered alias(es) {bad!r} for {name!r}, which must match {METHOD_NAME.pattern}; it was ignored"
+    return None
+
+
+def _collect_methods() -> dict[str, MethodSpec]:
+    pending: list[MethodSpec] = []
 
     def make_register(plugin_name: str) -> Any:
         def register(name: str, config_cls: type, model_cls: type, *, aliases: tuple[str, ...] = ()) -> None:
-            problem = None
-            if not isinstance(name, str) or not METHOD_NAME.match(name):
-                problem = f"method name {name!r} must match {METHOD_NAME.pattern}"
-            elif not (isinstance(config_cls, type) and issubclass(config_cls, DeltaConfig)):
-                problem = f"config class for {name!r} must subclass opendelta.DeltaConfig, got {config_cls!r}"
-            elif not (isinstance(model_cls, type) and issubclass(model_cls, DeltaModel)):
-                problem = f"model class for {name!r} must subclass opendelta.DeltaModel, got {model_cls!r}"
-            elif name in methods or name in _aliases:
-                owner = methods[name].plugin if name in methods else methods[_aliases[name]].plugin
-                problem = f"method {name!r} is already registered by plugin {owner!r}; this one was ignored"
-            elif model_cls.delta_name in attr_owner:
-                problem = (
-                    f"delta attribute name {model_cls.delta_name!r} of {model_cls.__name__} is already used by "
-                    f"method {attr_owner[model_cls.delta_name]!r}; this one was ignored"
-                )
+            problem = _method_problem(name, config_cls, model_cls, aliases)
             if problem:
                 plugins.warn_plugin(plugin_name, problem)
                 return
-            methods[name] = MethodSpec(name, config_cls, model_cls, plugin_name, tuple(aliases))
-            attr_owner[model_cls.delta_name] = name
-            for alias in aliases:
-                _aliases.setdefault(alias, name)
+            pending.append(MethodSpec(name, config_cls, model_cls, plugin_name, tuple(aliases)))
 
         return register
 
     _aliases.clear()
     _call_each("register_delta_methods", make_register)
+    methods: dict[str, MethodSpec] = {}
+    attr_owner: dict[str, str] = {}
+    accepted: list[MethodSpec] = []
+    # sorted() is stable: among plugins that do not own the name, the first registered keeps it
+    for spec in sorted(pending, key=lambda spec: not plugins.owns(spec.plugin, spec.name)):
+        attr = spec.model_cls.delta_name
+        if spec.name in methods:
+            plugins.warn_plugin(
+                spec.plugin,
+                f"registered method {spec.name!r}, which is already registered by plugin "
+                f"{methods[spec.name].plugin!r}; this one was ignored",
+            )
+        elif attr in attr_owner:
+            plugins.warn_plugin(
+                spec.plugin,
+                f"registered method {spec.name!r} whose delta attribute name {attr!r} ({spec.model_cls.__name__}) is "
+                f"already used by method {attr_owner[attr]!r}; this one was ignored",
+            )
+        else:
+            methods[spec.name] = spec
+            attr_owner[attr] = spec.name
+            accepted.append(spec)
+    for spec in accepted:  # after every method: a name always wins over another plugin's alias
+        for alias in spec.aliases:
+            taken = methods.get(alias) or methods.get(_aliases.get(alias, ""))
+            if taken is not None and taken is not spec:
+                plugins.warn_plugin(
+                    spec.plugin,
+                    f"registered alias {alias!r} for method {spec.name!r}, but {alias!r} already names method "
+                    f"{taken.name!r} of plugin {taken.plugin!r}; the alias was ignored",
+                )
+            elif alias != spec.name:
+                _aliases[alias] = spec.name
     return methods
 
 
 def _collect_structures() -> dict[str, CommonStructure]:
-    structures: dict[str, CommonStructure] = {}
+    pending: list[tuple[bool, int, str, CommonStructure]] = []
 
     def make_register(plugin_name: str) -> Any:
         def register(document: dict[str, Any], *, source: str | None = None) -> None:
             where = f"{source} from plugin {plugin_name!r}" if source else f"from plugin {plugin_name!r}"
             try:
                 structure = CommonStructure(document, source=where)
-            except StructureValidationError as exc:
-                plugins.warn_plugin(plugin_name, f"registered an invalid mapping: {exc}")
+            except plugins.PLUGIN_ERRORS as exc:  # a schema violation, or a document jsonschema cannot even walk
+                detail = str(exc) if isinstance(exc, StructureValidationError) else f"{type(exc).__name__}: {exc}"
+                plugins.warn_plugin(plugin_name, f"registered an invalid mapping, which was ignored: {detail}")
                 return
-            if structure.model_type in structures:
-                first = structures[structure.model_type].source
-                plugins.warn_plugin(
-                    plugin_name,
-                    f"a mapping for {structure.model_type!r} is already registered ({first}); {where} ignored",
-                )
-                return
-            structures[structure.model_type] = structure
+            shipped = plugins.owns(plugin_name, "common_structures")  # opendelta-common-structures, core's own
+            pending.append((not shipped, len(pending), plugin_name, structure))
 
         return register
 
     _call_each("register_common_structures", make_register)
+    structures: dict[str, CommonStructure] = {}
+    for _, _, plugin_name, structure in sorted(pending, key=lambda item: item[:2]):
+        if structure.model_type in structures:
+            plugins.warn_plugin(
+                plugin_name,
+                f"registered a mapping for {structure.model_type!r}, which is already registered "
+                f"({structures[structure.model_type].source}); {structure.source} was ignored",
+            )
+            continue
+        structures[structure.model_type] = structure
     return structures
 
 
@@ -155,6 +202,7 @@ def reload() -> None:
     with _lock:
         plugins.reset_plugins()
         _methods = _structures = None
+        _failed_resolvers.clear()
 
 
 def list_methods() -> list[MethodSpec]:
@@ -204,12 +252,41 @@ def structure_for_model(model: nn.Module) -> CommonStructure:
     if structure is not None:
         return structure
     owner = located[1] if located else model
-    document = plugins.pm.hook.resolve_common_structure(model=owner, model_type=model_type)
-    if document is not None:
-        return CommonStructure(document, source=f"resolve_common_structure for {model_type or type(model).__name__}")
+    structure = _resolve(owner, model_type, model_type or type(model).__name__)
+    if structure is not None:
+        return structure
     known = ", ".join(s.model_type for s in list_structures()) or "none"
     raise StructureNotFoundError(
         f"no common-structure mapping for {type(model).__name__} (model_type={model_type!r}); mapped model types: "
         f"{known}. Pass modified_modules=[...] with real module names (print them with "
         f"bigmodelvis.Visualization(model).structure_graph()), or install a plugin that maps this architecture."
     )
+
+
+def _resolve(model: nn.Module, model_type: str | None, what: str) -> CommonStructure | None:
+    """The first valid document a ``resolve_common_structure`` implementation returns, in pluggy's call order.
+
+    Each implementation is called on its own: one that raises or returns something that is not a valid mapping
+    is warned about once (naming its distribution) and skipped until the next ``reload()``; the next one is tried.
+    """
+    _ensure()
+    kwargs = {"model": model, "model_type": model_type}
+    impls = [i for i in plugins.pm.hook.resolve_common_structure.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+    for impl in reversed(impls):  # pluggy calls the last registered (and tryfirst) first
+        name = impl.plugin_name
+        if name in _failed_resolvers:
+            continue
+        try:
+            document = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            if document is None:
+                continue
+            return CommonStructure(document, source=f"resolve_common_structure for {what} from plugin {name!r}")
+        except plugins.PLUGIN_ERRORS as exc:
+            with _lock:
+                _failed_resolvers.add(name)
+            if isinstance(exc, StructureValidationError):
+                problem = f"returned an invalid mapping from resolve_common_structure for {what}: {exc}"
+            else:
+                problem = f"raised inside resolve_common_structure for {what} ({type(exc).__name__}: {exc})"
+            plugins.warn_plugin(name, f"{problem}; its resolver is skipped until opendelta.registry.reload()")
+    return None

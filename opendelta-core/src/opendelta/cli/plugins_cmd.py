@@ -116,12 +116,13 @@ def _render(report: dict[str, Any]) -> str:
         out.append(format_table(("model_type", "architectures", "distribution"), rows))
     else:
         out.append("  none (pip install opendelta-common-structures)")
-    loaded = [p for p in report["plugins"] if not p["error"]]
+    # a plugin with hooks is loaded even when one of them misbehaved (that shows under "Problems" below)
+    loaded = [p for p in report["plugins"] if p["hooks"] or not p["error"]]
     out.append(f"\nPlugins, entry-point group '{plugins.ENTRY_POINT_GROUP}' ({len(loaded)} loaded):")
     if loaded:
         rows = [(p["name"], p["distribution"] or "-", p["version"] or "-", ", ".join(p["hooks"])) for p in loaded]
         out.append(format_table(("name", "distribution", "version", "hooks"), rows))
-    failed = [p for p in report["plugins"] if p["error"]]
+    failed = [p for p in report["plugins"] if p not in loaded]
     if failed:
         out.append(f"\nPlugins that failed to load ({len(failed)}):")
         rows = [(p["name"], p["distribution"] or "-", p["version"] or "-", one_line(p["error"])) for p in failed]
