@@ -190,7 +190,12 @@ CASES = [
     ("header claims 2**60 bytes", _lying_header, CheckpointError, "not a readable safetensors"),
     ("delta tensor missing", _tensors(_drop_delta), CheckpointError, "missing"),
     ("unknown tensor", _tensors(_extra("bert.pooler.evil", torch.zeros(2))), CheckpointError, "unexpected"),
-    ("a buffer's name", _tensors(_extra("bert.embeddings.position_ids", torch.zeros(3))), CheckpointError, "unexpected"),
+    (
+        "a buffer's name",
+        _tensors(_extra("bert.embeddings.position_ids", torch.zeros(3))),
+        CheckpointError,
+        "unexpected",
+    ),
     ("delta shape", _tensors(_reshape_delta), CheckpointError, "shape mismatch"),
     ("head shape", _tensors(_reshape_head), CheckpointError, r"classifier\.weight: checkpoint \(7, 7\)"),
     ("integer tensor", _tensors(_integer_delta), CheckpointError, "not a floating-point tensor"),
