@@ -175,7 +175,8 @@ def load_delta(
             tensors = state_dict
         else:
             tensors = read_legacy_weights(folder) if legacy else load_weights(folder, raw)
-    _check_tensor_values(tensors, str(folder))
+    if not legacy:  # a legacy file also holds buffers (GPT-2's boolean mask) that legacy_state_dict drops
+        _check_tensor_values(tensors, str(folder))
 
     backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
     backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
@@ -212,6 +213,8 @@ def load_delta(
                 f"{folder} does not fit the {delta_type!r} delta built from its own config on this backbone: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {misshaped[:5]}"
             )
+        if legacy:  # checked here, once the names are known to fit: it names the wrong ones better
+            _check_tensor_values(tensors, str(folder))
         with torch.no_grad():
             for name, tensor in delta_part.items():
                 own[name].copy_(tensor)
