@@ -117,6 +117,8 @@ class _Active:
     base: str
     config: Any
     called: bool = False
+    marked: bool = False
+    """Whether this call put :data:`_FALLBACK_ATTR` on the config (and so takes it off again)."""
 
 
 class _ActiveState(threading.local):
@@ -241,10 +243,11 @@ class _PrefixHandler:
             base = config._attn_implementation
             if base == INTERFACE_KEY:
                 base = getattr(config, _FALLBACK_ATTR, "sdpa")
+            marked = _FALLBACK_ATTR not in vars(config)
             setattr(config, _FALLBACK_ATTR, base)
             _switch(config, INTERFACE_KEY)
             delta.__dict__[_STATE_ATTR] = _ACTIVE.active
-            _ACTIVE.active = _Active(delta, base, config)
+            _ACTIVE.active = _Active(delta, base, config, marked=marked)
             return None
         bound = bound_arguments(module, args, kwargs)
         cache_ = find_cache(bound)
@@ -270,6 +273,8 @@ class _PrefixHandler:
             active = _ACTIVE.active
             _ACTIVE.active = state
             _switch(active.config, active.base)
+            if active.marked:  # kept only while switched: else save_pretrained would write it into config.json
+                vars(active.config).pop(_FALLBACK_ATTR, None)
             if not active.called:
                 raise UnsupportedTargetError(
                     f"the prefix on {type(module).__name__} was never used: it does not compute its attention through "
