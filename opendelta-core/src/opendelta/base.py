@@ -121,7 +121,6 @@ class DeltaModel(nn.Module):
         self._insertions: list[Insertion] = []
         self._merged: list[Insertion] = []
         self._premerge_samples: dict[str, bytes | None] = {}
-        self._created: dict[int, list[str]] = {}
         self.deltas = nn.ModuleList()
         targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
@@ -293,17 +292,26 @@ class DeltaModel(nn.Module):
         return iter(self._insertions)
 
     def _check_module(self, module: nn.Module | None) -> None:
+        """Refuse a module other than the backbone (a deep copy of it included: its deltas are its own)."""
         if module is not None and module is not self.backbone_model:
             raise DeltaStateError(
-                f"{type(self).__name__} belongs to a {type(self.backbone_model).__name__}; it cannot move to another "
-                f"module ({type(module).__name__})"
+                f"{type(self).__name__} belongs to the {type(self.backbone_model).__name__} it was built on and cannot "
+                f"move to another module ({type(module).__name__}); to put these deltas on another model, "
+                f"save_finetuned() them and from_finetuned() onto it, or copy.deepcopy() this delta model, which "
+                f"copies its backbone along"
             )
 
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Take every delta of this model out of the backbone; outputs become the bare backbone's, exactly.
 
         Nothing is copied or deleted: :meth:`attach` puts the same modules back. Other delta models on the same
-        backbone are unaffected, whatever the order. A merged delta model is unmerged first.
+        backbone are unaffected, whatever the order. A merged delta model is unmerged first (the weights come back to
+        within float rounding). What the user did to the backbone itself stays: :meth:`freeze_module`'s
+        ``requires_grad`` flags and trimmed ``state_dict``, a ``.to()`` move.
+
+        Raises:
+            DeltaStateError: it is already detached, or a delta cannot come out (a later replacement of the same
+                module is attached); the delta model is then left as it was.
         """
         del reset_state_dict
         self._check_module(module)
@@ -311,19 +319,43 @@ class DeltaModel(nn.Module):
             self.unmerge()
         if not self.attached:
             raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
-        for insertion in reversed(self._insertions):
-            insertion.detach()
+        done: list[Insertion] = []
+        try:
+            for insertion in reversed(self._insertions):
+                insertion.detach()
+                done.append(insertion)
+        except BaseException:
+            for insertion in reversed(done):
+                insertion.attach()
+            raise
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
-        """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly."""
+        """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly.
+
+        The deltas run at their original place in the order of insertion, whatever order delta models are attached
+        in. A backbone moved while they were out (``.to(torch.float64)``, ``.half()``, ``.cuda()``) moves them
+        likewise first (see :meth:`opendelta.insertion.Insertion.attach`), as ``.to()`` would have done had they been
+        attached: outputs then equal those of the attached model moved.
+
+        Raises:
+            DeltaStateError: it is attached or merged, or attaching would silently change what another delta model
+                computes (see :meth:`~opendelta.insertion.Insertion.attach`); nothing changes then.
+        """
         del reset_state_dict
         self._check_module(module)
         if self.merged:
             raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
         if self.attached:
-            raise DeltaStateError(f"{type(self).__name__} is already attached")
-        for insertion in self._insertions:
-            insertion.attach()
+            raise DeltaStateError(f"{type(self).__name__} is already attached; call detach() to take it out")
+        done: list[Insertion] = []
+        try:
+            for insertion in self._insertions:
+                insertion.attach()
+                done.append(insertion)
+        except BaseException:
+            for insertion in reversed(done):
+                insertion.detach()
+            raise
 
     # ------------------------------------------------------------------------------------------------- merging
     @property
@@ -336,7 +368,8 @@ class DeltaModel(nn.Module):
 
         The parameters are updated in place and the merged deltas detached, so the model runs the bare model's code
         at its speed; deltas that cannot be merged (an adapter, or BitFit on T5's bias-less layer norm) stay attached.
-        Merging twice is a no-op; :meth:`unmerge` takes the deltas out of the weights again.
+        Merging twice is a no-op; :meth:`unmerge` takes the deltas out of the weights again, exactly what was added
+        even if the deltas changed meanwhile (see :mod:`opendelta.merging`).
 
         Args:
             safe_merge: compute every merged weight first and refuse, changing nothing, if one holds NaN or Inf.
@@ -345,10 +378,13 @@ class DeltaModel(nn.Module):
             How many deltas were merged (0 when already merged).
 
         Raises:
-            DeltaStateError: the deltas are detached, or none of them can be merged.
+            DeltaStateError: the deltas are detached; none of them can be merged; or merging one would change
+                outputs, because a delta that is not an additive change of the same module's parameters (another
+                delta model's adapter) runs after that module before it. Nothing changes then.
         """
         from opendelta.hashing import parameter_sample
-        from opendelta.merging import add_update, check_finite, is_mergeable
+        from opendelta.insertion import SLOTS_ATTR
+        from opendelta.merging import MergeRecord, add_update, check_finite, is_mergeable, mark_merged, snapshot
 
         if self.merged:
             return 0
@@ -360,36 +396,60 @@ class DeltaModel(nn.Module):
                 f"{type(self).__name__} has no delta that can be folded into the weights (its math is not a change of "
                 f"the modified modules' parameters); it always runs as an extra step"
             )
+        names = {id(m): n for n, m in self.backbone_model.named_modules()}
+        for insertion in chosen:
+            earlier = [
+                s.attr
+                for s in getattr(insertion.host, SLOTS_ATTR, ())
+                if s.kind == "after"
+                and s.seq < insertion.seq
+                and not is_mergeable(insertion.host._modules[s.attr], insertion.host)
+            ]
+            if earlier:
+                raise DeltaStateError(
+                    f"{type(self).__name__} cannot merge its delta on {names.get(id(insertion.host), '?')}: "
+                    f"{', '.join(earlier)} (added before it, not mergeable) runs on that module's output first, and a "
+                    f"merged delta would run before it; detach the delta model of {earlier[0]!r} first, or merge "
+                    f"before adding it. Nothing was merged."
+                )
         updates = [(i.host, i.delta.merge_update(i.host)) for i in chosen]  # type: ignore[operator]
         if safe_merge:
             check_finite(updates, type(self).__name__)
-        names = {id(m): n for n, m in self.backbone_model.named_modules()}
         for insertion, (host, update) in zip(chosen, updates, strict=True):
             prefix = names[id(host)]
             for name in update:
                 current = host._parameters.get(name)
                 full = f"{prefix}.{name}" if prefix else name
                 self._premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
+            record = MergeRecord(snapshot(insertion.delta))
             insertion.detach()
-            self._created[id(insertion)] = add_update(host, update, 1)
+            record.created = add_update(host, update, 1)
+            insertion.merge_record = record
+            mark_merged(host, insertion.seq, True)
         self._merged = chosen
         return len(chosen)
 
     def unmerge(self) -> None:
         """Take merged deltas out of the weights again and re-attach them (exact to float rounding).
 
+        What is subtracted is what :meth:`merge` added, computed from the deltas as they were then: deltas changed
+        while merged (loaded, perturbed) come back with their new values and the backbone without either. A backbone
+        moved meanwhile (``.to(dtype)``) takes the update in its new dtype, and the deltas follow it.
+
         Raises:
             DeltaStateError: nothing is merged.
         """
-        from opendelta.merging import add_update, remove_created
+        from opendelta.merging import add_update, mark_merged, remove_created, update_at_merge
 
         if not self.merged:
             raise DeltaStateError(f"{type(self).__name__} is not merged")
-        for insertion in self._merged:
-            created = self._created.pop(id(insertion), [])
-            update = insertion.delta.merge_update(insertion.host)  # type: ignore[attr-defined]
+        updates = [update_at_merge(i.delta, i.host, i.merge_record.snapshot) for i in self._merged]
+        for insertion, update in zip(self._merged, updates, strict=True):
+            created = insertion.merge_record.created
             add_update(insertion.host, {k: v for k, v in update.items() if k not in created}, -1)
             remove_created(insertion.host, created)
+            insertion.merge_record = None
+            mark_merged(insertion.host, insertion.seq, False)
             insertion.attach()
         self._merged = []
         self._premerge_samples = {}
@@ -404,7 +464,7 @@ class DeltaModel(nn.Module):
             DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
         """
         from opendelta.freezing import trainable_only_state_dict
-        from opendelta.merging import is_mergeable
+        from opendelta.merging import is_mergeable, mark_merged
 
         pending = [i for i in self._insertions if i not in self._merged]
         unmergeable = [f"{type(i.host).__name__}.{i.attr}" for i in pending if not is_mergeable(i.delta, i.host)]
@@ -415,6 +475,8 @@ class DeltaModel(nn.Module):
             )
         if pending:
             self.merge(safe_merge=safe_merge)
+        for insertion in self._merged:  # merged for good: no delta is waiting to be unmerged any more
+            mark_merged(insertion.host, insertion.seq, False)
         self._insertions, self._merged, self._premerge_samples = [], [], {}
         self.deltas = nn.ModuleList()
         trainable_only_state_dict(self.backbone_model, enable=False)
@@ -433,13 +495,29 @@ class DeltaModel(nn.Module):
     ) -> None:
         """Freeze the backbone except the deltas and ``exclude`` (default: the config's ``unfrozen_modules``).
 
+        Works whether this delta model is attached or not. Its detached (or merged) deltas are not in the backbone,
+        so freezing the backbone cannot reach them; they get the ``requires_grad`` they would get attached (from
+        ``"deltas"`` and the patterns, matched against the names they have attached), so that freezing then
+        :meth:`attach` gives exactly what :meth:`attach` then freezing gives. Freezing is the backbone's own setting
+        and outlives :meth:`detach` (its trimmed ``state_dict`` then holds only the trainable parameters left).
+
         Args:
             module: what to freeze; the backbone by default.
             exclude: patterns of what stays trainable; ``"deltas"`` means every delta parameter.
             set_state_dict: make the backbone's ``state_dict()`` hold only trainable parameters.
         """
+        from opendelta.freezing import freeze_outside
+
         target = self.backbone_model if module is None else module
-        freeze_module(target, self.config.unfrozen_modules if exclude is None else exclude, set_state_dict)
+        patterns = self.config.unfrozen_modules if exclude is None else exclude
+        freeze_module(target, patterns, set_state_dict)
+        names = {id(m): n for n, m in target.named_modules()}
+        outside = {
+            f"{names[id(i.host)]}.{i.attr}" if names[id(i.host)] else i.attr: i.delta
+            for i in self._insertions
+            if not i.attached and id(i.host) in names
+        }
+        freeze_outside(outside, patterns)
 
     def log(
         self,

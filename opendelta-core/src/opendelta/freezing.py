@@ -11,15 +11,21 @@ later, keeps it right.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
-from opendelta.insertion import delta_parameter_names
+from opendelta.insertion import WRAPPED_ATTR, delta_parameter_names
 
-__all__ = ["DELTAS_KEYWORD", "freeze_module", "trainable_only_state_dict", "trainable_parameter_names"]
+__all__ = [
+    "DELTAS_KEYWORD",
+    "freeze_module",
+    "freeze_outside",
+    "trainable_only_state_dict",
+    "trainable_parameter_names",
+]
 
 DELTAS_KEYWORD = "deltas"
 _STATE_DICT_HANDLE = "_opendelta_state_dict_handle"
@@ -34,14 +40,34 @@ def freeze_module(module: nn.Module, exclude: Sequence[str] | None = None, set_s
             ``None`` means ``["deltas"]``.
         set_state_dict: make ``module.state_dict()`` return only the trainable parameters.
     """
-    exclude = [DELTAS_KEYWORD] if exclude is None else list(exclude)
-    keep_deltas = DELTAS_KEYWORD in exclude
-    patterns = compile_patterns([e for e in exclude if e != DELTAS_KEYWORD], argument="exclude")
+    keep_deltas, patterns = _rules(exclude)
     deltas = delta_parameter_names(module)
     for name, param in module.named_parameters():
         param.requires_grad = (keep_deltas and name in deltas) or is_excluded(name, patterns)
     if set_state_dict:
         trainable_only_state_dict(module)
+
+
+def _rules(exclude: Sequence[str] | None) -> tuple[bool, Any]:
+    exclude = [DELTAS_KEYWORD] if exclude is None else list(exclude)
+    patterns = compile_patterns([e for e in exclude if e != DELTAS_KEYWORD], argument="exclude")
+    return DELTAS_KEYWORD in exclude, patterns
+
+
+def freeze_outside(deltas: Mapping[str, nn.Module], exclude: Sequence[str] | None = None) -> None:
+    """Apply :func:`freeze_module`'s rule to deltas outside the model now (detached), by their attached names.
+
+    ``deltas`` maps the name a delta has attached (``"encoder.layer.0.attention.lora"``) to it, so re-attaching them
+    gives what freezing the model with them attached gives. A replacement's wrapped original is the backbone's, frozen
+    with it.
+    """
+    keep_deltas, patterns = _rules(exclude)
+    for prefix, delta in deltas.items():
+        wrapped = getattr(delta, WRAPPED_ATTR, None)
+        for name, param in delta.named_parameters():
+            if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
+                continue
+            param.requires_grad = keep_deltas or is_excluded(f"{prefix}.{name}", patterns)
 
 
 def trainable_parameter_names(module: nn.Module) -> set[str]:

@@ -6,6 +6,10 @@ PyTorch forward hooks per modified module dispatches to the deltas listed in the
 hooks are small picklable objects that look deltas up by attribute name at call time, so a deep copy or a
 ``DataParallel`` replica runs its *own* deltas, and detaching is removing a child and a slot: no tensor is copied.
 
+A detached delta is outside the backbone, so ``backbone.to(...)``, ``.half()`` or ``.cuda()`` do not reach it;
+:meth:`Insertion.attach` applies to it the move its module made meanwhile (device, floating-point dtype), as
+``.to()`` would have done had it been attached, so re-attaching after a move runs instead of failing in a matmul.
+
 Order of insertion (manual, "Order of Insertion"): deltas inserted *after* a module run in the order they were
 added; deltas inserted *before* it run last-added first; a parallel delta adds ``delta(x)`` to the output at its
 place in that order, where ``x`` is the input the module itself receives.
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
+from opendelta.merging import is_mergeable, merged_after
 from opendelta.routing import ROUTING_ATTR, Routing
 
 __all__ = [
@@ -47,6 +52,9 @@ WRAPPED_ATTR = "_opendelta_wrapped"
 CAPTURED_ATTR = "_opendelta_captured_input"
 Kind = str
 """"before", "after", "parallel", "replace", or a kind with a registered :class:`SlotHandler` ("prefix")."""
+EXCLUSIVE_KINDS: set[str] = {"prefix"}
+"""Slot kinds a module carries at most one of: a prefix's handler keeps one active prefix per attention call. Their
+placers refuse a second one; :meth:`Insertion.attach` refuses re-attaching one where another took its place."""
 
 _sequence = itertools.count()
 
@@ -269,6 +277,23 @@ def _mark(delta: nn.Module, wrapped: str | None = None) -> None:
             p._is_delta = True  # bigmodelvis colours these; deepcopy drops it, so core never relies on it
 
 
+def _backbone_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The parameters and buffers of ``module`` and of its submodules, deltas (of any delta model) left out."""
+    yield from (t for t in module._parameters.values() if t is not None)
+    yield from (t for t in module._buffers.values() if t is not None)
+    for child in module._modules.values():
+        if child is not None and not getattr(child, DELTA_MARK, False):
+            yield from _backbone_tensors(child)
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    """Device and dtype of the first floating-point tensor of ``module`` outside deltas (``None``: it has none)."""
+    for tensor in _backbone_tensors(module):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None
+
+
 @dataclass(eq=False)
 class Insertion:
     """One delta placed on one backbone module; :meth:`detach` and :meth:`attach` toggle it without copying."""
@@ -290,20 +315,32 @@ class Insertion:
     spanning parallel delta the input of another module, or a prefix's key/value projections."""
     option: Any = None
     """The option of the host's own slot (what a handler needs to know)."""
+    placement: tuple[torch.device, torch.dtype] | None = None
+    """Device and dtype of the modified module when the delta was detached (see :meth:`attach`)."""
+    merge_record: Any = None
+    """While merged into the host's weights: what :meth:`DeltaModel.unmerge` needs to take exactly that out again
+    (an :class:`opendelta.merging.MergeRecord`). Kept here, not by ``id``, so it survives ``deepcopy`` and pickle."""
 
     def __post_init__(self) -> None:
         self.base_name = self.base_name or self.attr
 
     def attach(self) -> None:
-        """Put the delta back in place (a new child name is chosen if another delta took the old one)."""
+        """Put the delta back in place (a new child name is chosen if another delta took the old one).
+
+        If the module was moved to another device or floating-point dtype while the delta was out (``.to()``,
+        ``.half()``), the delta is moved likewise first: it runs as if it had been attached during the move. A delta
+        deliberately kept in another dtype than its module (fp32 beside bf16 weights) keeps it when nothing moved.
+
+        Raises:
+            DeltaStateError: it is attached; or putting it back would change what other deltas compute (the
+                module it replaced was replaced again, or carries another delta of an exclusive kind, or a delta
+                merged into the weights would then run before it); nothing changes then.
+        """
         if self.attached:
             raise DeltaStateError(f"delta {self.attr!r} on {type(self.host).__name__} is already attached")
+        self._check_attachable()
+        self._follow_move()
         if self.kind == "replace":
-            if self.host._modules.get(self.attr) is not self.original:
-                raise DeltaStateError(
-                    f"cannot re-attach the replacement of {self.attr!r}: the module there is no longer the original; "
-                    f"detach the deltas added after this one first"
-                )
             self.delta.train(self.original.training if self.original is not None else self.host.training)
             self.host._modules[self.attr] = self.delta
             self.attached = True
@@ -327,18 +364,56 @@ class Insertion:
         if self.kind == "replace":
             if self.host._modules.get(self.attr) is not self.delta:
                 raise DeltaStateError(
-                    f"cannot detach the replacement of {self.attr!r}: another module replaced it since; detach that "
-                    f"one first"
+                    f"cannot detach the replacement of {self.attr!r} on {type(self.host).__name__}: another module "
+                    f"({type(self.host._modules.get(self.attr)).__name__}) replaced it since; detach that one first"
                 )
+            self.placement = _placement(self.original) if self.original is not None else None
             self.host._modules[self.attr] = self.original
             self.attached = False
             return
         del self.host._modules[self.attr]
+        self.placement = _placement(self.host)
         _remove_slot(self.host, lambda s: s.seq == self.seq)
         for module in {id(m): m for m, _kind, _option in self.satellites}.values():  # one module may hold two
             _remove_slot(module, lambda s: s.seq == self.seq)
         self.delta.__dict__.pop(CAPTURED_ATTR, None)
         self.attached = False
+
+    def _check_attachable(self) -> None:
+        """Refuse, before anything changes, an attach that would silently change what the module computes."""
+        where = type(self.host).__name__
+        if self.kind == "replace":
+            if self.host._modules.get(self.attr) is not self.original:
+                raise DeltaStateError(
+                    f"cannot re-attach the replacement of {self.attr!r} on {where}: the module there "
+                    f"({type(self.host._modules.get(self.attr)).__name__}) is not the one it replaced; another "
+                    f"replacement took its place: detach that one first, or attach in the order they were added"
+                )
+            return
+        slots = getattr(self.host, SLOTS_ATTR, None) or ()
+        if self.kind in EXCLUSIVE_KINDS and any(s.kind == self.kind for s in slots):
+            raise DeltaStateError(
+                f"cannot attach this {self.kind} to {where}: it carries another delta model's {self.kind} now, and "
+                f"a module takes one at a time; detach that delta model first"
+            )
+        if self.kind == "after" and not is_mergeable(self.delta, self.host) and merged_after(self.host, self.seq):
+            raise DeltaStateError(
+                f"cannot attach this delta to {where}: a delta added after it is merged into {where}'s weights, so it "
+                f"would run before this one instead of after; unmerge() that delta model first"
+            )
+
+    def _follow_move(self) -> None:
+        """Move the delta as its module moved while it was detached (device, floating-point dtype)."""
+        module = self.original if self.kind == "replace" else self.host
+        now = _placement(module) if module is not None else None
+        if self.placement is None or now is None or now == self.placement:
+            return
+        (device, dtype), (old_device, old_dtype) = now, self.placement
+        if device != old_device:
+            self.delta.to(device=device)
+        if dtype != old_dtype:
+            self.delta.to(dtype=dtype)
+        self.placement = now
 
 
 def _add_slot(module: nn.Module, slot: _Slot) -> None:
