@@ -166,8 +166,8 @@ def load_delta(
         delta_type = raw.get("delta_type")
         if not isinstance(delta_type, str):
             raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
+        model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls  # a missing plugin first
         check_requirements(raw, str(folder))
-        model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls
         if model_cls.delta_type != delta_type:
             raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
         config = delta_config or model_cls.config_class.from_dict(raw, **overrides)

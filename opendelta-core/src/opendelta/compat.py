@@ -112,11 +112,15 @@ def check_requirements(raw: dict[str, Any], source: str) -> None:
         if not spec.startswith(">=") or minimum is None:
             raise CheckpointError(f"{source}: requires[{dist!r}] = {spec!r} is not of the form '>=1.2.3'")
         have = installed_version(dist)
-        if have is None or (_parse(have) or Version("0")) < minimum:
-            state = f"{dist} {have} is installed" if have else f"{dist} is not installed"
+        if have is None:
             raise CheckpointError(
-                f"{source} needs {dist}>={minimum}, but {state}: it was saved with settings older versions cannot "
-                f"read faithfully. Upgrade with: {_install_hint(dist, str(minimum))}"
+                f"{source} needs {dist}>={minimum}, but {dist} is not installed. Install it with: "
+                f"pip install '{dist}>={minimum}'"
+            )
+        if (_parse(have) or Version("0")) < minimum:
+            raise CheckpointError(
+                f"{source} needs {dist}>={minimum}, but {dist} {have} is installed: it was saved with settings older "
+                f"versions cannot read faithfully. Upgrade with: {_install_hint(dist, str(minimum))}"
             )
 
 

@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from opendelta.compat import check_requirements, newer_writers, warn_unknown_fields
+from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
 from opendelta.errors import DeltaConfigError
 
 __all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
@@ -149,7 +149,8 @@ class DeltaConfig:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
         tmp = path.with_name(f".tmp-{os.getpid()}-{CONFIG_NAME}")
-        tmp.write_text(self.to_json_string() + "\n", encoding="utf-8")
+        document = {**self.to_dict(), **version_record(self)}  # what reading it needs, as in a full checkpoint
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)  # never a half-written config.json, even if the process is killed
         return path
 
