@@ -34,12 +34,20 @@ class PrefixReparameterization(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        # The MLP is allocated before the embedding: an absurd embed_dim is then refused (opendelta.budget) at its
+        # [mid_dim, embed_dim] weight, before [num_tokens, embed_dim] is allocated and filled. The random numbers are
+        # still drawn embedding first, so a seed gives the same network as before.
+        cuda = [device] if device is not None and torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            control_trans = nn.Sequential(
+                nn.Linear(embed_dim, mid_dim, device=device, dtype=dtype),
+                nn.Tanh(),
+                nn.Linear(mid_dim, out_features, device=device, dtype=dtype),
+            )
         self.wte = nn.Parameter(torch.randn(num_tokens, embed_dim, device=device, dtype=dtype))  # (P, embed_dim)
-        self.control_trans = nn.Sequential(
-            nn.Linear(embed_dim, mid_dim, device=device, dtype=dtype),
-            nn.Tanh(),
-            nn.Linear(mid_dim, out_features, device=device, dtype=dtype),
-        )
+        control_trans[0].reset_parameters()
+        control_trans[2].reset_parameters()
+        self.control_trans = control_trans
 
     def forward(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` of the generated prefixes, ``[P, stop - start]`` (one layer's keys or values).
