@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from opendelta.errors import DeltaStateError, UnsupportedTargetError
+from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.insertion import PLACERS, SLOT_HANDLERS, Insertion, _insert, _Slot
 from opendelta.sequence import align_with_cache, bound_arguments, extend_arguments, find_cache, strip_positions, unbind
 from opendelta.structures import find_config_model
 
-__all__ = ["PromptPlacement", "input_stack", "insert_soft_prompt", "place_soft_prompt"]
+__all__ = ["PromptPlacement", "check_prompt_length", "input_stack", "insert_soft_prompt", "place_soft_prompt"]
 
 _STATE_ATTR = "_opendelta_prompt_length"
 
@@ -103,6 +103,23 @@ def _max_positions(stack: nn.Module) -> int | None:
         return None
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) else None
+
+
+def check_prompt_length(stack: nn.Module, num_tokens: int, setting: str) -> None:
+    """Refuse, before the prompt is allocated, one that leaves a learned-position model no room for any input token.
+
+    Without it, ``soft_token_num=10**6`` on BERT (512 positions) builds a prompt of a million rows and fails only at
+    the first forward pass. Models with relative or rotary positions (T5, LLaMA) have no such limit.
+
+    Raises:
+        DeltaConfigError: naming ``setting``, the limit and the largest value that leaves room for input.
+    """
+    limit = _max_positions(stack)
+    if limit is not None and num_tokens >= limit:
+        raise DeltaConfigError(
+            f"{setting}={num_tokens} leaves no position for the input: {type(stack).__name__} has {limit} learned "
+            f"positions, shared by the prompt and the input tokens; use {setting} < {limit} (a few dozen is usual)"
+        )
 
 
 class _PromptHandler:

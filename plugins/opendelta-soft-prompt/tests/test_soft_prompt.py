@@ -9,6 +9,7 @@ from opendelta.testing import (
     ARCHITECTURES,
     GENERATION_HEADS,
     TASK_HEADS,
+    Pristine,
     generation_inputs,
     model_output_tensor,
     perturb,
@@ -172,6 +173,16 @@ def test_a_prompt_too_long_for_the_positions_is_a_clear_error():
     SoftPromptModel(backbone_model=model, soft_token_num=125)
     with pytest.raises(DeltaStateError, match="125 prompt tokens"):
         run(model, tiny_inputs("bert"))
+
+
+def test_a_prompt_that_leaves_no_position_for_the_input_is_refused_before_it_is_built():
+    model = tiny_model("bert")  # 128 learned positions
+    pristine = Pristine.of(model)
+    with pytest.raises(DeltaConfigError, match=r"soft_token_num=128 leaves no position.*soft_token_num < 128"):
+        SoftPromptModel(backbone_model=model, soft_token_num=128)
+    pristine.assert_unchanged(model)
+    SoftPromptModel(backbone_model=model, soft_token_num=127)  # one input token still fits
+    SoftPromptModel(backbone_model=tiny_model("t5"), soft_token_num=300)  # relative positions: no limit
 
 
 def test_a_module_that_embeds_nothing_is_refused():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from opendelta import DeltaModel, Target, UnsupportedTargetError
-from opendelta.prompt import input_stack
+from opendelta.prompt import check_prompt_length, input_stack
 from opendelta_soft_prompt.config import SoftPromptConfig
 from opendelta_soft_prompt.layer import SoftPromptLayer
 
@@ -53,6 +53,7 @@ class SoftPromptModel(DeltaModel):
 
     def _build_delta(self, target: Target) -> nn.Module:
         """The prompt, in the space of the stack's input embeddings."""
+        check_prompt_length(target.module, self.config.soft_token_num, "soft_token_num")
         embeddings = target.module.get_input_embeddings().weight
         return SoftPromptLayer(self.config.soft_token_num, embeddings, self.config.token_init, self.config.init_range)
 
