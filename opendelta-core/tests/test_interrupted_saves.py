@@ -2,57 +2,51 @@
 
 A killed save must leave the previous checkpoint loadable (or, once its config is committed, the new one); two
 processes saving to one folder must leave one of their checkpoints, never weights of one under the config or
-card of the other; a load running beside them never fails.
+card of the other; a load running beside them never fails. The processes are forked from this one, so they start
+at once with its imports; the lock they take is the operating system's, as between unrelated programs.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import save_worker
 import torch
 
 from opendelta import AutoDeltaModel
 from opendelta.testing import perturb, tiny_inputs, tiny_model
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and flock are POSIX")
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL, fork and flock are POSIX")
 
-WORKER = Path(__file__).with_name("save_worker.py")
 FILES_OF_A_CHECKPOINT = 3  # README.md, config.json, delta_model-<digest>.safetensors
 
 
-def _worker(folder: Path, seed: int, mode: str, marker: Path | None = None) -> subprocess.Popen:
-    args = [sys.executable, str(WORKER), str(folder), str(seed), mode] + ([str(marker)] if marker else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _worker(folder: Path, seed: int, mode: str, marker: Path | None = None) -> multiprocessing.Process:
+    process = multiprocessing.get_context("fork").Process(
+        target=save_worker.run, args=(folder, seed, mode, marker), daemon=True
+    )
+    process.start()
+    return process
 
 
-def _stderr(process: subprocess.Popen) -> str:
-    """The end of a worker's stderr, for an assertion message; closes the pipe (no ResourceWarning)."""
-    with process.stderr:
-        return process.stderr.read().decode()[-2000:]
-
-
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, process: multiprocessing.Process, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"worker exited early: {_stderr(process)}")
+        assert process.is_alive(), f"the worker exited early with status {process.exitcode} (its error is above)"
         assert time.monotonic() < deadline, f"worker never reached {path.name}"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
-def _kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+def _kill(process: multiprocessing.Process) -> None:
+    process.kill()  # SIGKILL: no finally block, no atexit handler runs
+    process.join()
+    process.close()
 
 
 def _expected(toy, seed: int) -> torch.Tensor:
@@ -112,12 +106,11 @@ def test_saves_killed_at_random_moments_never_break_the_checkpoint(toy, tmp_path
     candidates = {"a": _expected(toy, 1), "b": _expected(toy, 2)}
     rng = random.Random(0)
     seen = set()
-    for _ in range(4):
+    for _ in range(20):
         before = json.loads((folder / "config.json").read_text())["weights_sha256"]
         process = _worker(folder, 1, "loop")
         while json.loads((folder / "config.json").read_text())["weights_sha256"] == before:  # it is saving
-            if process.poll() is not None:
-                raise AssertionError(f"worker exited early: {_stderr(process)}")
+            assert process.is_alive(), f"the worker exited early with status {process.exitcode}"
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.05))
         _kill(process)
@@ -129,14 +122,14 @@ def test_two_processes_saving_to_one_folder_never_mix(toy, tmp_path):
     folder = tmp_path / "ckpt"
     _save_here(toy, folder, seed=1)
     candidates = {"first": _expected(toy, 1), "second": _expected(toy, 5)}
-    writers = [_worker(folder, 1, "15"), _worker(folder, 5, "15")]
+    writers = [_worker(folder, 1, "30"), _worker(folder, 5, "30")]
     loads = 0
-    while any(w.poll() is None for w in writers):  # a reader beside them never sees a half-switched checkpoint
+    while any(w.is_alive() for w in writers):  # a reader beside them never sees a half-switched checkpoint
         _which(folder, candidates)
         loads += 1
     for writer in writers:
-        error = _stderr(writer)
-        assert writer.returncode == 0, error
+        writer.join()
+        assert writer.exitcode == 0, f"a writer failed with status {writer.exitcode} (its error is above)"
     assert loads > 0
     _which(folder, candidates)
     assert len(list(folder.iterdir())) == FILES_OF_A_CHECKPOINT, sorted(p.name for p in folder.iterdir())
