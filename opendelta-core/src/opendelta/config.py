@@ -147,11 +147,11 @@ class DeltaConfig:
         """Write ``config.json`` into ``save_directory`` (created if needed); returns the file's path."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
+        from opendelta.saving import write_atomically  # saving imports this module
+
         path = directory / CONFIG_NAME
-        tmp = path.with_name(f".tmp-{os.getpid()}-{CONFIG_NAME}")
         document = {**self.to_dict(), **version_record(self)}  # what reading it needs, as in a full checkpoint
-        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # never a half-written config.json, even if the process is killed
+        write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())  # never a half-written file
         return path
 
     @classmethod

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import HubError
+from opendelta.saving import write_atomically
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
@@ -127,9 +128,7 @@ def write_model_card(folder: str | os.PathLike[str], text: str) -> bool:
             ours = False
         if not ours:
             return False
-    tmp = path.with_name(f".tmp-{CARD_NAME}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, text.encode("utf-8"))
     return True
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "load_weights",
     "read_config_dict",
     "resolve_checkpoint",
+    "write_atomically",
     "write_checkpoint",
 ]
 
@@ -128,6 +129,23 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step: a killed process leaves the old file or the new, never half.
+
+    The data goes to a temporary file beside it (``.tmp-*``, removed by the next checkpoint save if left), is
+    flushed to disk, and is renamed over ``path``.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _fsync_write(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_checkpoint(
     directory: str | os.PathLike[str], config: dict[str, Any], tensors: Mapping[str, torch.Tensor]
 ) -> Path:
@@ -142,22 +160,18 @@ def write_checkpoint(
         _remove_leftover_temporaries(directory)
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=WEIGHTS_SUFFIX, dir=directory)
         os.close(fd)
-        fd, tmp_config_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=directory)
-        os.close(fd)
-        tmp_weights, tmp_config = Path(tmp_name), Path(tmp_config_name)
+        tmp_weights = Path(tmp_name)
         try:
             metadata = {"format": "pt", "delta_type": str(config.get("delta_type"))}
             save_file(contiguous, str(tmp_weights), metadata=metadata)
             digest = _sha256(tmp_weights)
             weights = directory / f"{WEIGHTS_PREFIX}-{digest[:16]}{WEIGHTS_SUFFIX}"
             os.replace(tmp_weights, weights)
-            full = {**config, "weights_file": weights.name, "weights_sha256": digest}
-            _fsync_write(tmp_config, (json.dumps(full, indent=2) + "\n").encode())
-            os.replace(tmp_config, directory / CONFIG_NAME)
-            _fsync_directory(directory)
         finally:
             tmp_weights.unlink(missing_ok=True)
-            tmp_config.unlink(missing_ok=True)
+        full = {**config, "weights_file": weights.name, "weights_sha256": digest}
+        write_atomically(directory / CONFIG_NAME, (json.dumps(full, indent=2) + "\n").encode())
+        _fsync_directory(directory)
         _remove_unreferenced(directory)
     return weights
 
