@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta.compat import check_requirements, method_for, version_record
+from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_version, method_for, version_record
 from opendelta.config import CONFIG_NAME, DeltaConfig
 from opendelta.errors import BackboneMismatchError, CheckpointError
 from opendelta.hashing import backbone_hash
@@ -31,14 +31,9 @@ __all__ = ["config_document", "load_delta", "save_delta", "versions"]
 
 def versions() -> dict[str, str]:
     """The library versions a checkpoint records."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"torch_version": torch.__version__}
-    for key, dist in (("opendelta_version", "opendelta-core"), ("transformers_version", "transformers")):
-        try:
-            out[key] = version(dist)
-        except PackageNotFoundError:
-            out[key] = "unknown"
+    for key, dist in (("opendelta_version", CORE_DISTRIBUTION), ("transformers_version", "transformers")):
+        out[key] = installed_version(dist) or "unknown"
     return out
 
 

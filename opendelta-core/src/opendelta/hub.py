@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opendelta.compat import installed_version
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import HubError
 from opendelta.saving import write_atomically
@@ -43,18 +44,14 @@ _CARD_FIELDS_LEFT_OUT = {"delta_type", "backbone_class", "backbone_checkpoint_na
 
 def _plugin_line(delta_type: str) -> tuple[str, str]:
     """The distribution that provides ``delta_type`` and the line saying so."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from opendelta.registry import distribution_hint, get_method
 
     try:
         distribution = get_method(delta_type).distribution or distribution_hint(delta_type)
     except LookupError:
         distribution = distribution_hint(delta_type)
-    try:
-        return distribution, f"`{distribution}` {version(distribution)}"
-    except PackageNotFoundError:
-        return distribution, f"`{distribution}`"
+    installed = installed_version(distribution)
+    return distribution, f"`{distribution}` {installed}" if installed else f"`{distribution}`"
 
 
 def _is_hub_id(name: str | None) -> bool:
