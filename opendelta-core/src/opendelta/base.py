@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -44,6 +44,19 @@ _CORE_ARGS = ("interactive_modify", "backend")
 
 def _target_modules(target: Target) -> list[nn.Module]:
     return [target.module] + ([target.output.module] if target.output is not None else [])
+
+
+def _switch_all(insertions: Iterable[Insertion], *, attach: bool) -> None:
+    """Attach (or detach) each insertion in turn; if one refuses, undo those done, so that all switch or none."""
+    done: list[Insertion] = []
+    try:
+        for insertion in insertions:
+            insertion.attach() if attach else insertion.detach()
+            done.append(insertion)
+    except BaseException:
+        for insertion in reversed(done):
+            insertion.detach() if attach else insertion.attach()
+        raise
 
 
 class DeltaModel(nn.Module):
@@ -319,15 +332,7 @@ class DeltaModel(nn.Module):
             self.unmerge()
         if not self.attached:
             raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
-        done: list[Insertion] = []
-        try:
-            for insertion in reversed(self._insertions):
-                insertion.detach()
-                done.append(insertion)
-        except BaseException:
-            for insertion in reversed(done):
-                insertion.attach()
-            raise
+        _switch_all(reversed(self._insertions), attach=False)
 
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly.
@@ -347,15 +352,7 @@ class DeltaModel(nn.Module):
             raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
         if self.attached:
             raise DeltaStateError(f"{type(self).__name__} is already attached; call detach() to take it out")
-        done: list[Insertion] = []
-        try:
-            for insertion in self._insertions:
-                insertion.attach()
-                done.append(insertion)
-        except BaseException:
-            for insertion in reversed(done):
-                insertion.detach()
-            raise
+        _switch_all(self._insertions, attach=True)
 
     # ------------------------------------------------------------------------------------------------- merging
     @property
