@@ -135,6 +135,17 @@ def names_field(error: BaseException, field: str) -> bool:
     return field in str(error)
 
 
+def refused(method: str, field: str, value: typing.Any) -> DeltaConfigError:
+    """Building ``method`` with ``field=value`` on a tiny BERT: a DeltaConfigError naming the field, nothing changed."""
+    model = tiny_model("bert")
+    pristine = Pristine.of(model)
+    with pytest.raises(DeltaConfigError) as error:
+        build(method, model, **{field: value})
+    assert names_field(error.value, field), str(error.value)
+    pristine.assert_unchanged(model)
+    return error.value
+
+
 @contextmanager
 def memory_seen_as(limit: typing.Callable[[torch.device], int | None]) -> Iterator[None]:
     """Make the budget read ``limit(device)`` as the memory available (``opendelta.budget.memory_limit``)."""
@@ -178,46 +189,27 @@ def test_bool_fields_are_not_discovered_as_sizes():
 @pytest.mark.parametrize(("method", "field"), SIZE_FIELDS)
 @pytest.mark.parametrize("flag", [True, False])
 def test_a_bool_given_as_a_size_is_refused(method, field, flag):
-    model = tiny_model("bert")
-    pristine = Pristine.of(model)
-    with pytest.raises(DeltaConfigError) as error:
-        build(method, model, **{field: flag})
-    assert names_field(error.value, field), str(error.value)
-    pristine.assert_unchanged(model)
+    refused(method, field, flag)
 
 
 @pytest.mark.parametrize(("method", "field"), BOOL_FIELDS)
 def test_an_int_given_as_a_flag_is_refused(method, field):
-    model = tiny_model("bert")
-    pristine = Pristine.of(model)
-    with pytest.raises(DeltaConfigError) as error:
-        build(method, model, **{field: 1})
-    assert names_field(error.value, field), str(error.value)
-    pristine.assert_unchanged(model)
+    refused(method, field, 1)
 
 
 # ---------------------------------------------------------------------------------------- invalid values
 @pytest.mark.parametrize(("method", "field"), SIZE_FIELDS)
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_size_below_one_is_refused_naming_the_field(method, field, value):
-    model = tiny_model("bert")
-    pristine = Pristine.of(model)
-    with pytest.raises(DeltaConfigError) as error:
-        build(method, model, **{field: value})
-    assert names_field(error.value, field) and str(value) in str(error.value), str(error.value)
-    assert not isinstance(error.value, ResourceLimitError)
-    pristine.assert_unchanged(model)
+    error = refused(method, field, value)
+    assert str(value) in str(error), str(error)
+    assert not isinstance(error, ResourceLimitError)
 
 
 @pytest.mark.parametrize(("method", "field"), FLOAT_FIELDS)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_a_float_that_is_not_finite_is_refused_naming_the_field(method, field, value):
-    model = tiny_model("bert")
-    pristine = Pristine.of(model)
-    with pytest.raises(DeltaConfigError) as error:
-        build(method, model, **{field: value})
-    assert names_field(error.value, field), str(error.value)
-    pristine.assert_unchanged(model)
+    refused(method, field, value)
 
 
 @pytest.mark.parametrize(("method", "field"), FLOAT_MAPPING_FIELDS)

@@ -21,7 +21,7 @@ import torch
 
 from opendelta import DeltaStateError, get_method, list_methods
 from opendelta.insertion import delta_parameter_names
-from opendelta.testing import model_output_tensor, perturb, tiny_inputs, tiny_model
+from opendelta.testing import Pristine, model_output_tensor, perturb, tiny_inputs, tiny_model
 
 METHODS = [spec.name for spec in list_methods()]
 ARCHS = ("bert", "gpt2", "t5")  # encoder, decoder-only with a fused attention, encoder-decoder
@@ -55,19 +55,9 @@ def setup(method, arch):
 
 
 def assert_pristine(model, pristine, arch):
-    """``model`` is ``pristine`` again: outputs, state_dict, modules, flags, and no hook or attribute of ours left."""
+    """``model`` is ``pristine`` again: outputs, state_dict, modules, hooks, flags, and no attribute of ours left."""
     assert torch.equal(out(model, arch), out(pristine, arch))
-    state, expected = model.state_dict(), pristine.state_dict()
-    assert list(state) == list(expected)
-    assert all(torch.equal(state[k], v) for k, v in expected.items())
-    assert [n for n, _ in model.named_modules()] == [n for n, _ in pristine.named_modules()]
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == [
-        (n, p.requires_grad) for n, p in pristine.named_parameters()
-    ]
-    for (name, module), (_, bare) in zip(model.named_modules(), pristine.named_modules(), strict=True):
-        assert sorted(vars(module)) == sorted(vars(bare)), f"attributes left on {name}"
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-            assert len(getattr(module, hooks)) == len(getattr(bare, hooks)), f"{hooks} left on {name}"
+    Pristine.of(pristine).assert_unchanged(model)
 
 
 def assert_same_tensors(model, reference):
