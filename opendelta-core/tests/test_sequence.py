@@ -61,6 +61,11 @@ def test_strip_cuts_the_hidden_state_and_square_tensors_only():
     assert torch.equal(out_hidden, hidden[:, 2:]) and torch.equal(out_bias, bias[..., 2:, 2:]) and out_other is other
 
 
+def test_strip_returns_a_contiguous_hidden_state_so_heads_run_the_bare_models_kernels():
+    # a strided hidden state makes linear() pick mm or bmm by the head weight's requires_grad (see strip_positions)
+    assert strip_positions(torch.randn(2, 5, 4), 2, 3).is_contiguous()
+
+
 def test_align_with_cache_moves_positions_and_masks_by_what_the_cache_holds_extra():
     from transformers.cache_utils import DynamicCache
 

@@ -180,6 +180,12 @@ def strip_positions(output: Any, count: int, length: int) -> Any:
     The hidden state (the tensor itself, or the first element of a tuple or ``ModelOutput``) loses its first
     ``count`` rows along the sequence dimension; any other tensor of the output that is square in the extended
     length (T5's position bias, attention weights) is cut back to ``length`` on both of those dimensions.
+
+    The hidden state is returned contiguous, as the bare model's is. A strided view would make the task head's
+    ``linear`` choose its kernel by whether the head's weight requires grad (PyTorch folds a 3-D input into one
+    ``mm`` for a trainable weight, runs ``bmm`` for a frozen one), and MKL rounds those two differently on AVX-512
+    CPUs: a checkpoint trained on a frozen backbone would then reload onto a fresh, trainable one with outputs
+    differing in the last bit.
     """
     extended = length + count
 
@@ -187,7 +193,7 @@ def strip_positions(output: Any, count: int, length: int) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         if first and value.dim() >= 2 and value.shape[-2] == extended:
-            return value[..., count:, :]
+            return value[..., count:, :].contiguous()
         if value.dim() >= 2 and value.shape[-1] == extended and value.shape[-2] == extended:
             return value[..., count:, count:]
         return value

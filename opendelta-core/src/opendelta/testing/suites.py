@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta import (
     AutoDeltaConfig,
@@ -46,6 +47,26 @@ def perturb(delta_model: DeltaModel, seed: int = 0, scale: float = 0.1) -> None:
 def _run(model: nn.Module, arch: str) -> torch.Tensor:
     with torch.no_grad():
         return model_output_tensor(model(**tiny_inputs(arch)))
+
+
+class _KernelLog(TorchDispatchMode):
+    """Records every aten call with its tensor arguments' shapes and strides: which kernels a forward pass runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.layout == torch.strided]
+        layout = tuple((tuple(a.shape), a.stride()) for a in tensors)
+        self.calls.append((str(func), layout))
+        return func(*args, **(kwargs or {}))
+
+
+def _kernels(model: nn.Module, arch: str) -> list[tuple[str, tuple[Any, ...]]]:
+    with torch.no_grad(), _KernelLog() as log:
+        model(**tiny_inputs(arch))
+    return log.calls
 
 
 class DeltaMethodSuite:
@@ -151,6 +172,20 @@ class DeltaMethodSuite:
         fresh = tiny_model(arch)
         AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
         assert torch.equal(_run(fresh, arch), expected)
+
+    def test_kernels_do_not_depend_on_freezing(
+        self, method_name: str, arch: str, config_kwargs: dict[str, Any]
+    ) -> None:
+        # A checkpoint is trained on a frozen backbone and reloaded onto a fresh, fully trainable one. PyTorch's
+        # matmul folds a 3-D input into one mm when the weight requires grad but runs bmm on a strided input of a
+        # frozen one, and MKL rounds the two differently on AVX-512 CPUs: the same kernels must run either way.
+        model, delta_model = self.build(method_name, arch, config_kwargs)
+        perturb(delta_model)
+        trainable = _kernels(model, arch)
+        delta_model.freeze_module()
+        frozen = _kernels(model, arch)
+        first = next((i for i, (a, b) in enumerate(zip(frozen, trainable, strict=False)) if a != b), None)
+        assert frozen == trainable, f"call {first}: frozen {frozen[first:][:1]} != trainable {trainable[first:][:1]}"
 
     def test_config_round_trips_through_json(self, method_name: str, arch: str, config_kwargs: dict[str, Any]) -> None:
         _model, delta_model = self.build(method_name, arch, config_kwargs)
