@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
 from opendelta.errors import DeltaConfigError
+from opendelta.ownership import refuse_foreign_config
 
 __all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
 
@@ -144,11 +145,17 @@ class DeltaConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def save_finetuned(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` into ``save_directory`` (created if needed); returns the file's path."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``config.json`` into ``save_directory`` (created if needed); returns the file's path.
+
+        Raises:
+            CheckpointError: the folder holds a ``config.json`` that is not a delta config of ours (a transformers
+                model's); nothing is written then.
+        """
         from opendelta.saving import write_atomically  # saving imports this module
 
+        directory = Path(save_directory)
+        refuse_foreign_config(directory, CONFIG_NAME)  # a transformers model's config.json is never replaced
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
         document = {**self.to_dict(), **version_record(self)}  # what reading it needs, as in a full checkpoint
         write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())  # never a half-written file

@@ -3,8 +3,12 @@
 Atomicity: the weights go to a content-named file (``delta_model-<sha256 prefix>.safetensors``) written under a
 temporary name and renamed into place, then ``config.json``, which names that file, replaces the old config in one
 ``os.replace``. The config is the commit point: a save killed at any moment leaves either the previous checkpoint
-(its config still names its own, untouched weights) or the new one; weight files no config names are removed
+(its config still names its own, untouched weights) or the new one; our weight files no config names are removed
 after the commit.
+
+The user's files: a save replaces or removes only files it can prove it wrote (see :mod:`opendelta.ownership`);
+a ``config.json`` that is not a delta config of ours (a transformers model's, a Trainer's) makes it refuse before
+writing anything.
 
 Concurrency: writers of one folder take an exclusive lock (``fcntl.flock`` on the folder), so two processes saving
 to the same path run one after the other and the folder ends as one of them wrote it, never a mix (without the
@@ -23,7 +27,6 @@ through ``huggingface_hub`` (honouring ``cache_dir``, ``local_files_only``, ``fo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -43,6 +46,15 @@ except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent
 
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import CheckpointError
+from opendelta.ownership import (
+    MAX_CONFIG_BYTES,
+    OWN_TMP_PREFIX,
+    file_sha256,
+    is_own_temporary,
+    is_own_weights_file,
+    own_config,
+    refuse_foreign_config,
+)
 
 __all__ = [
     "WEIGHTS_PREFIX",
@@ -57,9 +69,7 @@ __all__ = [
 
 WEIGHTS_PREFIX = "delta_model"
 WEIGHTS_SUFFIX = ".safetensors"
-TMP_PREFIX = ".tmp-"
-MAX_CONFIG_BYTES = 1 << 20
-"""A delta config is a few kB; a bigger ``config.json`` is not one (and is not read into memory)."""
+TMP_PREFIX = OWN_TMP_PREFIX
 
 _held = threading.local()
 
@@ -97,9 +107,12 @@ def checkpoint_lock(directory: str | os.PathLike[str], *, shared: bool = False) 
 
 
 def _remove_leftover_temporaries(directory: Path) -> None:
-    """Delete the temporary files of saves that were killed (only called with the exclusive lock held)."""
-    for pattern in (f"*{WEIGHTS_SUFFIX}", "*.json", "*.md"):  # ours: weights, config, model card
-        for leftover in directory.glob(TMP_PREFIX + pattern):
+    """Delete the temporary files of saves that were killed (only called with the exclusive lock held).
+
+    Only files with our own prefix (see :mod:`opendelta.ownership`): a user's ``.tmp-notes.md`` stays.
+    """
+    for leftover in directory.glob(TMP_PREFIX + "*"):
+        if is_own_temporary(leftover):
             leftover.unlink(missing_ok=True)
 
 
@@ -114,14 +127,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -132,7 +137,7 @@ def _fsync_write(path: Path, data: bytes) -> None:
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step: a killed process leaves the old file or the new, never half.
 
-    The data goes to a temporary file beside it (``.tmp-*``, removed by the next checkpoint save if left), is
+    The data goes to a temporary file beside it (``.opendelta-tmp-*``, removed by the next checkpoint save if left), is
     flushed to disk, and is renamed over ``path``.
     """
     path = Path(path)
@@ -157,6 +162,7 @@ def write_checkpoint(
     directory = Path(directory)
     contiguous = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with checkpoint_lock(directory):
+        refuse_foreign_config(directory, CONFIG_NAME)  # a transformers model's config.json is never replaced
         _remove_leftover_temporaries(directory)
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=WEIGHTS_SUFFIX, dir=directory)
         os.close(fd)
@@ -164,7 +170,7 @@ def write_checkpoint(
         try:
             metadata = {"format": "pt", "delta_type": str(config.get("delta_type"))}
             save_file(contiguous, str(tmp_weights), metadata=metadata)
-            digest = _sha256(tmp_weights)
+            digest = file_sha256(tmp_weights)
             weights = directory / f"{WEIGHTS_PREFIX}-{digest[:16]}{WEIGHTS_SUFFIX}"
             os.replace(tmp_weights, weights)
         finally:
@@ -177,12 +183,15 @@ def write_checkpoint(
 
 
 def _remove_unreferenced(directory: Path) -> None:
-    try:
-        current = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8")).get("weights_file")
-    except (OSError, ValueError):
+    """Delete our weights files that the committed config no longer names (earlier saves', or a killed one's).
+
+    Only files proven ours by :func:`opendelta.ownership.is_own_weights_file`; anything else stays.
+    """
+    config = own_config(directory / CONFIG_NAME)
+    if config is None:
         return
     for stale in directory.glob(f"{WEIGHTS_PREFIX}-*{WEIGHTS_SUFFIX}"):
-        if stale.name != current:
+        if stale.name != config.get("weights_file") and is_own_weights_file(stale):
             stale.unlink(missing_ok=True)
 
 
@@ -274,7 +283,7 @@ def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor
     expected = config.get("weights_sha256")
     if expected is not None and not isinstance(expected, str):
         raise CheckpointError(f"weights_sha256 in {folder / CONFIG_NAME} must be a hex string, got {expected!r}")
-    if expected and _sha256(path) != expected:
+    if expected and file_sha256(path) != expected:
         raise CheckpointError(f"{path} does not match the sha256 recorded in its config: the file is damaged")
     try:
         return load_file(str(path))
