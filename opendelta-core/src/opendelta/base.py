@@ -134,6 +134,7 @@ class DeltaModel(nn.Module):
         self._insertions: list[Insertion] = []
         self._merged: list[Insertion] = []
         self._premerge_samples: dict[str, bytes | None] = {}
+        self._unloaded = False
         self.deltas = nn.ModuleList()
         targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
@@ -304,6 +305,19 @@ class DeltaModel(nn.Module):
         """Each placed delta with its host module and child name."""
         return iter(self._insertions)
 
+    def _check_not_unloaded(self, call: str) -> None:
+        """Refuse every call on a delta model whose deltas :meth:`merge_and_unload` folded into the backbone for good.
+
+        It is empty then: without this, ``attach()`` would be a silent no-op and ``delta_state_dict()`` or
+        ``save_finetuned()`` would fail with a bare ``ValueError`` or save a delta with no tensors.
+        """
+        if self.__dict__.get("_unloaded", False):
+            raise DeltaStateError(
+                f"{type(self).__name__}.{call}() after merge_and_unload(): its deltas are part of the backbone's "
+                f"weights for good and this delta model is empty. Save the merged backbone with save_pretrained(); "
+                f"to keep working with the delta, build a new one (or load it with from_finetuned) on a fresh backbone"
+            )
+
     def _check_module(self, module: nn.Module | None) -> None:
         """Refuse a module other than the backbone (a deep copy of it included: its deltas are its own)."""
         if module is not None and module is not self.backbone_model:
@@ -327,6 +341,7 @@ class DeltaModel(nn.Module):
                 module is attached); the delta model is then left as it was.
         """
         del reset_state_dict
+        self._check_not_unloaded("detach")
         self._check_module(module)
         if self.merged:
             self.unmerge()
@@ -347,6 +362,7 @@ class DeltaModel(nn.Module):
                 computes (see :meth:`~opendelta.insertion.Insertion.attach`); nothing changes then.
         """
         del reset_state_dict
+        self._check_not_unloaded("attach")
         self._check_module(module)
         if self.merged:
             raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
@@ -383,6 +399,7 @@ class DeltaModel(nn.Module):
         from opendelta.insertion import SLOTS_ATTR
         from opendelta.merging import MergeRecord, add_update, check_finite, is_mergeable, mark_merged, snapshot
 
+        self._check_not_unloaded("merge")
         if self.merged:
             return 0
         if not self.attached:
@@ -438,6 +455,7 @@ class DeltaModel(nn.Module):
         """
         from opendelta.merging import add_update, mark_merged, remove_created, update_at_merge
 
+        self._check_not_unloaded("unmerge")
         if not self.merged:
             raise DeltaStateError(f"{type(self).__name__} is not merged")
         updates = [update_at_merge(i.delta, i.host, i.merge_record.snapshot) for i in self._merged]
@@ -455,7 +473,9 @@ class DeltaModel(nn.Module):
         """Merge every delta for good and return the backbone: a plain model, ``save_pretrained`` ready.
 
         The backbone then has no delta, hook or extra child, and its ``state_dict()`` holds every parameter again (as
-        ``freeze_module(set_state_dict=True)`` may have limited it); this delta model is left empty.
+        ``freeze_module(set_state_dict=True)`` may have limited it); this delta model is left empty, and every later
+        call on it (save, ``delta_state_dict``, attach, detach, merge...) raises
+        :class:`~opendelta.errors.DeltaStateError`.
 
         Raises:
             DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
@@ -463,6 +483,7 @@ class DeltaModel(nn.Module):
         from opendelta.freezing import trainable_only_state_dict
         from opendelta.merging import is_mergeable, mark_merged
 
+        self._check_not_unloaded("merge_and_unload")
         pending = [i for i in self._insertions if i not in self._merged]
         unmergeable = [f"{type(i.host).__name__}.{i.attr}" for i in pending if not is_mergeable(i.delta, i.host)]
         if unmergeable:
@@ -476,6 +497,7 @@ class DeltaModel(nn.Module):
             mark_merged(insertion.host, insertion.seq, False)
         self._insertions, self._merged, self._premerge_samples = [], [], {}
         self.deltas = nn.ModuleList()
+        self._unloaded = True
         trainable_only_state_dict(self.backbone_model, enable=False)
         return self.backbone_model
 
@@ -505,6 +527,7 @@ class DeltaModel(nn.Module):
         """
         from opendelta.freezing import freeze_outside
 
+        self._check_not_unloaded("freeze_module")
         target = self.backbone_model if module is None else module
         patterns = self.config.unfrozen_modules if exclude is None else exclude
         freeze_module(target, patterns, set_state_dict)
@@ -542,6 +565,7 @@ class DeltaModel(nn.Module):
         The names do not depend on which suffix (``lora_1``) a delta got when another one held its name, nor on
         whether it is attached, so a checkpoint loads into any backbone state.
         """
+        self._check_not_unloaded("delta_state_dict")
         state: dict[str, torch.Tensor] = {}
         used: dict[str, int] = {}
         for target, insertion in zip(self.targets, self._insertions, strict=True):
@@ -609,6 +633,7 @@ class DeltaModel(nn.Module):
         """
         from opendelta.checkpoint import save_delta
 
+        self._check_not_unloaded("save_finetuned")
         del save_config
         return save_delta(self, finetuned_delta_path, state_dict, push_to_hub=push_to_hub, repo_id=repo_id, **kwargs)
 

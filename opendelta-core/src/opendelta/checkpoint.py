@@ -17,7 +17,7 @@ from torch import nn
 
 from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_version, method_for, version_record
 from opendelta.config import CONFIG_NAME, DeltaConfig
-from opendelta.errors import BackboneMismatchError, CheckpointError
+from opendelta.errors import BackboneMismatchError, CheckpointError, DeltaStateError
 from opendelta.hashing import backbone_hash
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import is_legacy_checkpoint, legacy_config, legacy_state_dict, read_legacy_weights
@@ -59,6 +59,27 @@ def _warn_if_most_of_the_backbone(backbone: nn.Module, trainable: dict[str, torc
         )
 
 
+def _refuse_merged_backbone_tensors(delta_model: DeltaModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to save backbone parameters that hold a merged delta: loading them would apply the delta twice.
+
+    Merged, a trainable parameter of a modified module (LoRA's ``weight`` left unfrozen, BitFit's ``bias``) holds
+    ``W + delta``; saved beside the delta, it would be loaded as the backbone's value and the delta added again on
+    top, and its hash would not be the backbone's. The names are those merging changed (see ``premerge_samples``).
+
+    Raises:
+        DeltaStateError: naming the parameters and the two fixes; nothing is written then.
+    """
+    folded = sorted(set(delta_model.premerge_samples()) & set(tensors))
+    if delta_model.merged and folded:
+        shown = ", ".join(folded[:5]) + (f" and {len(folded) - 5} more" if len(folded) > 5 else "")
+        raise DeltaStateError(
+            f"{type(delta_model).__name__} is merged into the weights, and the save would record {shown} (backbone "
+            f"parameters that require grad) with the delta folded in: loading that checkpoint would apply the delta "
+            f"twice. Call delta_model.unmerge() before saving (and merge() again after), or freeze those parameters "
+            f"(delta_model.freeze_module(exclude=['deltas', ...]) without them). Nothing was saved."
+        )
+
+
 def save_delta(
     delta_model: DeltaModel,
     path: str | os.PathLike[str],
@@ -79,10 +100,13 @@ def save_delta(
             raise ValueError("push_to_hub=True needs repo_id='user/name'; nothing was saved")
         check_repo_id(repo_id)
     backbone = delta_model.backbone_model
+    trainable = None
     if state_dict is None:
         trainable = _trainable_backbone_tensors(backbone)
-        _warn_if_most_of_the_backbone(backbone, trainable)
         state_dict = {**trainable, **delta_model.delta_state_dict()}
+    _refuse_merged_backbone_tensors(delta_model, state_dict)
+    if trainable is not None:
+        _warn_if_most_of_the_backbone(backbone, trainable)
     config = delta_model.config
     config.backbone_hash = backbone_hash(backbone, samples=delta_model.premerge_samples())
     document = config_document(config)
