@@ -626,10 +626,17 @@ class DeltaModel(nn.Module):
                 DeltaCenter upload (``push_to_dc``, ``center_args``...) are accepted and ignored.
 
         A model card (``README.md``: method, backbone, trainable parameters, usage code) is written beside the
-        checkpoint unless the folder holds a README of the user's own.
+        checkpoint unless the folder holds a README of the user's own (or our card, edited). Nothing else that is
+        in the folder is replaced or removed (see :mod:`opendelta.ownership`).
 
         Returns:
             The folder.
+
+        Raises:
+            CheckpointError: the folder holds a ``config.json`` that is not a delta config of ours (a transformers
+                model's, a Trainer checkpoint's); nothing is written.
+            DeltaStateError: merged, with backbone parameters that merging changed requiring grad (loading would
+                apply the delta twice: ``unmerge()`` first, or freeze them); or called after ``merge_and_unload()``.
         """
         from opendelta.checkpoint import save_delta
 
