@@ -14,8 +14,11 @@ trainable ones saved with the delta, a task head). A load then refuses, before t
 * the same checkpoint (same weights digest) loaded again onto a backbone that still carries the delta model
   loaded from it (``DeltaStateError``): the second delta would stack on the first and double its effect.
 
-The declaration guards against a file that overwrites more than it says; a writer who edits both files can
-declare anything, and ``opendelta inspect`` shows what a checkpoint declares.
+The declaration guards against a weights file that overwrites more than its config says; a writer who edits both
+files can declare anything (the config is where to look: ``opendelta inspect`` also lists the backbone tensors a
+weights file holds). Tensors the caller passes with ``from_finetuned(..., state_dict=...)`` are the caller's and
+are not checked against the declaration, nor marked as loaded; OpenDelta 0.3.x checkpoints (``opendelta.legacy``)
+have neither a usable hash nor a declaration and are checked by names and shapes only.
 """
 
 from __future__ import annotations
