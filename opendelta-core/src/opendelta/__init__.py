@@ -15,6 +15,7 @@ from opendelta.config import DeltaConfig
 from opendelta.errors import (
     AddressingError,
     BackboneMismatchError,
+    BackboneUnverifiedError,
     CheckpointError,
     DeltaConfigError,
     DeltaMethodNotInstalledError,
@@ -48,6 +49,7 @@ __all__ = [
     "AutoDeltaConfig",
     "AutoDeltaModel",
     "BackboneMismatchError",
+    "BackboneUnverifiedError",
     "CheckpointError",
     "DeltaConfig",
     "DeltaConfigError",

@@ -663,7 +663,11 @@ class DeltaModel(nn.Module):
         Everything is checked before the backbone changes: a checkpoint made for another backbone (its recorded
         hash differs from the one this backbone would have after loading) is refused with
         :class:`~opendelta.errors.BackboneMismatchError`, or only warned about with ``check_hash=False``; tensor
-        names or shapes that do not fit are refused and the backbone is left as it was.
+        names or shapes that do not fit are refused and the backbone is left as it was. The same weights in float16 or
+        bfloat16 are the same backbone (the delta is cast to its dtype). A config that records no hash is refused
+        unless ``check_hash=False`` (:class:`~opendelta.errors.BackboneUnverifiedError`); a weights file holding
+        backbone parameters its config does not declare, or a checkpoint already loaded onto this backbone and still
+        attached, is refused too (see ``opendelta.backbone_check``).
 
         ``finetuned_delta_path`` is a local folder or a Hub repo id (``user/name``), fetched with
         ``huggingface_hub`` into its cache (``cache_dir``, ``local_files_only``, ``force_download``, and ``revision``

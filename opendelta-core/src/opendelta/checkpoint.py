@@ -2,7 +2,8 @@
 
 What a checkpoint holds: the delta's tensors under stable names (``DeltaModel.delta_state_dict``), plus every
 trainable backbone parameter that is not a delta (a fine-tuned task head), under its backbone name; and
-``config.json`` with the hyper-parameters, the backbone's class, checkpoint name and hash, and the versions.
+``config.json`` with the hyper-parameters, the backbone's class, checkpoint name and hashes, the backbone tensors the
+weights file holds, and the versions. What a load checks of the backbone is in ``opendelta.backbone_check``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from opendelta.backbone_check import (
+    backbone_matches,
+    backbone_record,
+    check_backbone,
+    check_declared_tensors,
+    check_not_loaded,
+    mark_loaded,
+)
 from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_version, method_for, version_record
 from opendelta.config import CONFIG_NAME, DeltaConfig
-from opendelta.errors import BackboneMismatchError, CheckpointError, DeltaStateError
-from opendelta.hashing import backbone_hash
+from opendelta.errors import CheckpointError, DeltaStateError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import is_legacy_checkpoint, legacy_config, legacy_state_dict, read_legacy_weights
 from opendelta.saving import checkpoint_lock, load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
@@ -37,9 +45,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def config_document(config: DeltaConfig) -> dict[str, Any]:
-    """What ``config.json`` holds: the hyper-parameters, the library versions, and what reading it requires."""
-    return {**config.to_dict(), **versions(), **version_record(config)}
+def config_document(config: DeltaConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``config.json`` holds: the hyper-parameters, the library versions, and what reading it requires.
+
+    ``record`` is the :func:`~opendelta.backbone_check.backbone_record` of the save; its hash goes into ``config``.
+    """
+    if record is not None:
+        config.backbone_hash = record["backbone_hash"]
+    return {**config.to_dict(), **(record or {}), **versions(), **version_record(config)}
 
 
 def _trainable_backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,9 +120,8 @@ def save_delta(
     _refuse_merged_backbone_tensors(delta_model, state_dict)
     if trainable is not None:
         _warn_if_most_of_the_backbone(backbone, trainable)
-    config = delta_model.config
-    config.backbone_hash = backbone_hash(backbone, samples=delta_model.premerge_samples())
-    document = config_document(config)
+    record = backbone_record(backbone, state_dict, samples=delta_model.premerge_samples())
+    document = config_document(delta_model.config, record)
     folder = Path(path)
     with checkpoint_lock(folder):  # the weights, the config and the card come from one save, never two
         write_checkpoint(folder, document, state_dict)
@@ -201,17 +213,12 @@ def load_delta(
     backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
     if not legacy:  # a legacy checkpoint's names are known once its delta is built (below); it has no hash
         _check_backbone_tensors(backbone, backbone_part, str(folder))
+        if state_dict is None:  # tensors the caller passes are the caller's; a file's must be declared
+            check_declared_tensors(raw, backbone_part, str(folder))
+        check_backbone(raw, backbone, backbone_part, check_hash=check_hash, source=str(folder))
+    if state_dict is None:
+        check_not_loaded(raw, backbone, str(folder))
     expected = raw.get("backbone_hash")
-    if expected and check_hash:
-        actual = backbone_hash(backbone, overrides=backbone_part)
-        if actual != expected:
-            raise BackboneMismatchError(
-                f"the delta in {folder} was trained on another backbone: it records backbone_class="
-                f"{raw.get('backbone_class')!r}, checkpoint {raw.get('backbone_checkpoint_name')!r}, hash {expected}; "
-                f"this {type(backbone).__name__} hashes to {actual}. Load the backbone it was trained on (a randomly "
-                f"initialised task head changes it too: train and save the head, exclude=[..., 'classifier']), "
-                f"or pass check_hash=False to load anyway."
-            )
 
     delta_model = model_cls(backbone, config=config)
     try:
@@ -243,11 +250,13 @@ def load_delta(
     except BaseException:
         delta_model.detach()
         raise
-    if expected and not check_hash and backbone_hash(backbone) != expected:
+    if expected and not check_hash and not backbone_matches(raw, backbone, {}, str(folder)):
         warnings.warn(
             f"the delta in {folder} was trained on another backbone (hash differs); loaded anyway (check_hash=False)",
             stacklevel=3,
         )
     config.backbone_hash = expected
+    if state_dict is None:
+        mark_loaded(raw, backbone, str(folder), delta_model)
     backbone.eval()
     return delta_model

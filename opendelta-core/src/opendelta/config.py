@@ -33,6 +33,8 @@ METADATA_FIELDS = frozenset(
         "weights_sha256",
         "written_by",
         "requires",
+        "backbone_hashes",
+        "backbone_tensors",
     }
 )
 """Keys a saved config carries besides the hyper-parameters; they describe the file, not the delta."""

@@ -12,6 +12,7 @@ from pluggy import PluginValidationError
 __all__ = [
     "AddressingError",
     "BackboneMismatchError",
+    "BackboneUnverifiedError",
     "CheckpointError",
     "DeltaConfigError",
     "DeltaMethodNotInstalledError",
@@ -84,6 +85,10 @@ class CheckpointError(OpenDeltaError, ValueError):
 
 class BackboneMismatchError(CheckpointError):
     """A delta checkpoint saved for a different backbone than the one it is loaded into."""
+
+
+class BackboneUnverifiedError(CheckpointError):
+    """A delta checkpoint that records no backbone hash: refused unless the caller passes ``check_hash=False``."""
 
 
 class ResourceLimitError(DeltaConfigError, MemoryError):

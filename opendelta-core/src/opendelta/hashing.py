@@ -5,6 +5,13 @@ bfloat16. This one hashes every parameter's name, shape and dtype, and an evenly
 ``SAMPLE`` values of each tensor (cast to float32), with SHA-256: a few milliseconds for a base-size model, exact
 for the structure, and different weights (another checkpoint, an untrained task head) change it with
 overwhelming probability. Delta parameters are left out, so the hash describes the backbone alone.
+
+Reduced precision: the same weights cast to float16 or bfloat16 (``model.half()``, ``torch_dtype=torch.bfloat16``)
+are the same backbone, but their exact hash differs (other dtype, rounded values). A checkpoint therefore also
+records :func:`reduced_precision_hashes`: the hash with every floating-point sample rounded to float16 (and to
+bfloat16) and the dtype left out of the header. Rounding is idempotent, so a backbone already in that precision,
+or one partly kept in float32 (T5's ``_keep_in_fp32_modules``), hashes to the same value; weights that differ by
+more than that precision's rounding (another checkpoint, an untrained head) still change it.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from torch import nn
 
 from opendelta.insertion import delta_parameter_names
 
-__all__ = ["SAMPLE", "backbone_hash", "parameter_sample"]
+__all__ = ["REDUCED_PRECISIONS", "SAMPLE", "backbone_hash", "parameter_sample", "reduced_precision_hashes"]
 
 SAMPLE = 4096
+
+REDUCED_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The precisions a checkpoint records a rounded hash for, by the name it records them under."""
 
 
 def parameter_sample(tensor: torch.Tensor) -> bytes:
@@ -34,10 +44,19 @@ def _sample(tensor: torch.Tensor) -> bytes:
     return values.numpy().tobytes()
 
 
+def _rounded(sample: bytes, precision: torch.dtype) -> bytes:
+    """A float32 sample's values rounded to ``precision`` (and back to float32, so every precision reads alike)."""
+    if not sample:
+        return sample
+    values = torch.frombuffer(bytearray(sample), dtype=torch.float32)
+    return values.to(precision).to(torch.float32).numpy().tobytes()
+
+
 def backbone_hash(
     model: nn.Module,
     overrides: Mapping[str, torch.Tensor] | None = None,
     samples: Mapping[str, bytes | None] | None = None,
+    precision: torch.dtype | None = None,
 ) -> str:
     """Fingerprint ``model``'s non-delta parameters.
 
@@ -48,6 +67,8 @@ def backbone_hash(
         samples: what :func:`parameter_sample` read of some parameters earlier, to use instead of their current
             values (a merged delta records its modules' parameters before merging); ``None`` leaves a parameter
             out (one that merging created).
+        precision: round every floating-point parameter's sample to this dtype and leave floating-point dtypes
+            out of the header (see the module docstring); ``None`` hashes exactly.
 
     Returns:
         ``"sha256:<hex>"``.
@@ -59,7 +80,19 @@ def backbone_hash(
         if name in skip or (name in samples and samples[name] is None):
             continue
         tensor = overrides[name].to(param.dtype) if name in overrides else param
-        digest.update(f"{name}|{tuple(tensor.shape)}|{param.dtype!s}\n".encode())
+        rounded = precision is not None and param.is_floating_point()
+        kind = "floating" if rounded else str(param.dtype)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{kind}\n".encode())
         recorded = samples.get(name)
-        digest.update(recorded if recorded is not None else _sample(tensor))
+        sample = recorded if recorded is not None else _sample(tensor)
+        digest.update(_rounded(sample, precision) if rounded else sample)  # type: ignore[arg-type]
     return "sha256:" + digest.hexdigest()
+
+
+def reduced_precision_hashes(
+    model: nn.Module,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+    samples: Mapping[str, bytes | None] | None = None,
+) -> dict[str, str]:
+    """:func:`backbone_hash` rounded to each of :data:`REDUCED_PRECISIONS`, by precision name."""
+    return {name: backbone_hash(model, overrides, samples, dtype) for name, dtype in REDUCED_PRECISIONS.items()}

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from opendelta.backbone_check import backbone_record
 from opendelta.checkpoint import config_document
 from opendelta.errors import DeltaStateError
-from opendelta.hashing import backbone_hash, parameter_sample
+from opendelta.hashing import parameter_sample
 from opendelta.insertion import delta_parameter_names
 from opendelta.saving import write_checkpoint
 
@@ -91,10 +92,10 @@ def save_finetuned_distributed(delta_model: DeltaModel, path: str | os.PathLike[
     else:
         tensors = full_delta_state_dict(delta_model)
         samples = {**delta_model.premerge_samples(), **_full_samples(delta_model)}
-        config = delta_model.config
-        config.backbone_hash = backbone_hash(backbone, samples=samples)  # every rank's config records it
+        record = backbone_record(backbone, tensors, samples=samples)
+        document = config_document(delta_model.config, record)  # every rank's config records the hash
         if is_main_process():
-            write_checkpoint(folder, config_document(config), tensors)
+            write_checkpoint(folder, document, tensors)
     if _distributed():
         dist.barrier()
     return folder
