@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
 import pickle
-import queue
 import re
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from opendelta.file_patterns import (
     FilePatterns,
 )
 from opendelta.testing import tiny_model
+from opendelta.testing.bounded import run_bounded
 
 GUARD_S = 120
 """Wall-clock guard for one load in the child: far above the bound (seconds), far below a hang."""
@@ -44,28 +43,12 @@ CATASTROPHIC = [
 ]
 
 
-def _child(results, function, args):
-    start = time.perf_counter()
-    try:
-        value = function(*args)
-        results.put(("ok", repr(value)[:200], time.perf_counter() - start))
-    except Exception as exc:  # the parent asserts on the type and message
-        results.put((type(exc).__name__, str(exc), time.perf_counter() - start))
-
-
 def bounded(function, *args):
     """``function(*args)`` in a forked child: (outcome, message, seconds); the test fails if it outlives the guard."""
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    child = context.Process(target=_child, args=(results, function, args))
-    child.start()
     try:
-        return results.get(timeout=GUARD_S)
-    except queue.Empty:
-        pytest.fail(f"{function.__name__}{args!r} still running after {GUARD_S} s: matching is not bounded")
-    finally:
-        child.kill()
-        child.join()
+        return run_bounded(function, *args, guard_s=GUARD_S)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}: matching is not bounded")
 
 
 @pytest.fixture
