@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from opendelta.testing import tiny_model
 from opendelta.testing.bounded import run_bounded
-from opendelta_lora import load_peft_adapter
-from opendelta_lora.peft_format import peft_target_names
+from opendelta_lora import LoraModel, load_peft_adapter
+from opendelta_lora.peft_format import lora_config_from_peft, peft_target_names
 
 peft = pytest.importorskip("peft")
 
@@ -119,6 +120,16 @@ def test_modules_to_save_are_names_matched_literally():
     assert "bert.pooler.dense" not in peft_target_names(
         {"target_modules": ["dense"], "modules_to_save": ["pooler"]}, model
     )
+
+
+def test_a_peft_name_starting_with_r_is_not_read_as_an_opendelta_regex():
+    """A module literally named ``[r]\\w+`` is LoRA's only target, not a regex designating every module."""
+    model = tiny_model("bert")
+    model.add_module(r"[r]\w+", nn.Linear(4, 4))
+    config = {"peft_type": "LORA", "r": 2, "target_modules": [r"[r]\w+"]}
+    assert peft_target_names(config, model) == [r"[r]\w+"]
+    delta_model = LoraModel(model, config=lora_config_from_peft(config, model))
+    assert [t.name for t in delta_model.targets] == [r"[r]\w+"]
 
 
 ORACLE_CASES = {

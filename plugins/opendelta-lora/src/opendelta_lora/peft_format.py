@@ -313,15 +313,17 @@ def _as_patterns(listed: Any, names: list[str], model: nn.Module) -> list[str]:
     """PEFT's own list of names when, read as OpenDelta patterns, it designates exactly ``names``; else ``names``.
 
     The rules agree (a name or a ``.``-suffix), but OpenDelta wants every pattern to match, and PEFT also skips
-    ``exclude_modules``, other layers and ``modules_to_save``.
+    ``exclude_modules``, other layers and ``modules_to_save``. A name starting with ``[r]`` (PEFT's, or a module's
+    own) would be read by OpenDelta as a regular expression: it becomes ``[r]`` and the escaped name.
     """
+    literal = [f"[r]{re.escape(n)}" if n.startswith("[r]") else n for n in names]
     if not isinstance(listed, list) or not all(isinstance(t, str) for t in listed):
-        return names
-    if any(t.startswith("[r]") for t in listed):  # a PEFT name; OpenDelta would read it as a regular expression
-        return names
+        return literal
+    if any(t.startswith("[r]") for t in listed):
+        return literal
     hits = {t: [n for n in backbone_module_names(model) if n == t or n.endswith(f".{t}")] for t in listed}
     chosen = {n for found in hits.values() for n in found}
-    return list(listed) if all(hits.values()) and chosen == set(names) else names
+    return list(listed) if all(hits.values()) and chosen == set(names) else literal
 
 
 def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
