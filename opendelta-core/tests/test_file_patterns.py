@@ -20,6 +20,7 @@ import pytest
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, CheckpointError, ModuleNotFoundInStructureError
 from opendelta.addressing import compile_patterns, find_matches
+from opendelta.errors import AddressingError
 from opendelta.file_patterns import (
     MAX_PATTERN_CHARS,
     MAX_PATTERNS,
@@ -180,3 +181,13 @@ def test_a_users_own_patterns_keep_the_stdlib_re_no_limits_and_todays_messages()
         "'...attention.self.key'); start it with '[r]' for a regular expression."
     )
     assert MAX_REGEX_SIZE > 1000  # the constants the messages name are real
+
+
+def test_a_method_configs_own_from_finetuned_marks_its_patterns(toy, checkpoint):
+    config = toy.config_class.from_finetuned(checkpoint)
+    assert config.read_from == {name: str(checkpoint) for name in ("modified_modules", "unfrozen_modules")}
+
+
+def test_an_invalid_regex_from_a_file_is_still_an_addressing_error_naming_the_file():
+    with pytest.raises(AddressingError, match=r"exclude_modules entry '\[r\]\(unclosed' in f\.json is not a valid"):
+        compile_patterns(FilePatterns(["[r](unclosed"], "f.json"), argument="exclude_modules")
