@@ -8,6 +8,9 @@ The rules are those of the original OpenDelta (manual section 1.15):
   (a span that starts at a ``.`` boundary and ends at the end): ``"[r][0-5]\.attention"``.
 * A name is *excluded* when it, or one of its ancestors, matches an ``exclude_modules`` pattern by the same rules
   (so an exclusion written as a full prefix, ``"bert.encoder.layer.11"``, keeps working).
+
+Patterns read from a file (a :class:`~opendelta.file_patterns.FilePatterns` list, or ``source=``) follow the same
+rules, with bounds: see :mod:`opendelta.file_patterns`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from opendelta import file_patterns
 from opendelta.errors import AddressingError, ModuleNotFoundInStructureError
 
 __all__ = ["Pattern", "compile_patterns", "find_matches", "is_excluded", "suggest_names"]
@@ -26,10 +30,11 @@ REGEX_PREFIX = "[r]"
 
 @dataclass(frozen=True)
 class Pattern:
-    """One compiled pattern; ``text`` is what the user wrote."""
+    """One compiled pattern; ``text`` is what the user wrote; ``source`` the file it came from, if any."""
 
     text: str
-    regex: re.Pattern[str] | None
+    regex: re.Pattern[str] | file_patterns.BoundedRegex | None
+    source: str | None = None
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` (a dotted module name) ends with this pattern on whole components."""
@@ -39,10 +44,20 @@ class Pattern:
         return any(self.regex.fullmatch(".".join(parts[i:])) for i in range(len(parts)))
 
 
-def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modified_modules") -> list[Pattern]:
-    """Validate and compile a list of patterns, naming ``argument`` in every error."""
+def compile_patterns(
+    patterns: Iterable[str] | str | None, argument: str = "modified_modules", *, source: str | None = None
+) -> list[Pattern]:
+    """Validate and compile a list of patterns, naming ``argument`` in every error.
+
+    Patterns read from a file (``source`` names it, or ``patterns`` is a ``FilePatterns``) are checked against the
+    limits of :mod:`opendelta.file_patterns` and their regular expressions matched under its time budget.
+    """
     if patterns is None:
         return []
+    source = source or file_patterns.source_of(patterns)
+    if source is not None:
+        file_patterns.check_limits(argument, patterns, source)
+        budget = file_patterns.MatchBudget(argument, source)
     if isinstance(patterns, (str, bytes)):
         raise AddressingError(f"{argument} must be a list of strings, got the string {patterns!r}; use [{patterns!r}]")
     if not isinstance(patterns, Iterable):
@@ -60,6 +75,9 @@ def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modi
                 raise AddressingError(
                     f"{argument} entry {text!r} has no regular expression after '[r]'; e.g. '[r][0-5]\\.attention'"
                 )
+            if source is not None:
+                compiled.append(Pattern(text, file_patterns.compile_file_regex(expression, text, budget), source))
+                continue
             try:
                 compiled.append(Pattern(text, re.compile(expression)))
             except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; parentheses nested 500 deep
@@ -68,7 +86,7 @@ def compile_patterns(patterns: Iterable[str] | str | None, argument: str = "modi
                     f'dot as "\\\\."'
                 ) from exc
         else:
-            compiled.append(Pattern(text, None))
+            compiled.append(Pattern(text, None, source))
     return compiled
 
 
@@ -126,18 +144,27 @@ def find_matches(
     missing = [t for t in texts if not hits[t]]
     if (require_each and missing) or not any(hits.values()):
         missing = missing or texts
-        suggestions = suggest_names(missing, names)
+        source = next((p.source for p in patterns if p.source), None)
+        if source is None:
+            listed, unmatched, suggestions = repr(texts), ", ".join(map(repr, missing)), suggest_names(missing, names)
+        else:  # a file's: thousands of misses must not each be echoed and fuzzily compared with every name
+            listed = f"{file_patterns.shown(texts)} (in {source})"
+            unmatched = file_patterns.shown(missing)[1:-1]
+            suggestions = suggest_names(file_patterns.shortened(missing), names)
         hint = f" Closest module names: {', '.join(map(repr, suggestions))}." if suggestions else ""
         raise ModuleNotFoundInStructureError(
-            f"modified_modules={texts!r}: {', '.join(map(repr, missing))} matched no module of {describe}.{hint} "
+            f"modified_modules={listed}: {unmatched} matched no module of {describe}.{hint} "
             f"A pattern matches the end of a module name on whole components ('key' matches "
             f"'...attention.self.key'); start it with '[r]' for a regular expression."
         )
     chosen = {n for hit in hits.values() for n in hit}
     result = [n for n in names if n in chosen and not is_excluded(n, exclude)]
     if not result:
+        excluded = [p.text for p in exclude]
+        from_file = any(p.source for p in [*patterns, *exclude])
         raise ModuleNotFoundInStructureError(
-            f"modified_modules={texts!r} matched {len(chosen)} module(s) of {describe}, but exclude_modules="
-            f"{[p.text for p in exclude]!r} excluded all of them."
+            f"modified_modules={file_patterns.shown(texts) if from_file else repr(texts)} matched {len(chosen)} "
+            f"module(s) of {describe}, but exclude_modules="
+            f"{file_patterns.shown(excluded) if from_file else repr(excluded)} excluded all of them."
         )
     return result

@@ -42,7 +42,9 @@ class AutoDeltaConfig:
     def from_finetuned(cls, finetuned_delta_path: str | os.PathLike[str], **kwargs: Any) -> DeltaConfig:
         """The config saved in a checkpoint folder, a ``config.json`` file, or a Hub repo."""
         raw = read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs))
-        return cls.from_dict(raw, **kwargs)
+        config = cls.from_dict(raw, **kwargs)
+        config.mark_read_from(finetuned_delta_path, overridden=kwargs)
+        return config
 
 
 class AutoDeltaModel:

@@ -124,7 +124,8 @@ class DeltaModel(nn.Module):
         if config is None:
             config = self.config_class.from_dict(kwargs)  # an unknown argument is named, with the known ones
         elif kwargs:
-            config = self.config_class.from_dict(config.to_dict(), **kwargs)
+            given, config = config, self.config_class.from_dict(config.to_dict(), **kwargs)
+            config.copy_marks(given, overridden=kwargs)  # patterns a file set stay the file's
         if type(config) is not self.config_class:
             raise DeltaConfigError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"

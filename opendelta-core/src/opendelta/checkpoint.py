@@ -202,6 +202,8 @@ def load_delta(
         if model_cls.delta_type != delta_type:
             raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
         config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
+        if delta_config is None:  # its patterns are the file's: checked now, matched with bounds
+            config.mark_read_from(folder / CONFIG_NAME, overridden=overrides)
         if state_dict is not None:
             tensors = state_dict
         else:

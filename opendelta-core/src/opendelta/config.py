@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
 from opendelta.errors import DeltaConfigError
+from opendelta.file_patterns import PATTERN_FIELDS, FilePatterns, check_limits
 from opendelta.ownership import refuse_foreign_config
 
 __all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
@@ -117,7 +118,45 @@ class DeltaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise to a JSON-ready dict, ``delta_type`` first."""
-        return {"delta_type": self.delta_type, **asdict(self)}
+        plain = {k: list(v) if isinstance(v, FilePatterns) else v for k, v in asdict(self).items()}
+        return {"delta_type": self.delta_type, **plain}
+
+    def mark_read_from(
+        self, path: str | os.PathLike[str], *, overridden: abc.Iterable[str] = (), fields: abc.Iterable[str] = ()
+    ) -> None:
+        """Record that this config's module patterns were read from the file ``path``: untrusted input.
+
+        Each pattern field (``fields``, by default all of ``opendelta.file_patterns.PATTERN_FIELDS``) not in
+        ``overridden`` (set in code by the caller) is checked against the file limits now, before any matching, and
+        becomes a ``FilePatterns`` list, which every matcher then handles with bounds (see
+        :mod:`opendelta.file_patterns`). The loaders call this; patterns set in code afterwards are the user's own.
+
+        Raises:
+            CheckpointError: a field holds too many or too long patterns (named, with the limit).
+        """
+        skip = set(overridden)
+        for name in tuple(fields) or PATTERN_FIELDS:
+            value = getattr(self, name, None)
+            if name in skip or not isinstance(value, list):
+                continue
+            check_limits(name, value, str(path))
+            setattr(self, name, FilePatterns(value, str(path)))
+
+    @property
+    def read_from(self) -> dict[str, str]:
+        """The pattern fields that came from a file, and the file (see :meth:`mark_read_from`)."""
+        return {
+            name: value.source
+            for name in PATTERN_FIELDS
+            if isinstance(value := getattr(self, name, None), FilePatterns)
+        }
+
+    def copy_marks(self, other: DeltaConfig, overridden: abc.Iterable[str] = ()) -> None:
+        """Mark the pattern fields ``other`` read from a file as read from it here too, unless ``overridden``."""
+        skip = set(overridden)
+        for name, source in other.read_from.items():
+            if name not in skip:
+                self.mark_read_from(source, fields=[name])
 
     @classmethod
     def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
@@ -168,7 +207,9 @@ class DeltaConfig:
         """Read a config from a checkpoint folder or a ``config.json`` file (``kwargs`` override entries)."""
         from opendelta.saving import read_config_dict
 
-        return cls.from_dict(read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs)), **kwargs)
+        config = cls.from_dict(read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs)), **kwargs)
+        config.mark_read_from(finetuned_delta_path, overridden=kwargs)
+        return config
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

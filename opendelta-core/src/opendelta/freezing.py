@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
+from opendelta.file_patterns import source_of
 from opendelta.insertion import WRAPPED_ATTR, delta_parameter_names
 
 __all__ = [
@@ -49,8 +50,10 @@ def freeze_module(module: nn.Module, exclude: Sequence[str] | None = None, set_s
 
 
 def _rules(exclude: Sequence[str] | None) -> tuple[bool, Any]:
+    source = source_of(exclude)  # a config's unfrozen_modules read from a file: matched with bounds
     exclude = [DELTAS_KEYWORD] if exclude is None else list(exclude)
-    patterns = compile_patterns([e for e in exclude if e != DELTAS_KEYWORD], argument="exclude")
+    argument = "exclude" if source is None else "unfrozen_modules"
+    patterns = compile_patterns([e for e in exclude if e != DELTAS_KEYWORD], argument=argument, source=source)
     return DELTAS_KEYWORD in exclude, patterns
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from opendelta import file_patterns
 from opendelta.addressing import compile_patterns, find_matches, is_excluded
 from opendelta.errors import ModuleNotFoundInStructureError
 from opendelta.insertion import iter_delta_modules
@@ -133,8 +134,13 @@ def resolve_targets(
                 Target(real, modules[real], hit.name, None if whole else parts, None if whole else hit.num_parts)
             )
     if not targets:
+        texts, excluded = [p.text for p in patterns], [p.text for p in exclude]
+        if any(p.source for p in [*patterns, *exclude]):  # a file's lists may be long: show their start
+            listed, unlisted = file_patterns.shown(texts), file_patterns.shown(excluded)
+        else:
+            listed, unlisted = repr(texts), repr(list(exclude_modules or []))
         raise ModuleNotFoundInStructureError(
-            f"{method}: modified_modules={[p.text for p in patterns]!r} matched modules of {describe}, but "
-            f"exclude_modules={list(exclude_modules or [])!r} excluded all of them"
+            f"{method}: modified_modules={listed} matched modules of {describe}, but "
+            f"exclude_modules={unlisted} excluded all of them"
         )
     return targets

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from opendelta import CheckpointError
+from opendelta import CheckpointError, file_patterns
+from opendelta.errors import AddressingError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import read_pickled_tensors
 from opendelta.shapes import LINEAR_TYPES
@@ -182,14 +183,18 @@ def _all_linear(model: nn.Module, task_type: str | None) -> set[str]:
     return names
 
 
-def _in_layers(key: str, layers: int | list[int], pattern: str | list[str] | None) -> bool:
-    """PEFT's ``layers_to_transform``: the first numbered segment (after ``layers_pattern``) is one of ``layers``."""
+def _in_layers(key: str, layers: int | set[int], pattern: str | list[str] | None) -> bool:
+    """PEFT's ``layers_to_transform``: the first numbered segment (after ``layers_pattern``) is one of ``layers``.
+
+    ``layers_pattern`` names the layer list (``"layers"``, ``"h"``): it is read as a name, so a ``.`` or ``*`` in
+    it from a crafted file is matched literally.
+    """
     if not pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         match = None
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            match = re.match(rf"(?:^|.*?\.){re.escape(p)}\.(?P<idx>\d+)\.", key)
             if match is not None:
                 break
     if match is None:
@@ -198,13 +203,34 @@ def _in_layers(key: str, layers: int | list[int], pattern: str | list[str] | Non
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def peft_target_names(config: Mapping[str, Any], model: nn.Module) -> list[str]:
+_PATTERN_KEYS = ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save", "layers_to_transform")
+"""The fields of an adapter_config.json that designate modules: untrusted, checked by ``check_limits`` first."""
+
+
+def _under(key: str, name: str) -> bool:
+    r"""Whether ``name`` (literal, whole components) is ``key`` or one of its ancestors or their suffixes.
+
+    PEFT's ``re.match(rf"(^|.*\.){name}($|\..*)", key)`` for ``modules_to_save``, with ``name`` escaped.
+    """
+    return f".{name}." in f".{key}."
+
+
+def peft_target_names(config: Mapping[str, Any], model: nn.Module, *, source: str = "the PEFT adapter") -> list[str]:
     """The modules PEFT puts LoRA on for ``config``, by PEFT's own rules, in module order.
 
     ``target_modules`` is a list of names (a module matches its full name or a ``.``-suffix), a regular expression
     (a full match of the name) or ``"all-linear"``; ``exclude_modules`` likewise; ``layers_to_transform`` (with
     ``layers_pattern``) keeps the layers of the given indices; modules under ``modules_to_save`` are never targets.
+
+    The config comes from a file (``source``): its pattern fields are checked against the limits of
+    :mod:`opendelta.file_patterns` first, its regular expressions matched under a time budget, and its names
+    (lists, ``layers_pattern``, ``modules_to_save``) matched literally.
+
+    Raises:
+        CheckpointError: too many or too long patterns, a regex too slow to match (each named).
     """
+    for key in _PATTERN_KEYS:
+        file_patterns.check_limits(key, config.get(key), source)
     targets = config.get("target_modules")
     task_type = config.get("task_type")
     if isinstance(targets, str) and targets.lower() == "all-linear":
@@ -213,16 +239,19 @@ def peft_target_names(config: Mapping[str, Any], model: nn.Module) -> list[str]:
     saved = config.get("modules_to_save") or []
     layers = config.get("layers_to_transform")
     use_layers = layers is not None and (layers != [] if isinstance(layers, list) else True)
+    layers = set(layers) if isinstance(layers, list) else layers
+    target_regex = _file_regex("target_modules", targets, source)
+    exclude_regex = _file_regex("exclude_modules", exclude, source)
     found = []
     for key in backbone_module_names(model):
-        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+        if exclude_regex is not None and exclude_regex.fullmatch(key):
             continue
         if isinstance(exclude, (list, tuple)) and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
             continue
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in saved):
+        if any(_under(key, m) for m in saved):
             continue
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, key) is not None
+        if target_regex is not None:
+            hit = target_regex.fullmatch(key) is not None
         elif key in targets:
             hit = True
         else:
@@ -231,6 +260,17 @@ def peft_target_names(config: Mapping[str, Any], model: nn.Module) -> list[str]:
         if hit:
             found.append(key)
     return found
+
+
+def _file_regex(field: str, value: Any, source: str) -> file_patterns.BoundedRegex | None:
+    """PEFT's string form of ``field`` (a regex fully matching a module name), compiled with bounds; else ``None``."""
+    if not isinstance(value, str):
+        return None
+    budget = file_patterns.MatchBudget(field, source)
+    try:
+        return file_patterns.compile_file_regex(value, value, budget)
+    except AddressingError as exc:  # what PEFT itself would fail on, with re.error
+        raise CheckpointError(str(exc)) from exc
 
 
 def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str = "the PEFT adapter") -> LoraConfig:
@@ -243,10 +283,12 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
     _check_supported(config, source)
     if not config.get("target_modules"):
         raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
-    names = peft_target_names(config, model)
+    names = peft_target_names(config, model, source=source)
     if not names:
+        listed = config["target_modules"]
+        listed = file_patterns.shown(listed) if isinstance(listed, list) else repr(listed)  # a file's: maybe long
         raise CheckpointError(
-            f"{source}: target_modules={config['target_modules']!r} matches no module of this "
+            f"{source}: target_modules={listed} matches no module of this "
             f"{type(model).__name__}; the adapter was made for another architecture"
         )
     modules = dict(model.named_modules())
@@ -271,13 +313,17 @@ def _as_patterns(listed: Any, names: list[str], model: nn.Module) -> list[str]:
     """PEFT's own list of names when, read as OpenDelta patterns, it designates exactly ``names``; else ``names``.
 
     The rules agree (a name or a ``.``-suffix), but OpenDelta wants every pattern to match, and PEFT also skips
-    ``exclude_modules``, other layers and ``modules_to_save``.
+    ``exclude_modules``, other layers and ``modules_to_save``. A name starting with ``[r]`` (PEFT's, or a module's
+    own) would be read by OpenDelta as a regular expression: it becomes ``[r]`` and the escaped name.
     """
+    literal = [f"[r]{re.escape(n)}" if n.startswith("[r]") else n for n in names]
     if not isinstance(listed, list) or not all(isinstance(t, str) for t in listed):
-        return names
+        return literal
+    if any(t.startswith("[r]") for t in listed):
+        return literal
     hits = {t: [n for n in backbone_module_names(model) if n == t or n.endswith(f".{t}")] for t in listed}
     chosen = {n for found in hits.values() for n in found}
-    return list(listed) if all(hits.values()) and chosen == set(names) else names
+    return list(listed) if all(hits.values()) and chosen == set(names) else literal
 
 
 def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
