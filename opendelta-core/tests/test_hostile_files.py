@@ -146,6 +146,18 @@ def test_a_small_zip_that_inflates_past_what_a_delta_can_hold_is_refused_before_
     assert_refused(folder, CheckpointError, r"pytorch_model\.bin \(.* bytes on disk\) would take .* refused before")
 
 
+def test_inspect_refuses_a_zip_bomb_without_a_backbone_to_bound_it(legacy):
+    """``opendelta inspect`` has no backbone: a file may then inflate to MAX_INFLATION times its size, no more."""
+    from opendelta.cli.inspect_cmd import describe
+
+    folder, tensors = legacy
+    write_zip_bomb(folder / "pytorch_model.bin", tensors, inflated_bytes=32 << 20)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin \(.* bytes on disk\) would take .* refused before"):
+        describe(str(folder))
+    write_deflated(folder / "pytorch_model.bin", tensors)  # the control: a small deflated file is described
+    assert describe(str(folder))["tensors"]["delta"]["count"] > 0
+
+
 def test_a_deflated_legacy_file_within_the_bound_still_loads(legacy):
     """The control: compression itself is fine (torch.load inflates), only the declared size is bounded."""
     folder, tensors = legacy

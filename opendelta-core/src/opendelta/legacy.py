@@ -86,6 +86,10 @@ LEGACY_SIZE_SLACK = 8 << 20
 a tiny test backbone."""
 
 
+MAX_INFLATION = 4
+"""How many times its size on disk a weights file may take once read, when no backbone bounds it."""
+
+
 def legacy_size_limit(backbone: nn.Module) -> int:
     """The most bytes a legacy weights file for ``backbone`` may hold once read (a bound, not an estimate).
 
@@ -102,12 +106,14 @@ def read_legacy_weights(folder: Path, *, max_bytes: int | None = None) -> dict[s
     return read_pickled_tensors(contained_file(folder, LEGACY_WEIGHTS_NAME, "weights file"), max_bytes=max_bytes)
 
 
-def _check_size(path: Path, max_bytes: int) -> None:
+def _check_size(path: Path, max_bytes: int | None) -> None:
     """Refuse ``path`` before reading it if it would take more than ``max_bytes``, inflated or not.
 
     ``torch.save`` writes a zip whose members are the tensors' storages; a member may be compressed, so what it
     takes is the size its header declares (``torch.load`` allocates that), not its size on disk. A plain pickle
-    (the format before torch 1.6) is read as it is.
+    (the format before torch 1.6) is read as it is. Without ``max_bytes`` (no backbone to bound it, as for
+    ``opendelta inspect``), a file may take :data:`MAX_INFLATION` times its size on disk: ``torch.save`` stores its
+    members uncompressed, so only a zip bomb inflates more.
     """
     try:
         on_disk = path.stat().st_size
@@ -118,6 +124,8 @@ def _check_size(path: Path, max_bytes: int) -> None:
                 sizes = {info.filename: info.file_size for info in archive.infolist()}
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
         raise CheckpointError(f"cannot read {path} as a torch.save file ({type(exc).__name__}: {exc})") from exc
+    if max_bytes is None:
+        max_bytes = MAX_INFLATION * on_disk + LEGACY_SIZE_SLACK
     total = sum(sizes.values())
     if total > max_bytes:
         largest = max(sizes, key=sizes.__getitem__)
@@ -141,14 +149,14 @@ def read_pickled_tensors(path: Path, *, max_bytes: int | None = None) -> dict[st
 
     Args:
         path: the file.
-        max_bytes: refuse, before reading, a file that would take more (see :func:`legacy_size_limit`).
+        max_bytes: refuse, before reading, a file that would take more (see :func:`legacy_size_limit`); by
+            default, one that would take more than :data:`MAX_INFLATION` times its size on disk.
 
     Raises:
         CheckpointError: the file holds something other than a mapping of names to dense tensors (a code-running
             object included: it is refused before it runs), is not a readable ``torch.save`` file, or is too big.
     """
-    if max_bytes is not None:
-        _check_size(path, max_bytes)
+    _check_size(path, max_bytes)
     try:
         with warnings.catch_warnings():  # a plain pickle (not torch.save's zip) makes torch warn about its protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
