@@ -93,7 +93,7 @@ def checked_tensors(
             )
         target = targets.get(name)
         cast = tensor if target is None else tensor.to(target.dtype)
-        if not bool(torch.isfinite(cast).all()):
+        if target is not None and not bool(torch.isfinite(cast).all()):
             raise CheckpointError(
                 f"{source}: {name!r} holds values beyond the range of {target.dtype}, the dtype of the parameter it "
                 f"is loaded into (as {tensor.dtype} they reach {tensor.abs().max().item():.3g}; cast they become "
