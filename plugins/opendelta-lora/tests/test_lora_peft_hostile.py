@@ -22,6 +22,7 @@ from opendelta.errors import OpenDeltaError
 from opendelta.testing import Pristine, model_output_tensor, tiny_inputs, tiny_model
 from opendelta.testing.hostile import BAD_VALUES, ODD_TENSORS, damage_garbage, damage_truncate, write_zip_bomb
 from opendelta_lora import load_peft_adapter
+from opendelta_lora.peft_format import lora_config_from_peft
 
 peft = pytest.importorskip("peft")
 
@@ -127,6 +128,13 @@ def test_a_wrongly_typed_field_is_refused_naming_file_and_field(adapter, field, 
     # from_finetuned picks the reader by peft_type, so a wrong one is refused there before (see test_lora_peft_...)
     loaders = (load_peft_adapter,) if field == "peft_type" else (load_peft_adapter, AutoDeltaModel.from_finetuned)
     assert_refused(adapter, rf"adapter_config\.json: field '{field}' must be {must}", loaders)
+
+
+@pytest.mark.parametrize("r", ["abc", 2.7, 2**70])
+def test_a_config_given_directly_is_checked_too(r):
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["query"]}
+    with pytest.raises(CheckpointError, match="the PEFT adapter: field 'r' must be a positive integer"):
+        lora_config_from_peft(config, tiny_model("bert"))
 
 
 def test_a_huge_or_nested_adapter_config_is_refused_before_parsing(adapter):

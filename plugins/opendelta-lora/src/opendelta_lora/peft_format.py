@@ -239,9 +239,10 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
     """The :class:`LoraConfig` that computes what the PEFT LoRA ``config`` computes on ``model``.
 
     Raises:
-        CheckpointError: an unsupported PEFT feature (named), no ``target_modules``, targets that match nothing or
-            that are not linear layers.
+        CheckpointError: a field of the wrong type or range (named), an unsupported PEFT feature (named), no
+            ``target_modules``, targets that match nothing or that are not linear layers.
     """
+    check_peft_fields(config, source)  # (load_peft_adapter has checked them already, naming the file)
     _check_supported(config, source)
     if not config.get("target_modules"):
         raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
