@@ -28,8 +28,23 @@ from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_ve
 from opendelta.config import CONFIG_NAME, DeltaConfig
 from opendelta.errors import CheckpointError, DeltaStateError
 from opendelta.insertion import delta_parameter_names
-from opendelta.legacy import is_legacy_checkpoint, legacy_config, legacy_state_dict, read_legacy_weights
-from opendelta.saving import checkpoint_lock, load_weights, read_config_dict, resolve_checkpoint, write_checkpoint
+from opendelta.legacy import (
+    LEGACY_WEIGHTS_NAME,
+    is_legacy_checkpoint,
+    legacy_config,
+    legacy_size_limit,
+    legacy_state_dict,
+    read_legacy_weights,
+)
+from opendelta.saving import (
+    checkpoint_lock,
+    load_weights,
+    read_config_dict,
+    resolve_checkpoint,
+    weights_name,
+    write_checkpoint,
+)
+from opendelta.tensor_checks import checked_tensors, plain_tensors
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
@@ -142,21 +157,6 @@ def _check_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor
         raise CheckpointError(f"{source} does not fit this backbone; shape mismatch for {'; '.join(wrong[:5])}")
 
 
-def _check_tensor_values(tensors: Any, source: str) -> None:
-    """Refuse, before the backbone changes, what cannot be trained weights: non-tensors, integer or NaN/inf values."""
-    if not isinstance(tensors, dict) or not all(isinstance(n, str) for n in tensors):
-        raise CheckpointError(f"the weights of {source} must map parameter names to tensors")
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
-            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise CheckpointError(f"{source}: {name!r} is {kind}, not a floating-point tensor; the file is damaged")
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f"{source}: {name!r} holds NaN or infinite values (training diverged, or the file is damaged); "
-                f"nothing was loaded"
-            )
-
-
 def load_delta(
     cls: type[DeltaModel],
     path: str | os.PathLike[str],
@@ -206,10 +206,16 @@ def load_delta(
             config.mark_read_from(folder / CONFIG_NAME, overridden=overrides)
         if state_dict is not None:
             tensors = state_dict
+        elif legacy:
+            tensors = read_legacy_weights(folder, max_bytes=legacy_size_limit(backbone))
         else:
-            tensors = read_legacy_weights(folder) if legacy else load_weights(folder, raw)
-    if not legacy:  # a legacy file also holds buffers (GPT-2's boolean mask) that legacy_state_dict drops
-        _check_tensor_values(tensors, str(folder))
+            tensors = load_weights(folder, raw)
+    weights = LEGACY_WEIGHTS_NAME if legacy else weights_name(raw)
+    source = str(folder if state_dict is not None else folder / weights)  # what the tensor messages name
+    if legacy:  # a legacy file also holds buffers (GPT-2's boolean mask) that legacy_state_dict drops
+        tensors = plain_tensors(tensors, source)
+    else:
+        tensors = checked_tensors(tensors, source, targets=dict(backbone.named_parameters()))
 
     backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
     backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
@@ -241,12 +247,14 @@ def load_delta(
                 f"{folder} does not fit the {delta_type!r} delta built from its own config on this backbone: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {misshaped[:5]}"
             )
-        if legacy:  # checked here, once the names are known to fit: it names the wrong ones better
-            _check_tensor_values(tensors, str(folder))
+        # checked here too, once the names are known to fit (a legacy file's wrong ones are named better), and
+        # against the dtype of the delta's own parameters, known now: 1e300 in float64 is inf in a float32 delta
+        params = dict(backbone.named_parameters())
+        delta_part = checked_tensors(delta_part, source, targets=own)
+        backbone_part = checked_tensors(backbone_part, source, targets=params)
         with torch.no_grad():
             for name, tensor in delta_part.items():
                 own[name].copy_(tensor)
-            params = dict(backbone.named_parameters())
             for name, tensor in backbone_part.items():
                 params[name].copy_(tensor)
     except BaseException:

@@ -43,6 +43,19 @@ METADATA_FIELDS = frozenset(
 C = TypeVar("C", bound="DeltaConfig")
 
 
+INT64_RANGE = range(-(2**63), 2**63)
+"""The integers a size or count may take: a tensor's sizes are int64, and JSON integers have no bound."""
+
+
+def _beyond_int64(value: Any) -> bool:
+    """Whether ``value`` is, or holds, an integer no int64 can hold (``2**70`` in a hand-written config)."""
+    if isinstance(value, (list, tuple)):
+        return any(_beyond_int64(v) for v in value)
+    if isinstance(value, dict):
+        return any(_beyond_int64(k) or _beyond_int64(v) for k, v in value.items())
+    return isinstance(value, int) and not isinstance(value, bool) and value not in INT64_RANGE
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = get_origin(hint)
     if hint is Any:
@@ -60,9 +73,11 @@ def _type_ok(value: Any, hint: Any) -> bool:
         key, val = get_args(hint) or (Any, Any)
         return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, val) for k, v in value.items())
     if hint is float:  # NaN and infinity pass every "x > 0" check a plugin writes, so they are refused here
+        if isinstance(value, int) and value not in INT64_RANGE:
+            return False  # math.isfinite(10**400) raises OverflowError
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and value in INT64_RANGE
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -103,8 +118,12 @@ class DeltaConfig:
                 value = list(value)
                 setattr(self, f.name, value)
             if not _type_ok(value, hints[f.name]):
+                beyond = _beyond_int64(value)
+                shown = repr(value) if not beyond else f"a {type(value).__name__} holding an integer beyond int64"
+                shown = "an integer beyond int64" if beyond and isinstance(value, int) else shown
                 raise DeltaConfigError(
-                    f"{type(self).__name__}.{f.name} must be {hints[f.name]}, got {value!r} ({type(value).__name__})"
+                    f"{type(self).__name__}.{f.name} must be {hints[f.name]}, got {shown}"
+                    + (" (no tensor size or count can be that large)" if beyond else f" ({type(value).__name__})")
                 )
         self.validate()
 

@@ -16,6 +16,9 @@ How they are read here, without running anything the file contains:
 
 * the weights with ``torch.load(..., weights_only=True)``: a pickle that holds anything but tensors (an object
   whose unpickling would run code) is refused before any of it is executed, with :class:`CheckpointError`;
+  before that, the file's size (for ``torch.save``'s zip: the sizes its members declare once inflated) is held to
+  what a delta for the backbone can hold (:func:`legacy_size_limit`), so a small file cannot take gigabytes;
+  sparse, meta, nested and quantized tensors are refused (:mod:`opendelta.tensor_checks`);
 * the config is translated to ours (:func:`legacy_config`): ``@`` names become common names, spelled-out defaults
   become ``None``, stale fields are dropped, then the method's :meth:`DeltaModel.translate_legacy_config` hook runs;
 * the tensors are translated after the delta model is built (:func:`legacy_state_dict`): backbone buffers saved
@@ -33,6 +36,7 @@ import logging
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,14 +45,18 @@ import torch
 
 from opendelta.errors import CheckpointError
 from opendelta.saving import contained_file
+from opendelta.tensor_checks import plain_tensors
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from opendelta.base import DeltaModel
 
 __all__ = [
     "LEGACY_WEIGHTS_NAME",
     "is_legacy_checkpoint",
     "legacy_config",
+    "legacy_size_limit",
     "legacy_state_dict",
     "read_legacy_weights",
     "read_pickled_tensors",
@@ -73,26 +81,91 @@ def is_legacy_checkpoint(folder: Path, config: Mapping[str, Any]) -> bool:
     return "weights_file" not in config and (folder / LEGACY_WEIGHTS_NAME).is_file()
 
 
-def read_legacy_weights(folder: Path) -> dict[str, torch.Tensor]:
+LEGACY_SIZE_SLACK = 8 << 20
+"""Bytes allowed beyond :func:`legacy_size_limit`'s multiple of the backbone: pickle records, a delta larger than
+a tiny test backbone."""
+
+
+MAX_INFLATION = 4
+"""How many times its size on disk a weights file may take once read, when no backbone bounds it."""
+
+
+def legacy_size_limit(backbone: nn.Module) -> int:
+    """The most bytes a legacy weights file for ``backbone`` may hold once read (a bound, not an estimate).
+
+    Such a file holds the delta plus, when the backbone was saved unfrozen, every backbone parameter and buffer. A
+    delta is smaller than its backbone for every method here, so twice the backbone's size bounds both; twice that
+    again allows the file to be in float32 where the backbone is float16; :data:`LEGACY_SIZE_SLACK` covers the rest.
+    """
+    tensors = [*backbone.parameters(), *backbone.buffers()]
+    return 4 * sum(t.numel() * t.element_size() for t in tensors) + LEGACY_SIZE_SLACK
+
+
+def read_legacy_weights(folder: Path, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of ``folder/pytorch_model.bin`` (see :func:`read_pickled_tensors`); a link out is refused."""
-    return read_pickled_tensors(contained_file(folder, LEGACY_WEIGHTS_NAME, "weights file"))
+    return read_pickled_tensors(contained_file(folder, LEGACY_WEIGHTS_NAME, "weights file"), max_bytes=max_bytes)
 
 
-def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _check_size(path: Path, max_bytes: int | None) -> None:
+    """Refuse ``path`` before reading it if it would take more than ``max_bytes``, inflated or not.
+
+    ``torch.save`` writes a zip whose members are the tensors' storages; a member may be compressed, so what it
+    takes is the size its header declares (``torch.load`` allocates that), not its size on disk. A plain pickle
+    (the format before torch 1.6) is read as it is. Without ``max_bytes`` (no backbone to bound it, as for
+    ``opendelta inspect``), a file may take :data:`MAX_INFLATION` times its size on disk: ``torch.save`` stores its
+    members uncompressed, so only a zip bomb inflates more.
+    """
+    try:
+        on_disk = path.stat().st_size
+        if not zipfile.is_zipfile(path):
+            sizes = {"the file": on_disk}
+        else:
+            with zipfile.ZipFile(path) as archive:
+                sizes = {info.filename: info.file_size for info in archive.infolist()}
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise CheckpointError(f"cannot read {path} as a torch.save file ({type(exc).__name__}: {exc})") from exc
+    if max_bytes is None:
+        max_bytes = MAX_INFLATION * on_disk + LEGACY_SIZE_SLACK
+    total = sum(sizes.values())
+    if total > max_bytes:
+        largest = max(sizes, key=sizes.__getitem__)
+        raise CheckpointError(
+            f"{path} ({on_disk:,} bytes on disk) would take {total:,} bytes once read (largest: {largest!r}, "
+            f"{sizes[largest]:,} bytes), more than the {max_bytes:,} a delta for this backbone can hold; it was "
+            f"refused before reading. If the file is right, load its tensors yourself and pass them: "
+            f"from_finetuned(path, model, state_dict=...)"
+        )
+
+
+def _refusal(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what it refused (the rest is the same for every file)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or line.startswith(("Unsupported", "Unknown"))]
+    return (specific or lines or [type(exc).__name__])[0][:300]
+
+
+def read_pickled_tensors(path: Path, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """The state dict in a pickle written by ``torch.save``, unpickled with ``weights_only=True``.
 
+    Args:
+        path: the file.
+        max_bytes: refuse, before reading, a file that would take more (see :func:`legacy_size_limit`); by
+            default, one that would take more than :data:`MAX_INFLATION` times its size on disk.
+
     Raises:
-        CheckpointError: the file holds something other than a mapping of names to tensors (a code-running object
-            included: it is refused before it runs), or is not a readable ``torch.save`` file.
+        CheckpointError: the file holds something other than a mapping of names to dense tensors (a code-running
+            object included: it is refused before it runs), is not a readable ``torch.save`` file, or is too big.
     """
+    _check_size(path, max_bytes)
     try:
         with warnings.catch_warnings():  # a plain pickle (not torch.save's zip) makes torch warn about its protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)  # qint8
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} holds Python objects other than tensors, so it was refused without running them (OpenDelta "
-            f"reads pickled weights with torch.load(weights_only=True); refused: {str(exc).splitlines()[0][:300]}). "
+        raise CheckpointError(  # torch cannot tell a forbidden object from bytes that are no pickle: both said
+            f"{path} holds Python objects other than tensors, so it was refused without running them (or it is not "
+            f"a torch.save file at all: damaged, or garbage; torch.load(weights_only=True) refused: {_refusal(exc)}). "
             f"If you trust the file, load it yourself, keep only its tensors and pass them on: "
             f"from_finetuned(path, model, state_dict={{name: tensor ...}})"
         ) from exc
@@ -108,7 +181,7 @@ def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path} must map parameter names to tensors only, but holds {', '.join(wrong[:5])}; if the state dict "
             f"is nested (under 'state_dict' or 'model'), pass it with from_finetuned(..., state_dict=...)"
         )
-    return dict(loaded)
+    return plain_tensors(loaded, str(path))
 
 
 def strip_legacy_names(patterns: list[str] | None, common_structure: Any, field: str) -> tuple[list[str] | None, bool]:

@@ -62,7 +62,9 @@ __all__ = [
     "contained_file",
     "load_weights",
     "read_config_dict",
+    "read_safetensors",
     "resolve_checkpoint",
+    "weights_name",
     "write_atomically",
     "write_checkpoint",
 ]
@@ -274,9 +276,14 @@ def contained_file(folder: Path, name: Any, field: str) -> Path:
     return path
 
 
+def weights_name(config: Mapping[str, Any]) -> Any:
+    """The weights file a checkpoint's config names (unchecked: see :func:`contained_file`)."""
+    return config.get("weights_file", f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}")
+
+
 def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint in ``folder``, checked against the digest its config records."""
-    name = config.get("weights_file", f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}")
+    name = weights_name(config)
     path = contained_file(folder, name, "weights_file")
     if not path.is_file():
         raise CheckpointError(f"{folder / CONFIG_NAME} names weights file {name!r}, which is missing")
@@ -285,7 +292,17 @@ def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor
         raise CheckpointError(f"weights_sha256 in {folder / CONFIG_NAME} must be a hex string, got {expected!r}")
     if expected and file_sha256(path) != expected:
         raise CheckpointError(f"{path} does not match the sha256 recorded in its config: the file is damaged")
+    return read_safetensors(path)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, for every format that stores them so (ours, PEFT's).
+
+    Raises:
+        CheckpointError: naming the file, when it is truncated, damaged or not safetensors at all (safetensors'
+            own errors name neither the file nor what to do).
+    """
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is damaged") from exc

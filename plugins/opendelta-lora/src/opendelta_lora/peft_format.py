@@ -25,17 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from opendelta import CheckpointError, file_patterns
 from opendelta.errors import AddressingError
 from opendelta.insertion import delta_parameter_names
-from opendelta.legacy import read_pickled_tensors
+from opendelta.legacy import legacy_size_limit, read_pickled_tensors
+from opendelta.saving import read_config_dict, read_safetensors
 from opendelta.shapes import LINEAR_TYPES
 from opendelta.targets import backbone_module_names
+from opendelta.tensor_checks import checked_tensors
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.model import LoraModel
+from opendelta_lora.peft_fields import check_peft_fields
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -128,20 +131,19 @@ def _adapter_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {folder / ADAPTER_CONFIG_NAME}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG_NAME} must hold a JSON object")
+    """The adapter's config, read as a checkpoint's ``config.json`` is (size-capped JSON object), fields checked."""
+    config = read_config_dict(folder / ADAPTER_CONFIG_NAME)
+    check_peft_fields(config, str(folder / ADAPTER_CONFIG_NAME))
     return config
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path, backbone_model: nn.Module) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file and its tensors, read as this library reads its own and legacy files (same checks)."""
     if (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        return load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+        return folder / ADAPTER_WEIGHTS_NAME, read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
     if (folder / _PICKLED_WEIGHTS_NAME).is_file():
-        return read_pickled_tensors(folder / _PICKLED_WEIGHTS_NAME)
+        path = folder / _PICKLED_WEIGHTS_NAME
+        return path, read_pickled_tensors(path, max_bytes=legacy_size_limit(backbone_model))
     raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
 
 
@@ -277,9 +279,10 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
     """The :class:`LoraConfig` that computes what the PEFT LoRA ``config`` computes on ``model``.
 
     Raises:
-        CheckpointError: an unsupported PEFT feature (named), no ``target_modules``, targets that match nothing or
-            that are not linear layers.
+        CheckpointError: a field of the wrong type or range (named), an unsupported PEFT feature (named), no
+            ``target_modules``, targets that match nothing or that are not linear layers.
     """
+    check_peft_fields(config, source)  # (load_peft_adapter has checked them already, naming the file)
     _check_supported(config, source)
     if not config.get("target_modules"):
         raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
@@ -348,7 +351,7 @@ def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -
     source = str(folder)
     config = _read_config(folder)
     lora_config = lora_config_from_peft(config, backbone_model, source)
-    tensors = _read_weights(folder)
+    weights_file, tensors = _read_weights(folder, backbone_model)
     if not all(name.startswith(_PREFIX) for name in tensors):
         odd = [n for n in tensors if not n.startswith(_PREFIX)]
         raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
@@ -370,6 +373,8 @@ def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -
                 f"tensors for {missing[:4]}, tensors that are neither LoRA nor backbone parameters {unexpected[:4]}, "
                 f"shape mismatch {misshaped[:4]}"
             )
+        lora = checked_tensors(lora, str(weights_file), targets=own)  # values as the native format checks them
+        heads = checked_tensors(heads, str(weights_file), targets=params)
         with torch.no_grad():
             for name, tensor in lora.items():
                 own[name].copy_(tensor)
