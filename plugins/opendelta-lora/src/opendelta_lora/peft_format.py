@@ -31,6 +31,7 @@ from torch import nn
 from opendelta import CheckpointError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import read_pickled_tensors
+from opendelta.saving import contained_file
 from opendelta.shapes import LINEAR_TYPES
 from opendelta.targets import backbone_module_names
 from opendelta_lora.config import LoraConfig
@@ -127,8 +128,9 @@ def _adapter_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    path = contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config")  # a link out is refused, as in ours
     try:
-        config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {folder / ADAPTER_CONFIG_NAME}: {exc}") from exc
     if not isinstance(config, dict):
@@ -137,10 +139,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a weights file that is a link out of ``folder`` is refused, as in OpenDelta's format."""
     if (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        return load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+        return load_file(str(contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")))
     if (folder / _PICKLED_WEIGHTS_NAME).is_file():
-        return read_pickled_tensors(folder / _PICKLED_WEIGHTS_NAME)
+        return read_pickled_tensors(contained_file(folder, _PICKLED_WEIGHTS_NAME, "the PEFT weights file"))
     raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
 
 
