@@ -22,25 +22,17 @@ from test_hub import COMMIT, put_in_hub_cache
 
 from opendelta import AutoDeltaModel, CheckpointError
 from opendelta.hub_cache import _repo_id_problem, check_hub_repo_id
-from opendelta.testing import Pristine, perturb, tiny_model
+from opendelta.testing import Pristine, tiny_model
 
 REPO = "someone/toy-delta"
 
 
 @pytest.fixture
-def checkpoint(toy, tmp_path):
-    delta_model = toy(tiny_model("bert"))
-    perturb(delta_model)
-    delta_model.freeze_module(exclude=["deltas", "classifier"])
-    return delta_model.save_finetuned(tmp_path / "ckpt")
-
-
-@pytest.fixture
-def cache(checkpoint, tmp_path):
+def cache(toy_checkpoint_dir, tmp_path):
     """A real cache holding ``REPO``, and ``outside``: a copy of the checkpoint in a folder beside the cache."""
     root = tmp_path / "hub-cache"
-    put_in_hub_cache(root, REPO, checkpoint)
-    shutil.copytree(checkpoint, tmp_path / "outside")
+    put_in_hub_cache(root, REPO, toy_checkpoint_dir)
+    shutil.copytree(toy_checkpoint_dir, tmp_path / "outside")
     return root
 
 
