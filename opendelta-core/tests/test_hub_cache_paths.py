@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_hub import COMMIT, put_in_hub_cache
 
 from opendelta import AutoDeltaModel, CheckpointError
-from opendelta.hub_cache import _repo_id_problem, check_hub_repo_id
+from opendelta.hub_cache import check_hub_repo_id, repo_id_problem
 from opendelta.testing import Pristine, tiny_model
 
 REPO = "someone/toy-delta"
@@ -147,6 +147,6 @@ def test_an_invalid_repo_id_is_a_checkpoint_error_saying_what_to_give(repo_id, t
 @given(st.text(alphabet="ab-_.Z9/ $", min_size=1, max_size=12))
 def test_a_repo_id_we_accept_is_one_the_hub_client_accepts(repo_id):
     """Our rules are never looser than the Hub's (so the client never raises its validation error at us)."""
-    if _repo_id_problem(repo_id) is None:
+    if repo_id_problem(repo_id) is None:
         validate_repo_id(repo_id)
         assert check_hub_repo_id(repo_id) == repo_id

@@ -25,7 +25,7 @@ from typing import Any
 from opendelta.errors import CheckpointError
 from opendelta.saving import link_stays_inside
 
-__all__ = ["COMMIT_RE", "check_hub_repo_id", "check_snapshot", "download_snapshot"]
+__all__ = ["COMMIT_RE", "check_hub_repo_id", "check_snapshot", "download_snapshot", "repo_id_problem"]
 
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 """A snapshot folder's name: the full commit hash (what ``huggingface_hub`` names them, and nothing else)."""
@@ -35,8 +35,8 @@ _MAX_PART = 96
 _PATTERNS = ["*.json", "*.safetensors", "*.md", "pytorch_model.bin"]
 
 
-def _repo_id_problem(repo_id: str) -> str | None:
-    """Why ``repo_id`` cannot name a Hub repo holding a delta, or ``None`` when it can."""
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot name a Hub repo holding a delta, or ``None`` when it can (never looser than the Hub)."""
     parts = repo_id.split("/")
     if len(parts) != 2:
         return "a Hub repo id is 'org/name', with one '/'"
@@ -60,7 +60,7 @@ def check_hub_repo_id(repo_id: str) -> str:
     Raises:
         CheckpointError: it is no folder here and cannot be a repo id; the message says both and what to give.
     """
-    problem = _repo_id_problem(repo_id)
+    problem = repo_id_problem(repo_id)
     if problem is not None:
         raise CheckpointError(
             f"no delta checkpoint at {repo_id!r}: no such folder, and not a Hub repo id ({problem}); give the "
