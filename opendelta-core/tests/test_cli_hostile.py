@@ -275,3 +275,13 @@ def test_the_console_script_refuses_hostile_input_in_one_line(toy_checkpoint_dir
         assert process.returncode == 1 and out == "", (args, out, err)
         assert_one_line_error(err, args[0], message)
     assert time.monotonic() - start < 240
+
+
+def test_merge_refuses_a_backbone_larger_than_memory_before_allocating(toy_checkpoint_dir, tmp_path, capsys):
+    """Each size within bounds, together 12 TiB of weights: refused from the meta skeleton, nothing allocated."""
+    huge = {"hidden_size": 2**16, "intermediate_size": 2**18, "num_attention_heads": 64, "num_hidden_layers": 64}
+    backbone, output = _model_folder(tmp_path, **huge), tmp_path / "o"
+    argv = ["merge", "--delta", str(toy_checkpoint_dir), "--backbone", str(backbone), "--output", str(output)]
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, "merge", "GiB for its weights", "it was not loaded")
+    assert not output.exists()

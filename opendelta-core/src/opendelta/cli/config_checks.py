@@ -9,6 +9,10 @@ the configs nested in it (a multimodal model's ``text_config``), must be within 
 near: :data:`MAX_LAYERS` for layer and block counts, :data:`MAX_SIZE` for the rest; and those that become tensor
 shapes or module counts must not be negative. Ids and indices (``pad_token_id: -1``, ``vision_feature_layer: -2``)
 are not sizes and are left alone. Every default config of the installed transformers passes (tested).
+
+Sizes each within bounds can still multiply to more than the machine holds; ``merge``, which loads real weights,
+also checks the model's size (its skeleton on the meta device) against the memory available
+(:func:`check_fits_in_memory`), so it is refused before transformers starts allocating.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
+from torch import nn
+
+from opendelta.budget import memory_limit
 from opendelta.cli.common import CommandError
 
-__all__ = ["MAX_LAYERS", "MAX_SIZE", "check_config_sizes"]
+__all__ = ["MAX_LAYERS", "MAX_SIZE", "check_config_sizes", "check_fits_in_memory"]
 
 MAX_LAYERS = 1024
 """Layers or blocks of one stack; the deepest published models have a few hundred (1024 build in about 4 s)."""
@@ -69,4 +77,20 @@ def check_config_sizes(config: Any, source: str) -> None:
         raise CommandError(
             f"the config in {source} sets {name}={value:,}, {why}: it is damaged or was crafted, and nothing was "
             f"built from it. Fix {name} in its config.json"
+        )
+
+
+def check_fits_in_memory(skeleton: nn.Module, source: str) -> None:
+    """Refuse to load a model whose parameters and buffers (sizes read from its meta ``skeleton``) exceed memory.
+
+    Raises:
+        CommandError: one line with the model's size and the memory available; nothing was allocated.
+    """
+    tensors = [*skeleton.parameters(), *skeleton.buffers()]
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    available = memory_limit(torch.device("cpu"))
+    if available is not None and needed > available:
+        raise CommandError(
+            f"the model in {source} needs {needed / 2**30:,.1f} GiB for its weights, and {available / 2**30:,.1f} "
+            f"GiB of memory is available: it was not loaded. Run on a machine with more memory, or check its config"
         )
