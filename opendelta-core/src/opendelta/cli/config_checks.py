@@ -80,14 +80,28 @@ def check_config_sizes(config: Any, source: str) -> None:
         )
 
 
-def check_fits_in_memory(skeleton: nn.Module, source: str) -> None:
+def _weights_dtype(config: Any) -> torch.dtype | None:
+    """The dtype the config says its weights are stored in (``dtype``, formerly ``torch_dtype``), if it says."""
+    value = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)  # no deprecation warning
+    value = getattr(torch, value, None) if isinstance(value, str) else value
+    return value if isinstance(value, torch.dtype) else None
+
+
+def check_fits_in_memory(skeleton: nn.Module, config: Any, source: str) -> None:
     """Refuse to load a model whose parameters and buffers (sizes read from its meta ``skeleton``) exceed memory.
+
+    Floating-point parameters are counted in the dtype ``config`` records for the weights (a bfloat16 checkpoint
+    takes half the room of the float32 skeleton), so a model that fits is not refused.
 
     Raises:
         CommandError: one line with the model's size and the memory available; nothing was allocated.
     """
-    tensors = [*skeleton.parameters(), *skeleton.buffers()]
-    needed = sum(t.numel() * t.element_size() for t in tensors)
+    stored = _weights_dtype(config)
+    size = stored.itemsize if stored is not None and stored.is_floating_point else None
+    needed = sum(
+        p.numel() * (size if size and p.is_floating_point() else p.element_size()) for p in skeleton.parameters()
+    )
+    needed += sum(b.numel() * b.element_size() for b in skeleton.buffers())
     available = memory_limit(torch.device("cpu"))
     if available is not None and needed > available:
         raise CommandError(

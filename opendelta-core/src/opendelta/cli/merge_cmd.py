@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     spec = get_method(str(raw.get("delta_type")))  # not installed: the error names the distribution to install
     config = load_config(args.backbone)
     cls = model_class(config, requested=args.class_name, recorded=raw.get("backbone_class"))
-    check_fits_in_memory(build_skeleton(config, cls), args.backbone)  # before transformers allocates any of it
+    check_fits_in_memory(build_skeleton(config, cls), config, args.backbone)  # before transformers allocates any of it
     backbone = load_pretrained(args.backbone, cls)
     check_hash = not args.no_check_hash
     try:
