@@ -17,3 +17,14 @@ def toy():
         yield ToyModel
     finally:
         reload()
+
+
+@pytest.fixture
+def toy_checkpoint_dir(toy, tmp_path):
+    """A trained toy delta on tiny BERT saved with its task head: ``tmp_path / "ckpt"``."""
+    from opendelta.testing import perturb, tiny_model
+
+    delta_model = toy(tiny_model("bert"))
+    perturb(delta_model)
+    delta_model.freeze_module(exclude=["deltas", "classifier"])
+    return delta_model.save_finetuned(tmp_path / "ckpt")

@@ -38,6 +38,7 @@ from opendelta.legacy import (
 )
 from opendelta.saving import (
     checkpoint_lock,
+    contained_file,
     load_weights,
     read_config_dict,
     resolve_checkpoint,
@@ -174,7 +175,7 @@ def load_delta(
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
     local, peft_config = Path(path), "adapter_config.json"
     if (local / peft_config).is_file() and not (local / CONFIG_NAME).is_file():  # a PEFT adapter folder
-        peft_type = str(read_config_dict(local / peft_config).get("peft_type"))
+        peft_type = str(read_config_dict(contained_file(local, peft_config, "the PEFT config")).get("peft_type"))
         spec = next((s for s in list_methods() if s.name == peft_type.lower()), None)
         reader_cls = cls if cls.delta_type not in ("", None) else (spec.model_cls if spec else None)
         reader = getattr(reader_cls, "from_peft", None)  # the method that reads PEFT's format of itself, if any

@@ -16,12 +16,13 @@ lock, one writer's clean-up could delete the weights the other is about to commi
 load never sees a config whose weights a concurrent save just replaced. A killed process's lock is released by the
 kernel; the temporary files of a save that was killed are removed by the next save.
 
-Untrusted input: ``config.json`` is size-capped JSON; the weights file it names must be a plain file name inside
-the folder (a link may only lead into the Hub cache's blob store of the same repo); the weights are safetensors,
-which hold tensors and nothing that runs.
+Untrusted input: ``config.json`` is size-capped JSON; it and the weights file it names must be plain file names
+inside the folder (a link may only lead into the Hub cache's blob store of the same repo, :func:`link_stays_inside`);
+the weights are safetensors, which hold tensors and nothing that runs.
 
 Checkpoints can also live on the Hugging Face Hub: a path that is not a local folder is resolved as a repo id
-through ``huggingface_hub`` (honouring ``cache_dir``, ``local_files_only``, ``force_download``, ``HF_HUB_OFFLINE``).
+through ``huggingface_hub`` (honouring ``cache_dir``, ``local_files_only``, ``force_download``, ``HF_HUB_OFFLINE``),
+and the cache entry it resolves to is checked not to lead outside the cache (``opendelta.hub_cache``).
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ __all__ = [
     "WEIGHTS_PREFIX",
     "checkpoint_lock",
     "contained_file",
+    "file_sha256",
+    "link_stays_inside",
     "load_weights",
     "read_config_dict",
     "read_safetensors",
     "resolve_checkpoint",
     "weights_name",
+    "weights_path",
     "write_atomically",
     "write_checkpoint",
 ]
@@ -210,28 +214,18 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) 
         if not (local / CONFIG_NAME).is_file():
             raise CheckpointError(f"{local} is a folder but holds no {CONFIG_NAME}: not a delta checkpoint")
         return local
-    repo_id = str(path_or_repo)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise CheckpointError(f"no delta checkpoint at {repo_id!r}: no such folder, and not a Hub repo id (user/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from opendelta.hub_cache import download_snapshot  # checks the repo id and that the cache entry stays inside
 
-    try:
-        return Path(
-            snapshot_download(
-                repo_id, allow_patterns=["*.json", "*.safetensors", "*.md", "pytorch_model.bin"], **hub_kwargs
-            )
-        )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(
-            f"no local folder {repo_id!r}, and the Hub repo could not be fetched ({type(exc).__name__}: {exc})"
-        ) from exc
+    return download_snapshot(str(path_or_repo), **hub_kwargs)
 
 
 def read_config_dict(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) -> dict[str, Any]:
     """The raw ``config.json`` of a checkpoint (folder, file or Hub repo id)."""
     local = Path(path_or_repo)
-    config_file = local if local.is_file() else resolve_checkpoint(path_or_repo, **hub_kwargs) / CONFIG_NAME
+    if local.is_file():  # the file itself was named: read it wherever it leads
+        config_file = local
+    else:
+        config_file = contained_file(resolve_checkpoint(path_or_repo, **hub_kwargs), CONFIG_NAME, "the config")
     try:
         size = config_file.stat().st_size
         if size > MAX_CONFIG_BYTES:
@@ -247,15 +241,18 @@ def read_config_dict(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) ->
     return data
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def link_stays_inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` (links followed) stays in ``folder``, or in the blob store of the Hub repo it snapshots.
 
-    A Hub cache snapshot (``models--user--name/snapshots/<rev>``) links each file into ``models--user--name/blobs``.
+    A Hub cache snapshot (``models--user--name/snapshots/<rev>``) links each file into ``models--user--name/blobs``;
+    that store counts only where it is the repo's own folder, not a link to somewhere else (``blobs -> /``).
     """
     target = path.resolve()
     roots = [folder.resolve()]
     if folder.parent.name == "snapshots":
-        roots.append((folder.parent.parent / "blobs").resolve())
+        repo = folder.parent.parent.resolve()
+        if (folder.parent.parent / "blobs").resolve() == repo / "blobs":
+            roots.append(repo / "blobs")
     return any(target.is_relative_to(root) for root in roots)
 
 
@@ -271,7 +268,7 @@ def contained_file(folder: Path, name: Any, field: str) -> Path:
             f"the checkpoint is damaged or was crafted to read other files"
         )
     path = folder / name
-    if path.exists() and not _inside(path, folder):
+    if (path.exists() or path.is_symlink()) and not link_stays_inside(path, folder):
         raise CheckpointError(f"{field} {name!r} in {folder} is a link that leads outside the checkpoint folder")
     return path
 
@@ -281,12 +278,21 @@ def weights_name(config: Mapping[str, Any]) -> Any:
     return config.get("weights_file", f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}")
 
 
-def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint in ``folder``, checked against the digest its config records."""
+def weights_path(folder: Path, config: dict[str, Any]) -> Path:
+    """The weights file ``config`` names in ``folder``, refused if it could leave the folder or is missing.
+
+    The loader and ``opendelta inspect`` both go through it, so they accept and refuse the same checkpoints.
+    """
     name = weights_name(config)
     path = contained_file(folder, name, "weights_file")
     if not path.is_file():
         raise CheckpointError(f"{folder / CONFIG_NAME} names weights file {name!r}, which is missing")
+    return path
+
+
+def load_weights(folder: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint in ``folder``, checked against the digest its config records."""
+    path = weights_path(folder, config)
     expected = config.get("weights_sha256")
     if expected is not None and not isinstance(expected, str):
         raise CheckpointError(f"weights_sha256 in {folder / CONFIG_NAME} must be a hex string, got {expected!r}")

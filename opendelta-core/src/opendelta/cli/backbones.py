@@ -18,6 +18,12 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from opendelta.cli.common import CommandError, one_line
 
+try:
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates config fields' types
+except ImportError:  # an older huggingface_hub: no such validation, nothing more to catch
+    StrictDataclassError = ValueError  # type: ignore[assignment,misc]
+from opendelta.cli.config_checks import check_config_sizes
+
 __all__ = ["TOKENIZER_FILES", "build_skeleton", "copy_tokenizer_files", "load_config", "load_pretrained", "model_class"]
 
 TOKENIZER_FILES = (
@@ -38,21 +44,35 @@ TOKENIZER_FILES = (
 """Files a model folder may hold beside the weights, that a merged model keeps (``save_pretrained`` skips them)."""
 
 
+MAX_MODEL_CONFIG_BYTES = 16 * 2**20
+"""A model's ``config.json`` is kilobytes (megabytes with a label map of thousands of classes); more is not one."""
+
+
 def load_config(path: str | os.PathLike[str]) -> PretrainedConfig:
-    """The transformers config of a model folder (or of a ``config.json`` file).
+    """The transformers config of a model folder (or of a ``config.json`` file), its sizes checked.
+
+    Every command that builds a model reads its config here, so none builds from a config whose sizes are
+    negative or absurd (see :mod:`opendelta.cli.config_checks`).
 
     Raises:
-        CommandError: no such path, no ``config.json``, or transformers cannot read it.
+        CommandError: no such path, no ``config.json``, transformers cannot read it, or a size is out of bounds.
     """
     location = Path(path)
     if not location.exists():
         raise CommandError(f"{location}: no such file or folder; give a model folder with a config.json, or the file")
     if location.is_dir() and not (location / "config.json").is_file():
         raise CommandError(f"{location} holds no config.json, so it is not a transformers model folder")
+    file = location / "config.json" if location.is_dir() else location
+    if file.stat().st_size > MAX_MODEL_CONFIG_BYTES:
+        raise CommandError(
+            f"{file} is {file.stat().st_size:,} bytes, more than a model config holds ({MAX_MODEL_CONFIG_BYTES:,}); "
+            f"it was not read"
+        )
     try:
         config: PretrainedConfig = AutoConfig.from_pretrained(str(location))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, StrictDataclassError) as exc:
         raise CommandError(f"transformers cannot read the config in {location}: {one_line(str(exc))}") from exc
+    check_config_sizes(config, str(location))
     return config
 
 
@@ -93,8 +113,14 @@ def model_class(
 
 def build_skeleton(config: PretrainedConfig, cls: type[PreTrainedModel] | None) -> nn.Module:
     """The model's module tree with every tensor on the ``meta`` device: right names, types and shapes, no data."""
-    with torch.device("meta"):
-        model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
+    try:
+        with torch.device("meta"):
+            model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, LookupError, AttributeError) as exc:  # clashes
+        raise CommandError(
+            f"transformers cannot build {(cls or AutoModel).__name__} from this config "
+            f"({type(exc).__name__}: {one_line(str(exc))}); check the config's sizes and settings"
+        ) from exc
     return model
 
 

@@ -1,8 +1,12 @@
 """``opendelta inspect DELTA_DIR``: what a delta checkpoint holds, checked, without loading a backbone.
 
 Reads ``config.json`` and the safetensors header (not the tensors; an OpenDelta 0.3.x ``pytorch_model.bin`` is
-read with ``weights_only=True``), recomputes the weights file's sha256 and compares it with the one the config
-records. Tensors are split into the delta's own (their names carry the method's ``delta_name``,
+read with ``weights_only=True``), recomputes the weights file's sha256 (streamed, so a large file is never held in
+memory) and compares it with the one the config records. Which files it reads follows the loader's rules, through
+the loader's own functions: a repo id resolves through the checked Hub cache, the config and weights must not be
+links out of the folder, and the header must pass ``safetensors``' own parser.
+
+Tensors are split into the delta's own (their names carry the method's ``delta_name``,
 ``...attention.self.query.lora.lora_A``) and trainable backbone parameters saved with it (a task head), when the
 method is installed to tell which is which.
 """
@@ -10,7 +14,6 @@ method is installed to tell which is which.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -20,20 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from opendelta.cli.common import CommandError, format_table, human_bytes
 from opendelta.config import METADATA_FIELDS, DeltaConfig
 from opendelta.errors import CheckpointError, UnknownDeltaMethodError
 from opendelta.legacy import LEGACY_WEIGHTS_NAME, is_legacy_checkpoint, read_legacy_weights
 from opendelta.registry import distribution_hint, get_method
-from opendelta.saving import WEIGHTS_PREFIX, WEIGHTS_SUFFIX, read_config_dict, resolve_checkpoint
+from opendelta.saving import contained_file, file_sha256, read_config_dict, resolve_checkpoint, weights_path
 
 __all__ = ["add_parser", "describe", "read_safetensors_header", "run"]
 
 _BASE_FIELDS = DeltaConfig.field_names()
 _BACKBONE_FIELDS = ("backbone_class", "backbone_checkpoint_name", "backbone_hash")
 _VERSION_FIELDS = ("opendelta_version", "transformers_version", "torch_version")
-_MAX_HEADER = 100 * 2**20
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -66,22 +69,26 @@ def add_parser(subparsers: Any) -> None:
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """Each tensor's ``dtype``, ``shape`` and byte size, read from a safetensors file's header only.
 
+    The header is first checked by ``safetensors``' own parser (``safe_open``, the one the loader's ``load_file``
+    uses, which maps the file but reads no tensor), so a crafted header (a length of 2**60, bad JSON, offsets past
+    the end of the file or not matching the shape) is refused here exactly as loading would refuse it.
+
     Raises:
         CheckpointError: the file is not a readable safetensors file.
     """
     try:
+        with safe_open(str(path), framework="pt"):
+            pass
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
-            if length > _MAX_HEADER:
-                raise ValueError(f"header of {length} bytes")
             header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        return {
-            name: {"dtype": e["dtype"], "shape": list(e["shape"]), "bytes": e["data_offsets"][1] - e["data_offsets"][0]}
-            for name, e in sorted(header.items())
-        }
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    header.pop("__metadata__", None)
+    return {
+        name: {"dtype": e["dtype"], "shape": list(e["shape"]), "bytes": e["data_offsets"][1] - e["data_offsets"][0]}
+        for name, e in sorted(header.items())
+    }
 
 
 def _describe_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -129,16 +136,14 @@ def describe(path: str) -> dict[str, Any]:
     hyper = {k: raw[k] for k in own_fields if k in raw and k not in _BASE_FIELDS}
     unknown = sorted(set(raw) - set(own_fields) - set(_BASE_FIELDS) - METADATA_FIELDS)
 
-    if is_legacy_checkpoint(folder, raw):
-        weights, file_format = folder / LEGACY_WEIGHTS_NAME, "OpenDelta 0.3.x pickle, read with weights_only=True"
+    if is_legacy_checkpoint(folder, raw):  # the loader's own checks of where the weights are, not copies of them
+        weights = contained_file(folder, LEGACY_WEIGHTS_NAME, "weights file")
+        file_format = "OpenDelta 0.3.x pickle, read with weights_only=True"
         tensors = _describe_tensors(read_legacy_weights(folder))
     else:
-        weights_name = raw.get("weights_file") or f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}"
-        weights, file_format = folder / str(weights_name), "safetensors"
-        if Path(str(weights_name)).name != weights_name or not weights.is_file():
-            raise CheckpointError(f"{folder / 'config.json'} names weights file {weights_name!r}, which is missing")
+        weights, file_format = weights_path(folder, raw), "safetensors"
         tensors = read_safetensors_header(weights)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)
     recorded = raw.get("weights_sha256")
 
     delta_name = spec.model_cls.delta_name if spec is not None and spec.model_cls.insertion != "replace" else None

@@ -11,8 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from opendelta.cli.backbones import copy_tokenizer_files, load_config, load_pretrained, model_class
+from opendelta.cli.backbones import build_skeleton, copy_tokenizer_files, load_config, load_pretrained, model_class
 from opendelta.cli.common import CommandError
+from opendelta.cli.config_checks import check_fits_in_memory
 from opendelta.errors import BackboneMismatchError, DeltaStateError
 
 __all__ = ["add_parser", "run"]
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     spec = get_method(str(raw.get("delta_type")))  # not installed: the error names the distribution to install
     config = load_config(args.backbone)
     cls = model_class(config, requested=args.class_name, recorded=raw.get("backbone_class"))
+    check_fits_in_memory(build_skeleton(config, cls), config, args.backbone)  # before transformers allocates any of it
     backbone = load_pretrained(args.backbone, cls)
     check_hash = not args.no_check_hash
     try:

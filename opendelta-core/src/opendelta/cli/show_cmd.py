@@ -1,8 +1,10 @@
 """``opendelta show MODEL``: the module tree of a transformers model folder, or its common-structure view.
 
 No weights are read: the model is built from its config on the ``meta`` device (see ``backbones``), so the command
-is instant for any size. The class is the config's first ``architectures`` entry (the task head the folder was
-saved with), ``--class`` to choose another, or ``AutoModel`` when the config names none.
+is instant for any size, and a config whose sizes are negative or absurd (20,000 layers) is refused in one line
+before anything is built (``opendelta.cli.config_checks``). The class is the config's first ``architectures``
+entry (the task head the folder was saved with), ``--class`` to choose another, or ``AutoModel`` when the config
+names none.
 """
 
 from __future__ import annotations

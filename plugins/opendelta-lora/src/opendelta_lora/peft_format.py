@@ -32,7 +32,7 @@ from opendelta import CheckpointError, file_patterns
 from opendelta.errors import AddressingError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import legacy_size_limit, read_pickled_tensors
-from opendelta.saving import read_config_dict, read_safetensors
+from opendelta.saving import contained_file, read_config_dict, read_safetensors
 from opendelta.shapes import LINEAR_TYPES
 from opendelta.targets import backbone_module_names
 from opendelta.tensor_checks import checked_tensors
@@ -131,18 +131,25 @@ def _adapter_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    """The adapter's config, read as a checkpoint's ``config.json`` is (size-capped JSON object), fields checked."""
-    config = read_config_dict(folder / ADAPTER_CONFIG_NAME)
+    """The adapter's config, read as a checkpoint's ``config.json`` is (size-capped JSON object), fields checked.
+
+    A config that is a link out of ``folder`` is refused, as in OpenDelta's own format.
+    """
+    config = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
     check_peft_fields(config, str(folder / ADAPTER_CONFIG_NAME))
     return config
 
 
 def _read_weights(folder: Path, backbone_model: nn.Module) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The weights file and its tensors, read as this library reads its own and legacy files (same checks)."""
+    """The weights file and its tensors, read as this library reads its own and legacy files (same checks).
+
+    A weights file that is a link out of ``folder`` is refused, as in OpenDelta's own format.
+    """
     if (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        return folder / ADAPTER_WEIGHTS_NAME, read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
+        path = contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")
+        return path, read_safetensors(path)
     if (folder / _PICKLED_WEIGHTS_NAME).is_file():
-        path = folder / _PICKLED_WEIGHTS_NAME
+        path = contained_file(folder, _PICKLED_WEIGHTS_NAME, "the PEFT weights file")
         return path, read_pickled_tensors(path, max_bytes=legacy_size_limit(backbone_model))
     raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
 
