@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,12 @@ from torch import nn
 from opendelta import CheckpointError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import read_pickled_tensors
+from opendelta.saving import move_into_place, new_temporary
 from opendelta.shapes import LINEAR_TYPES
 from opendelta.targets import backbone_module_names
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.model import LoraModel
+from opendelta_lora.serving import warn_if_unservable
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -375,7 +376,7 @@ def save_peft_adapter(
     modules_to_save: Sequence[str] = (),
     task_type: str | None = None,
 ) -> Path:
-    """Export ``delta_model`` as a PEFT LoRA adapter folder that PEFT, vLLM and TGI load.
+    """Export ``delta_model`` as a PEFT LoRA adapter folder that PEFT loads (and vLLM/TGI, see ``serving``).
 
     A LoRA on some slices of a fused layer (GPT-2's ``c_attn`` with the default ``attn.q``/``attn.v``) becomes a
     LoRA on the whole layer whose ``B`` rows for the other slices are zero: the same outputs.
@@ -394,6 +395,10 @@ def save_peft_adapter(
     Raises:
         TypeError: ``delta_model`` is not a LoraModel.
         CheckpointError: a ``modules_to_save`` entry matches nothing or contains a LoRA target.
+
+    Warns:
+        OpenDeltaServingWarning: the folder has ``modules_to_save`` or the backbone is not a decoder-only causal
+            LM, so vLLM and TGI will refuse it (PEFT still loads it).
     """
     if not isinstance(delta_model, LoraModel):
         raise TypeError(f"save_peft_adapter exports a LoraModel, got {type(delta_model).__name__}")
@@ -441,6 +446,7 @@ def save_peft_adapter(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder, document, tensors)
+    warn_if_unservable(backbone, heads, folder)
     return folder
 
 
@@ -450,11 +456,10 @@ def _write(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tens
         (ADAPTER_WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata={"format": "pt"})),
         (ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")),
     ):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        os.close(fd)
+        tmp = new_temporary(folder)
         try:
             write(tmp)
-            os.replace(tmp, folder / name)
+            move_into_place(tmp, folder / name)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
