@@ -107,3 +107,10 @@ def test_interactive_says_why_it_cannot_install_chromium():
     assert "needs root" in problem(1000, "/usr/bin/apt-get")
     assert "no apt-get" in problem(0, None)
     assert problem(0, "/usr/bin/apt-get") is None
+
+
+@pytest.mark.parametrize("plugin", sorted(p.name for p in (ROOT / "plugins").glob("opendelta-*")))
+def test_each_plugin_readme_gives_the_install_that_works_before_publishing(plugin):
+    text = (ROOT / "plugins" / plugin / "README.md").read_text(encoding="utf-8")
+    assert f"pip install --find-links wheelhouse opendelta-core {plugin}" in text
+    assert f"pip install opendelta-core {plugin}" in text and "nox -s wheels" in text

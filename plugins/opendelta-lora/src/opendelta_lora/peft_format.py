@@ -1,6 +1,6 @@
 """PEFT's LoRA adapter format: load what PEFT saved into a :class:`LoraModel`, and export a ``LoraModel`` to it.
 
-The format is what ``PeftModel.save_pretrained`` writes, and what vLLM and TGI serve: a folder with
+The format is what ``PeftModel.save_pretrained`` writes (vLLM and TGI serve some of it: see ``serving``): a folder with
 ``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``...) and
 ``adapter_model.safetensors``, whose keys are ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and
 ``.lora_B.weight`` (``[out, r]``) for each modified module, and ``base_model.model.<module>.<param>`` for each
