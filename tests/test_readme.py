@@ -114,3 +114,8 @@ def test_each_plugin_readme_gives_the_install_that_works_before_publishing(plugi
     text = (ROOT / "plugins" / plugin / "README.md").read_text(encoding="utf-8")
     assert f"pip install --find-links wheelhouse opendelta-core {plugin}" in text
     assert f"pip install opendelta-core {plugin}" in text and "nox -s wheels" in text
+
+
+def test_readme_gives_the_command_ci_runs():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"`{command}`" in TEXT
