@@ -63,3 +63,9 @@ def test_an_unmapped_architecture_points_to_opendelta_show():
     with pytest.raises(StructureNotFoundError, match="opendelta show <model folder>") as caught:
         structure_for_model(DistilBertModel(config))
     assert "bigmodelvis" not in str(caught.value)
+
+
+def test_extras_are_quoted_so_a_shell_does_not_glob_them():
+    hint = install_hint("opendelta-core[testing]")
+    assert hint.startswith("pip install 'opendelta-core[testing]' (")
+    assert "--find-links wheelhouse 'opendelta-core[testing]'" in hint

@@ -56,8 +56,8 @@ def install_hint(*requirements: str, upgrade: bool = False) -> str:
 
 
 def _quoted(requirement: str) -> str:
-    """Quote a requirement with a version specifier, so a shell does not read ``>`` as a redirection."""
-    return f"'{requirement}'" if any(c in requirement for c in "<>=!~ ") else requirement
+    """Quote a requirement with a specifier or extras, so a shell reads neither ``>`` nor ``[...]`` itself."""
+    return f"'{requirement}'" if any(c in requirement for c in "<>=!~ []") else requirement
 
 
 def _name(requirement: str) -> str:
