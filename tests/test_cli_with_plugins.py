@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +97,26 @@ def test_merge_refuses_an_adapter_and_writes_nothing(tmp_path, capsys):
     assert err.startswith("opendelta merge: error: the 'adapter' delta cannot be merged into plain weights")
     assert "such as lora and bitfit" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_onto_a_headless_backbone_reports_that_the_delta_supplied_the_head(tmp_path):
+    if "lora" not in INSTALLED:
+        pytest.skip("opendelta-lora is not installed")
+    model = tiny_model("bert")
+    model.bert.save_pretrained(tmp_path / "backbone")  # a published base model: no classifier in its weights
+    delta_model = get_method("lora").model_cls(model)
+    perturb(delta_model, scale=0.5)
+    delta_model.freeze_module(exclude=["deltas", "classifier"])
+    delta_model.save_finetuned(tmp_path / "delta")
+    expected = logits(model, "bert")
+    argv = ["merge", "--delta", str(tmp_path / "delta"), "--backbone", str(tmp_path / "backbone")]
+    argv += ["--output", str(tmp_path / "merged")]
+    # its own process: transformers' logging writes to the stderr it found first, which capsys does not see
+    run = subprocess.run([sys.executable, "-m", "opendelta", *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    both = run.stdout + run.stderr
+    assert "MISSING" not in both and "newly initialized" not in both  # transformers' report, which was wrong here
+    assert "lacked 2 weight(s) that the delta supplied: classifier.bias, classifier.weight" in run.stdout
+    assert "randomly initialised" not in both
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, "bert"), expected, rtol=0, atol=1e-5)

@@ -186,7 +186,7 @@ def test_show_prints_the_folded_tree_of_the_saved_task_head_class(bert_dir, caps
     assert main(["show", str(bert_dir)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("BertForSequenceClassification from ")
-    assert "0-1(BertLayer)" in out and "query,key,value(Linear) weight:[32, 32] bias:[32]" in out
+    assert "0-1 (BertLayer)" in out and "query,key,value (Linear) weight:[32, 32] bias:[32]" in out
     assert "classifier (Linear) weight:[3, 32] bias:[3]" in out
     total = sum(p.numel() for p in tiny_model("bert").parameters())
     assert out.rstrip().endswith(f"{total:,} parameters")
@@ -219,8 +219,8 @@ def test_show_common_prints_common_names_with_the_real_ones(arch, tmp_path, caps
     assert main(["show", str(tmp_path), "--common"]) == 0
     out = capsys.readouterr().out
     assert "common structure" in out.splitlines()[0]
-    assert re.search(r"└── 0-1\(\w+\)", out), out  # the two blocks folded into one
-    assert re.search(r"\bq\(\w+: [\w.]+(, part 1/3)?\)", out), out  # q with its real name (GPT-2: a fused part)
+    assert re.search(r"└── 0-1 \(\w+\)", out), out  # the two blocks folded into one
+    assert re.search(r"\bq \(\w+: [\w.]+(, part 1/3)?\)", out), out  # q with its real name (GPT-2: a fused part)
     assert re.search(r"\bw2 \((Linear|Conv1D): [\w.]+\)", out), out
 
 
@@ -230,7 +230,8 @@ def test_show_common_on_bert_names_each_module(bert_dir, capsys):
     expected = [
         "embeddings (Embedding: bert.embeddings.word_embeddings) weight:[99, 32]",
         "attn (BertAttention: attention)",
-        "q(Linear: self.query),k(Linear: self.key),v(Linear: self.value),proj(Linear: output.dense)",
+        "q (Linear: attention.self.query), k (Linear: attention.self.key), v (Linear: attention.self.value), "
+        "proj (Linear: attention.output.dense)",
         "w1 (Linear: intermediate.dense) weight:[37, 32] bias:[37]",
     ]
     for line in expected:

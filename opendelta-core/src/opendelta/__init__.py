@@ -24,6 +24,7 @@ from opendelta.errors import (
     ModuleNotFoundInStructureError,
     OpenDeltaError,
     OpenDeltaPluginWarning,
+    OpenDeltaServingWarning,
     OpenDeltaVersionWarning,
     PluginValidationError,
     ResourceLimitError,
@@ -60,6 +61,7 @@ __all__ = [
     "ModuleNotFoundInStructureError",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
+    "OpenDeltaServingWarning",
     "OpenDeltaVersionWarning",
     "PluginValidationError",
     "ResourceLimitError",
@@ -94,10 +96,11 @@ def __getattr__(name: str) -> Any:
         for cls in (spec.model_cls, spec.config_cls):
             if cls.__name__ == name:
                 return cls
+    from opendelta.install_hint import install_hint
     from opendelta.registry import distribution_hint
 
     installed = ", ".join(s.model_cls.__name__ for s in list_methods()) or "none"
     raise DeltaMethodNotInstalledError(
         f"cannot import {name!r} from opendelta: no installed plugin provides it (installed methods: {installed}). "
-        f"Install its plugin: pip install {distribution_hint(name)}"
+        f"Install its plugin: {install_hint(distribution_hint(name))}"
     )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from opendelta.errors import CheckpointError, OpenDeltaVersionWarning, UnknownDeltaMethodError
+from opendelta.install_hint import install_hint
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
@@ -93,7 +94,7 @@ def version_record(config: DeltaConfig) -> dict[str, dict[str, str]]:
 
 
 def _install_hint(dist: str, minimum: str) -> str:
-    return f"pip install -U '{dist}>={minimum}'"
+    return install_hint(f"{dist}>={minimum}", upgrade=True)
 
 
 def check_requirements(raw: dict[str, Any], source: str) -> None:
@@ -115,7 +116,7 @@ def check_requirements(raw: dict[str, Any], source: str) -> None:
         if have is None:
             raise CheckpointError(
                 f"{source} needs {dist}>={minimum}, but {dist} is not installed. Install it with: "
-                f"pip install '{dist}>={minimum}'"
+                f"{install_hint(f'{dist}>={minimum}')}"
             )
         if (_parse(have) or Version("0")) < minimum:
             raise CheckpointError(
@@ -142,11 +143,11 @@ def newer_writers(raw: dict[str, Any], config_cls: type[DeltaConfig]) -> list[st
 
 def warn_unknown_fields(config_cls: type[DeltaConfig], unknown: list[str], writers: list[str]) -> None:
     """Say that ``unknown`` fields from a newer writer are ignored, and how to upgrade."""
-    upgrades = " ".join(f"'{w.split()[0]}>={w.split()[1]}'" for w in writers)
+    upgrades = install_hint(*(f"{w.split()[0]}>={w.split()[1]}" for w in writers), upgrade=True)
     warnings.warn(
         f"this config was written by {', '.join(writers)}; {config_cls.__name__} ignores the field(s) {unknown} it "
         f"does not know. They are optional (the checkpoint would require the newer version otherwise), so the delta "
-        f"computes the same; to use them, pip install -U {upgrades}",
+        f"computes the same; to use them, {upgrades}",
         OpenDeltaVersionWarning,
         stacklevel=4,
     )
@@ -170,5 +171,5 @@ def method_for(raw: dict[str, Any]) -> MethodSpec:
         )
         if not plugins:
             raise
-        wanted = " ".join(f"'{d}>={v}'" for d, v in sorted(plugins.items()))
-        raise UnknownDeltaMethodError(f"{exc}. This checkpoint was written by it: pip install {wanted}") from exc
+        wanted = install_hint(*(f"{d}>={v}" for d, v in sorted(plugins.items())))
+        raise UnknownDeltaMethodError(f"{exc}. This checkpoint was written by it: {wanted}") from exc

@@ -105,3 +105,7 @@ class OpenDeltaPluginWarning(UserWarning):
 
 class OpenDeltaVersionWarning(UserWarning):
     """A checkpoint written by a newer opendelta or plugin: its optional fields unknown here were ignored."""
+
+
+class OpenDeltaServingWarning(UserWarning):
+    """An exported adapter that PEFT loads but an inference server (vLLM, TGI) will refuse; the message says why."""

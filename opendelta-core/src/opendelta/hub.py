@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opendelta.compat import installed_version
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import HubError
+from opendelta.install_hint import SHIPPED, install_command, wheelhouse_command
 from opendelta.ownership import is_content_named, is_own_card, seal_card
 from opendelta.saving import write_atomically
 
@@ -104,8 +105,10 @@ backbone stays as it was published.
 ## Usage
 
 ```bash
-pip install opendelta-core {distribution}
+{install_command("opendelta-core", distribution)}
 ```
+
+{_wheelhouse_note(distribution)}
 
 ```python
 import transformers
@@ -118,6 +121,17 @@ delta_model = AutoDeltaModel.from_finetuned("{location}", backbone_model=backbon
 Loading checks the backbone hash first and refuses a delta trained on another backbone.
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _wheelhouse_note(distribution: str) -> str:
+    """The offline / not-yet-published install, for OpenDelta's own distributions (a third party's are not in it)."""
+    if distribution not in SHIPPED:
+        return ""
+    command = wheelhouse_command("opendelta-core", distribution)
+    return (
+        "If pip cannot find them (nothing is published yet), build the wheelhouse in a clone of OpenDelta with "
+        f"`nox -s wheels`, then `{command}` (offline)."
+    )
 
 
 def write_model_card(folder: str | os.PathLike[str], text: str) -> bool:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from opendelta import plugins
 from opendelta.errors import StructureNotFoundError, StructureValidationError, UnknownDeltaMethodError
+from opendelta.install_hint import install_hint
 from opendelta.structures import CommonStructure, find_config_model
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def get_method(name: str) -> MethodSpec:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownDeltaMethodError(
         f"unknown delta_type {name!r}.{hint} Installed delta methods: {installed}. If {name!r} is an OpenDelta "
-        f"method, install its plugin: pip install {distribution_hint(str(name))}"
+        f"method, install its plugin: {install_hint(distribution_hint(str(name)))}"
     )
 
 
@@ -258,8 +259,9 @@ def structure_for_model(model: nn.Module) -> CommonStructure:
     known = ", ".join(s.model_type for s in list_structures()) or "none"
     raise StructureNotFoundError(
         f"no common-structure mapping for {type(model).__name__} (model_type={model_type!r}); mapped model types: "
-        f"{known}. Pass modified_modules=[...] with real module names (print them with "
-        f"bigmodelvis.Visualization(model).structure_graph()), or install a plugin that maps this architecture."
+        f"{known}. Pass modified_modules=[...] with real module names (list them with `opendelta show "
+        f"<model folder>`, which reads no weights), or install a plugin that maps this architecture (a clone of "
+        f"OpenDelta has one for LLaMA in tests/third_party/opendelta-llama-structure)."
     )
 
 

@@ -140,6 +140,33 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux), else by setting it back at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_temporary(directory: str | os.PathLike[str], suffix: str = "") -> Path:
+    """A new empty temporary file in ``directory`` (``.opendelta-tmp-*``: the next checkpoint save removes it if left)."""
+    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
+    os.close(fd)
+    return Path(name)
+
+
+def move_into_place(temporary: Path, path: str | os.PathLike[str]) -> None:
+    """Rename a written temporary over ``path``, with the mode an ordinary ``open()`` would have given it.
+
+    ``mkstemp`` makes its files 0600 whatever the umask (and safetensors keeps that); renamed into place they would
+    make a checkpoint others cannot read, unlike the 0644 files transformers writes beside it.
+    """
+    os.chmod(temporary, 0o666 & ~current_umask())
+    os.replace(temporary, path)
+
+
 def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step: a killed process leaves the old file or the new, never half.
 
@@ -147,12 +174,10 @@ def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
     flushed to disk, and is renamed over ``path``.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = new_temporary(path.parent, path.suffix)
     try:
         _fsync_write(tmp, data)
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -170,15 +195,13 @@ def write_checkpoint(
     with checkpoint_lock(directory):
         refuse_foreign_config(directory, CONFIG_NAME)  # a transformers model's config.json is never replaced
         _remove_leftover_temporaries(directory)
-        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=WEIGHTS_SUFFIX, dir=directory)
-        os.close(fd)
-        tmp_weights = Path(tmp_name)
+        tmp_weights = new_temporary(directory, WEIGHTS_SUFFIX)
         try:
             metadata = {"format": "pt", "delta_type": str(config.get("delta_type"))}
             save_file(contiguous, str(tmp_weights), metadata=metadata)
             digest = file_sha256(tmp_weights)
             weights = directory / f"{WEIGHTS_PREFIX}-{digest[:16]}{WEIGHTS_SUFFIX}"
-            os.replace(tmp_weights, weights)
+            move_into_place(tmp_weights, weights)
         finally:
             tmp_weights.unlink(missing_ok=True)
         full = {**config, "weights_file": weights.name, "weights_sha256": digest}

@@ -7,7 +7,9 @@ attached to the backbone, whichever delta model added it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +52,23 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     return ParameterCounts(total, trainable, delta)
 
 
+_GLUED_TYPE = re.compile(r"(?<=\S)(\[\w+\]\()")
+_GLUED_ROWS = re.compile(r"\),(?=\[)")
+
+
+def tidy_tree(tree: Any) -> Any:
+    """Put back the spaces bigmodelvis drops in folded rows: ``0-11 (BertLayer)``, ``q (Linear: ...), k (...)``.
+
+    bigmodelvis writes ``name (Type)`` for a plain row but glues the type to the name of a folded one
+    (``query,value(Linear)``); the labels are rich markup, so the fix is on the markup, node by node.
+    """
+    if isinstance(tree.label, str):
+        tree.label = _GLUED_ROWS.sub("), ", _GLUED_TYPE.sub(r" \1", tree.label))
+    for child in tree.children:
+        tidy_tree(child)
+    return tree
+
+
 def log_model(
     model: nn.Module,
     delta_ratio: bool = True,
@@ -75,7 +94,7 @@ def log_model(
     if cuda_memory and torch.cuda.is_available():
         lines.append(f"Static Memory {torch.cuda.memory_allocated() / 2**30:.2f} GB")
     if visualization:
-        tree = Visualization(model).structure_graph(printTree=False)
+        tree = tidy_tree(Visualization(model).structure_graph(printTree=False))
         if lines:
             tree.add("\n".join(lines))
         console.print(tree)

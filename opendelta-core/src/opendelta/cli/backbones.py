@@ -124,19 +124,33 @@ def build_skeleton(config: PretrainedConfig, cls: type[PreTrainedModel] | None) 
     return model
 
 
-def load_pretrained(folder: str | os.PathLike[str], cls: type[PreTrainedModel] | None) -> PreTrainedModel:
-    """The model in ``folder`` with its weights (``cls`` or ``AutoModel``), in eval mode.
+def load_pretrained(
+    folder: str | os.PathLike[str], cls: type[PreTrainedModel] | None
+) -> tuple[PreTrainedModel, list[str]]:
+    """The model in ``folder`` with its weights (``cls`` or ``AutoModel``), in eval mode, and the keys it lacked.
+
+    transformers' own report (progress bars, "MISSING ... newly initialized") is silenced: the caller knows what
+    fills those keys (a delta that carries the task head) and reports what actually happened.
 
     Raises:
         CommandError: the folder holds no weights, or they do not fit the class.
     """
+    from transformers.utils import logging as hf_logging
+
     loader = cls if cls is not None else AutoModel
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        model: PreTrainedModel = loader.from_pretrained(str(folder))
+        model, info = loader.from_pretrained(str(folder), output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CommandError(f"cannot load {loader.__name__} from {folder}: {one_line(str(exc))}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
-    return model
+    return model, sorted(info.get("missing_keys", ()))
 
 
 def copy_tokenizer_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:

@@ -1,9 +1,10 @@
 """The common-structure view of a model (``opendelta show --common``): its modules under their common names.
 
 Each node is a common name component (``encoder`` > ``block`` > ``0`` > ``attn`` > ``q``) with the real module's
-type and, when it differs from the common name, its real name relative to the nearest enclosing real module; a
-node with no real module of its own (BERT's ``ff.w1`` creates ``ff``) is marked ``virtual``. Repeated blocks are
-folded (``0-11``) by bigmodelvis, as in the plain tree, so a model of any depth prints in a screenful.
+type and, when it differs from the common name, its real name relative to the repeated block it is in (else its
+full name); a node with no real module of its own (BERT's ``ff.w1`` creates ``ff``) is marked ``virtual``.
+Repeated blocks are folded (``0-11``) by bigmodelvis, as in the plain tree, so a model of any depth prints in a
+screenful.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from opendelta.registry import structure_for_model
 from opendelta.structures import CommonName
+from opendelta.visualization import tidy_tree
 
 __all__ = ["common_structure_tree"]
 
@@ -28,10 +30,14 @@ class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
 
 
-def _relative(real: str, ancestors: list[str]) -> str:
-    for outer in reversed(ancestors):  # innermost first
-        if real.startswith(outer + "."):
-            return real[len(outer) + 1 :]
+def _relative(real: str, block: str | None) -> str:
+    """``real`` relative to the repeated block it is in (``attention.self.query``), else the full name.
+
+    One parent for every row of a block, so siblings read alike (``ff.w1`` is ``intermediate.dense`` and ``ff.w2``
+    ``output.dense``, not ``dense`` relative to ``ff``'s own module).
+    """
+    if block and real.startswith(block + "."):
+        return real[len(block) + 1 :]
     return real
 
 
@@ -48,19 +54,20 @@ def _param_info(module: nn.Module, leaf: bool) -> list[str]:
     return [f"{name}:{list(param.shape)}" for name, param in module.named_parameters(recurse=leaf)]
 
 
-def _render(node: _Node, tree: ModuleTree, ancestors: list[str], vis: Visualization) -> None:
+def _render(node: _Node, tree: ModuleTree, block: str | None, vis: Visualization) -> None:
     for name, child in node.children.items():
         if child.module is None or child.real is None:
             info = "virtual"
         else:
-            relative = _relative(child.real, ancestors)
+            at_block = name.isdigit() and child.real.rsplit(".", 1)[-1] == name  # a block is named by its index
+            relative = name if at_block else _relative(child.real, block)
             info = type(child.module).__name__ + ("" if relative == name else f": {relative}")
             info += f", {child.part}" if child.part else ""
         branch = tree.add(name, info=info, type_color=vis.virtual_color if child.module is None else vis.type_color)
         if child.module is not None:
             for param in _param_info(child.module, leaf=not child.children):
                 branch.add(info=param, is_param_node=True, param_color=vis.param_color)
-        _render(child, branch, ancestors + ([child.real] if child.real else []), vis)
+        _render(child, branch, child.real if name.isdigit() and child.real else block, vis)
 
 
 def common_structure_tree(model: nn.Module, rootname: str | None = None) -> ModuleTree:
@@ -78,7 +85,7 @@ def common_structure_tree(model: nn.Module, rootname: str | None = None) -> Modu
     vis = Visualization(model)
     vis.keep_non_params = True  # a mapped module without parameters of its own is still part of the structure
     tree = ModuleTree(rootname or f"{type(model).__name__} (common structure of {structure.model_type!r})")
-    _render(root, tree, [], vis)
+    _render(root, tree, None, vis)
     vis.prune_tree(tree)
     vis.fold_param_node(tree)
-    return tree
+    return tidy_tree(tree)

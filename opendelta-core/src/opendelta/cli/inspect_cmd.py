@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from opendelta.cli.common import CommandError, format_table, human_bytes
 from opendelta.config import METADATA_FIELDS, DeltaConfig
 from opendelta.errors import CheckpointError, UnknownDeltaMethodError
+from opendelta.install_hint import install_hint
 from opendelta.legacy import LEGACY_WEIGHTS_NAME, is_legacy_checkpoint, read_legacy_weights
 from opendelta.registry import distribution_hint, get_method
 from opendelta.saving import contained_file, file_sha256, read_config_dict, resolve_checkpoint, weights_path
@@ -107,7 +108,7 @@ def _method(delta_type: str) -> tuple[dict[str, Any], Any]:
     try:
         spec = get_method(delta_type)
     except UnknownDeltaMethodError:
-        hint = f"pip install {distribution_hint(delta_type)}"
+        hint = install_hint(distribution_hint(delta_type))
         return {"installed": False, "install": hint}, None
     from opendelta.plugins import distribution_of
 

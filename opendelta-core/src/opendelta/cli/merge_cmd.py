@@ -8,6 +8,7 @@ Only methods whose delta is a change of the backbone's own parameters can be mer
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,34 @@ def _check_output(output: Path) -> None:
         raise CommandError(f"--output {output} already exists and is not an empty folder; choose a new folder")
 
 
+def _saved_names(delta_dir: Path, raw: dict[str, Any]) -> set[str]:
+    """The tensor names the delta checkpoint holds (its safetensors header only; nothing else is read)."""
+    from safetensors import safe_open
+
+    from opendelta.saving import WEIGHTS_PREFIX, WEIGHTS_SUFFIX
+
+    weights = delta_dir / str(raw.get("weights_file", f"{WEIGHTS_PREFIX}{WEIGHTS_SUFFIX}"))
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return set(handle.keys())
+    except (OSError, ValueError, RuntimeError):
+        return set()
+
+
+def _report_missing(missing: list[str], saved: set[str], backbone: str) -> None:
+    """Say which weights the backbone folder lacked, and whether the delta supplied them or they stay random."""
+    supplied = [k for k in missing if k in saved]
+    random = [k for k in missing if k not in saved]
+    if supplied:
+        print(f"{backbone} lacked {len(supplied)} weight(s) that the delta supplied: {', '.join(supplied)}")
+    if random:
+        print(
+            f"warning: {backbone} lacked {len(random)} weight(s) the delta does not hold either; they are randomly "
+            f"initialised in the merged model: {', '.join(random)}",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, merge, save; print where the plain model went and how to load it."""
     from opendelta.auto import AutoDeltaModel
@@ -67,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.backbone)
     cls = model_class(config, requested=args.class_name, recorded=raw.get("backbone_class"))
     check_fits_in_memory(build_skeleton(config, cls), config, args.backbone)  # before transformers allocates any of it
-    backbone = load_pretrained(args.backbone, cls)
+    backbone, missing = load_pretrained(args.backbone, cls)
     check_hash = not args.no_check_hash
     try:
         delta_model = AutoDeltaModel.from_finetuned(delta_dir, backbone_model=backbone, check_hash=check_hash)
@@ -84,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     merged.save_pretrained(str(output))
     copied = copy_tokenizer_files(args.backbone, output)
     print(f"merged the {spec.name!r} delta from {delta_dir} into {type(merged).__name__} from {args.backbone}")
+    _report_missing(missing, _saved_names(delta_dir, raw), args.backbone)
     print(f"saved a plain transformers model to {output}" + (f" (with {', '.join(copied)})" if copied else ""))
     print(f"load it with: transformers.{type(merged).__name__}.from_pretrained({str(output)!r})")
     return 0

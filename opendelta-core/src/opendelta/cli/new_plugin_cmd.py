@@ -41,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
     folder = scaffold(args.name, args.output)
     print(f"created {folder} (method {names.method!r}, import name {names.package}, class {names.class_prefix}Model)")
     print("next steps:")
-    print(f"  pip install -e {folder}")
+    print(f"  pip install -e {folder} 'opendelta-core[testing]'     # [testing]: pytest and hypothesis")
     print(f"  pytest {folder / 'tests'}     # the conformance battery on seven architectures")
     return 0

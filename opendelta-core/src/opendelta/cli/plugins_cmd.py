@@ -16,6 +16,7 @@ from typing import Any
 from opendelta import plugins, registry
 from opendelta.cli.common import format_table, one_line
 from opendelta.errors import OpenDeltaPluginWarning
+from opendelta.install_hint import install_hint
 from opendelta.structures import CommonStructure
 
 __all__ = ["add_parser", "collect", "run"]
@@ -108,14 +109,14 @@ def _render(report: dict[str, Any]) -> str:
         rows = [(m["name"], m["model_class"], m["config_class"], _owner(m)) for m in methods]
         out.append(format_table(("name", "class", "config", "distribution"), rows))
     else:
-        out.append("  none installed (pip install opendelta-lora, opendelta-adapter, ...)")
+        out.append(f"  none installed ({install_hint('opendelta-lora')}; likewise opendelta-adapter, ...)")
     structures = report["structures"]
     out.append(f"\nCommon-structure mappings ({len(structures)}):")
     if structures:
         rows = [(s["model_type"], ", ".join(s["architectures"]), _owner(s)) for s in structures]
         out.append(format_table(("model_type", "architectures", "distribution"), rows))
     else:
-        out.append("  none (pip install opendelta-common-structures)")
+        out.append(f"  none ({install_hint('opendelta-common-structures')})")
     # a plugin with hooks is loaded even when one of them misbehaved (that shows under "Problems" below)
     loaded = [p for p in report["plugins"] if p["hooks"] or not p["error"]]
     out.append(f"\nPlugins, entry-point group '{plugins.ENTRY_POINT_GROUP}' ({len(loaded)} loaded):")

@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from opendelta.cli.backbones import build_skeleton, load_config, model_class
-from opendelta.visualization import LOG_WIDTH, count_parameters
+from opendelta.visualization import LOG_WIDTH, count_parameters, tidy_tree
 
 __all__ = ["add_parser", "run"]
 
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             keep_non_params=args.keep_non_params,
             printTree=False,
         )
+        tidy_tree(tree)
     console = Console()
     if not console.is_terminal:  # piped or captured: do not fold long lines at 80 columns
         console = Console(width=max(console.width, LOG_WIDTH))

@@ -1,7 +1,7 @@
 """Check every registered common-structure mapping on real models (``python -m opendelta.testing.check_structures``).
 
 For each mapping, every architecture it lists (that transformers provides) is built from a tiny config of the
-mapping's ``model_type``, and every module of its tree and heads must resolve. The nox ``structures`` session runs
+mapping's ``model_type``, and every module of its tree and heads must resolve. The nox ``wheelhouse`` session runs
 this on the *built wheels*, which proves the JSON files ship inside the distribution; a third-party mapping
 package can run it too.
 """

@@ -1,6 +1,7 @@
 """LoRA for OpenDelta: ``from opendelta import LoraModel`` once this distribution is installed.
 
-``load_peft_adapter``/``save_peft_adapter`` read and write PEFT's adapter format (what vLLM and TGI serve).
+``load_peft_adapter``/``save_peft_adapter`` read and write PEFT's adapter format; vLLM and TGI serve only LoRA on
+decoder-only LMs without ``modules_to_save`` (``save_peft_adapter`` warns otherwise, see ``serving``).
 """
 
 from opendelta_lora.config import LoraConfig

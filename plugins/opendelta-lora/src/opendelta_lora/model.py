@@ -57,7 +57,7 @@ class LoraModel(DeltaModel):
         return load_peft_adapter(path, backbone_model)
 
     def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Export in PEFT's format, which PEFT, vLLM and TGI read (see ``peft_format.save_peft_adapter``)."""
+        """Export in PEFT's format (see ``peft_format.save_peft_adapter``; warns when vLLM/TGI would refuse it)."""
         from opendelta_lora.peft_format import save_peft_adapter
 
         return save_peft_adapter(self, path, **kwargs)

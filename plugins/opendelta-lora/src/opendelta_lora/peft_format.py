@@ -1,6 +1,6 @@
 """PEFT's LoRA adapter format: load what PEFT saved into a :class:`LoraModel`, and export a ``LoraModel`` to it.
 
-The format is what ``PeftModel.save_pretrained`` writes, and what vLLM and TGI serve: a folder with
+The format is what ``PeftModel.save_pretrained`` writes (vLLM and TGI serve some of it: see ``serving``): a folder with
 ``adapter_config.json`` (``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``target_modules``...) and
 ``adapter_model.safetensors``, whose keys are ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and
 ``.lora_B.weight`` (``[out, r]``) for each modified module, and ``base_model.model.<module>.<param>`` for each
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,14 @@ from opendelta import CheckpointError, file_patterns
 from opendelta.errors import AddressingError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import legacy_size_limit, read_pickled_tensors
-from opendelta.saving import contained_file, read_config_dict, read_safetensors
+from opendelta.saving import contained_file, move_into_place, new_temporary, read_config_dict, read_safetensors
 from opendelta.shapes import LINEAR_TYPES
 from opendelta.targets import backbone_module_names
 from opendelta.tensor_checks import checked_tensors
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.model import LoraModel
 from opendelta_lora.peft_fields import check_peft_fields
+from opendelta_lora.serving import warn_if_unservable
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -433,7 +433,7 @@ def save_peft_adapter(
     modules_to_save: Sequence[str] = (),
     task_type: str | None = None,
 ) -> Path:
-    """Export ``delta_model`` as a PEFT LoRA adapter folder that PEFT, vLLM and TGI load.
+    """Export ``delta_model`` as a PEFT LoRA adapter folder that PEFT loads (and vLLM/TGI, see ``serving``).
 
     A LoRA on some slices of a fused layer (GPT-2's ``c_attn`` with the default ``attn.q``/``attn.v``) becomes a
     LoRA on the whole layer whose ``B`` rows for the other slices are zero: the same outputs.
@@ -452,6 +452,10 @@ def save_peft_adapter(
     Raises:
         TypeError: ``delta_model`` is not a LoraModel.
         CheckpointError: a ``modules_to_save`` entry matches nothing or contains a LoRA target.
+
+    Warns:
+        OpenDeltaServingWarning: the folder has ``modules_to_save`` or the backbone is not a decoder-only causal
+            LM, so vLLM and TGI will refuse it (PEFT still loads it).
     """
     if not isinstance(delta_model, LoraModel):
         raise TypeError(f"save_peft_adapter exports a LoraModel, got {type(delta_model).__name__}")
@@ -499,6 +503,7 @@ def save_peft_adapter(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder, document, tensors)
+    warn_if_unservable(backbone, heads, folder)
     return folder
 
 
@@ -508,11 +513,10 @@ def _write(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tens
         (ADAPTER_WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata={"format": "pt"})),
         (ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")),
     ):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        os.close(fd)
+        tmp = new_temporary(folder)
         try:
             write(tmp)
-            os.replace(tmp, folder / name)
+            move_into_place(tmp, folder / name)
         finally:
             Path(tmp).unlink(missing_ok=True)
 

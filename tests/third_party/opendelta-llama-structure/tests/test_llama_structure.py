@@ -89,9 +89,10 @@ def test_opendelta_show_common_prints_llama_under_common_names(tmp_path, capsys)
     config.save_pretrained(tmp_path)
     assert main(["show", str(tmp_path), "--common"]) == 0
     out = capsys.readouterr().out
-    assert "LlamaForCausalLM" in out and "0-2(LlamaDecoderLayer)" in out
-    for line in ("q(Linear: q_proj)", "v(Linear: v_proj)", "w1 (Linear: up_proj)", "w2 (Linear: down_proj)"):
-        assert line.replace(" ", "") in out.replace(" ", "")
+    assert "LlamaForCausalLM" in out and "0-2 (LlamaDecoderLayer)" in out
+    for line in ("q (Linear: self_attn.q_proj)", "v (Linear: self_attn.v_proj)", "w1 (Linear: mlp.up_proj)"):
+        assert line in out
+    assert "w2 (Linear: mlp.down_proj)" in out
     assert "gate_proj" not in out and isinstance(config, transformers.LlamaConfig)
 
 
