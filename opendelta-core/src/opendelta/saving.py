@@ -151,7 +151,7 @@ def current_umask() -> int:
 
 
 def new_temporary(directory: str | os.PathLike[str], suffix: str = "") -> Path:
-    """A new empty temporary file in ``directory`` (``.opendelta-tmp-*``: the next checkpoint save removes it if left)."""
+    """A new empty temporary file in ``directory`` (``.opendelta-tmp-*``, removed by the next save if left)."""
     fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
     os.close(fd)
     return Path(name)
