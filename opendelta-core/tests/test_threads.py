@@ -183,3 +183,20 @@ def test_switching_inside_a_forward_of_the_same_thread_is_refused_not_a_deadlock
     assert in_threads(delta_model.detach) == [], "the refused forward left the gate held"
     assert torch.equal(run(model), off)
     assert_consistent(model, delta_model, on, off)
+
+
+def test_a_forward_that_raises_leaves_the_gate_so_switches_still_run(setup):
+    """Bad inputs (a token id past the vocabulary, a wrong dtype) fail inside the forward; the gate is let go."""
+    model, delta_model, on, off = setup
+    inputs = tiny_inputs("bert")
+    bad_inputs = [
+        {**inputs, "input_ids": inputs["input_ids"] + 10_000},
+        {**inputs, "input_ids": inputs["input_ids"].float()},
+        {"input_ids": inputs["input_ids"][0, 0]},
+    ]
+    for bad in bad_inputs:
+        errors = in_threads(lambda bad=bad: model(**bad))
+        assert len(errors) == 1 and not isinstance(errors[0], DeltaStateError), errors
+    assert in_threads(delta_model.detach) == [], "a failed forward left the gate held"
+    assert torch.equal(run(model), off)
+    assert_consistent(model, delta_model, on, off)
