@@ -8,10 +8,11 @@ target. ``insertion`` says how it is placed: ``"after"``/``"before"`` (sequentia
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.budget import DeltaMemoryBudget
+from opendelta.concurrency import switching
 from opendelta.config import DeltaConfig
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.freezing import freeze_module
@@ -38,6 +40,7 @@ __all__ = ["DeltaConfig", "DeltaModel", "Target"]
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound="DeltaModel")
+F = TypeVar("F", bound=Callable[..., Any])
 
 _CORE_ARGS = ("interactive_modify", "backend")
 
@@ -57,6 +60,21 @@ def _switch_all(insertions: Iterable[Insertion], *, attach: bool) -> None:
         for insertion in reversed(done):
             insertion.detach() if attach else insertion.attach()
         raise
+
+
+def _switches(method: F) -> F:
+    """Run a call that rewires the backbone as the writer of its switching gate (see :mod:`opendelta.concurrency`).
+
+    It waits for forward passes of the backbone running in other threads and holds new ones back until done, so a
+    forward sees the old state or the new one, never a mix; such calls from several threads run one at a time.
+    """
+
+    @functools.wraps(method)
+    def switch(self: DeltaModel, *args: Any, **kwargs: Any) -> Any:
+        with switching(self.backbone_model, f"{type(self).__name__}.{method.__name__}()"):
+            return method(self, *args, **kwargs)
+
+    return switch  # type: ignore[return-value]
 
 
 class DeltaModel(nn.Module):
@@ -143,17 +161,18 @@ class DeltaModel(nn.Module):
         self._features: dict[int, tuple[int, int]] = {}
         self._attention_parts: dict[str, Any] = {}
         budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
-        try:
-            for count, target in enumerate(targets, start=1):
-                with budget:
-                    delta = self._build_delta(target)
-                budget.built(delta, count)
-                self._insertions.append(self._place(target, delta))
-                self.deltas.append(delta)
-        except BaseException:
-            for insertion in reversed(self._insertions):
-                insertion.detach()
-            raise
+        with switching(backbone_model, f"building {type(self).__name__}"):
+            try:
+                for count, target in enumerate(targets, start=1):
+                    with budget:
+                        delta = self._build_delta(target)
+                    budget.built(delta, count)
+                    self._insertions.append(self._place(target, delta))
+                    self.deltas.append(delta)
+            except BaseException:
+                for insertion in reversed(self._insertions):
+                    insertion.detach()
+                raise
         self._features.clear()  # measured for building; ids of modules must not outlive this call
         self._attention_parts.clear()
         config.backbone_class = type(backbone_model).__name__
@@ -329,6 +348,7 @@ class DeltaModel(nn.Module):
                 f"copies its backbone along"
             )
 
+    @_switches
     def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Take every delta of this model out of the backbone; outputs become the bare backbone's, exactly.
 
@@ -350,6 +370,7 @@ class DeltaModel(nn.Module):
             raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
         _switch_all(reversed(self._insertions), attach=False)
 
+    @_switches
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
         """Put the deltas taken out by :meth:`detach` back; outputs equal the attached ones exactly.
 
@@ -377,6 +398,7 @@ class DeltaModel(nn.Module):
         """Whether (some of) the deltas are folded into the backbone's weights (see :meth:`merge`)."""
         return bool(self._merged)
 
+    @_switches
     def merge(self, safe_merge: bool = False) -> int:
         """Fold every delta whose math allows it into the weights of the module it modifies.
 
@@ -444,6 +466,7 @@ class DeltaModel(nn.Module):
         self._merged = chosen
         return len(chosen)
 
+    @_switches
     def unmerge(self) -> None:
         """Take merged deltas out of the weights again and re-attach them (exact to float rounding).
 
@@ -470,6 +493,7 @@ class DeltaModel(nn.Module):
         self._merged = []
         self._premerge_samples = {}
 
+    @_switches
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """Merge every delta for good and return the backbone: a plain model, ``save_pretrained`` ready.
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from opendelta.concurrency import forward_sees_deltas
 from opendelta.errors import DeltaStateError
 from opendelta.merging import is_mergeable, merged_after
 from opendelta.routing import ROUTING_ATTR, Routing
@@ -169,22 +170,22 @@ class _BeforeHook:
     """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        slots = getattr(module, SLOTS_ATTR)
+        live = _live_slots(module)
         changed = False
-        for slot in slots:
+        for slot, _delta in live:
             if slot.kind not in _CORE_KINDS:
                 call = SLOT_HANDLERS[slot.kind].before(module, slot, args, kwargs)
                 if call is not None:
                     (args, kwargs), changed = call, True
-        befores = [s for s in reversed(slots) if s.kind == "before"]
-        captures = [s for s in slots if s.kind == "capture"]
+        befores = [delta for slot, delta in reversed(live) if slot.kind == "before"]
+        captures = [delta for slot, delta in live if slot.kind == "capture"]
         if befores or captures:
             where, hidden = main_input(module, args, kwargs)
             routing = getattr(module, ROUTING_ATTR, None)
-            for slot in befores:
-                hidden = _replace(module._modules[slot.attr], hidden, routing)
-            for slot in captures:
-                setattr(slot.ref, CAPTURED_ATTR, hidden)
+            for delta in befores:
+                hidden = _replace(delta, hidden, routing)
+            for delta in captures:
+                setattr(delta, CAPTURED_ATTR, hidden)
             if befores:
                 args, kwargs = _with_input(args, kwargs, where, hidden)
                 changed = True
@@ -195,15 +196,14 @@ class _AfterHook:
     """Forward hook: runs the "after" and "parallel" deltas, in the order added, then handler slots."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        all_slots = getattr(module, SLOTS_ATTR)
-        slots = [s for s in all_slots if s.kind in ("after", "parallel")]
+        live = _live_slots(module)
+        slots = [(slot, delta) for slot, delta in live if slot.kind in ("after", "parallel")]
         changed = False
         if slots:
             hidden = main_output(module, output)
             x = None
             routing = getattr(module, ROUTING_ATTR, None)
-            for slot in slots:
-                delta = module._modules[slot.attr]
+            for slot, delta in slots:
                 if slot.kind == "after":
                     hidden = _replace(delta, hidden, routing)
                 elif slot.ref is not None:
@@ -213,12 +213,28 @@ class _AfterHook:
                         x = main_input(module, args, kwargs)[1]
                     hidden = _add(delta, hidden, x, routing)
             output, changed = _with_output(output, hidden), True
-        for slot in all_slots:
+        for slot, _delta in live:
             if slot.kind not in _CORE_KINDS:
                 new = SLOT_HANDLERS[slot.kind].after(module, slot, args, kwargs, output)
                 if new is not None:
                     output, changed = new, True
         return output if changed else None
+
+
+def _live_slots(module: nn.Module) -> list[tuple[_Slot, nn.Module]]:
+    """The slots a hook acts on now, each with its delta, read once; none for a forward that must see no delta.
+
+    Another thread may detach a delta while this forward runs outside the switching gate (a module called on its
+    own): its slot may still be listed after its child is gone (a hook reads the list once; lists are replaced, never
+    changed in place), and is skipped rather than failing with ``KeyError``. A forward that began before the
+    backbone carried deltas sees none (see :func:`opendelta.concurrency.forward_sees_deltas`).
+    """
+    slots: list[_Slot] = getattr(module, SLOTS_ATTR, None) or []
+    if not slots or not forward_sees_deltas():
+        return []
+    children = module._modules
+    live = [(s, s.ref if s.ref is not None else children.get(s.attr)) for s in slots]
+    return [(s, delta) for s, delta in live if delta is not None]
 
 
 def _rows(delta: nn.Module, hidden: torch.Tensor, routing: Routing | None) -> torch.Tensor | None:
