@@ -27,14 +27,21 @@ def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
 TEXT = README.read_text(encoding="utf-8")
 ROOT = README.parent
 CPU_INDEX = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+CI_COMMAND = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+
+
+def test_readme_starts_with_the_demo_and_the_test_command():
+    first_block = TEXT.split("\n    ", 1)[1].split("\n\n", 1)[0]  # the first indented code block
+    commands = [line.split("#", 1)[0].strip() for line in ("    " + first_block).splitlines()]
+    assert commands == ["python3 -m pip install -q nox && python3 -m nox -s demo", CI_COMMAND]
 
 
 def test_the_cpu_torch_build_comes_first():
-    first_block = TEXT.split("\n    ", 1)[1].split("\n\n", 1)[0]  # the first indented code block
-    assert CPU_INDEX in first_block
     before = TEXT[: TEXT.index(CPU_INDEX)]
-    assert "pip install" not in before.replace("`pip install torch`", "")  # nothing installed before torch
-    assert "a GPU build works the same" in before
+    after_the_two_commands = before.split(CI_COMMAND, 1)[1]
+    assert "OPENDELTA_TORCH_INDEX=https://download.pytorch.org/whl/cpu" in after_the_two_commands
+    assert "pip install" not in after_the_two_commands.replace("`pip install torch`", "")  # nothing before torch
+    assert "a GPU build works the same" in after_the_two_commands
 
 
 def test_the_install_is_the_wheelhouse_one_and_never_thunlps_opendelta():
@@ -117,5 +124,4 @@ def test_each_plugin_readme_gives_the_install_that_works_before_publishing(plugi
 
 
 def test_readme_gives_the_command_ci_runs():
-    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert f"`{command}`" in TEXT
+    assert f"`{CI_COMMAND}`" in TEXT
