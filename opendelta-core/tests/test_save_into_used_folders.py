@@ -76,6 +76,7 @@ def test_a_transformers_model_folder_is_refused_and_left_byte_identical(toy, tmp
 
 
 def test_a_trainer_output_dir_keeps_every_file_and_its_checkpoints_are_refused(toy, tmp_path):
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate (installed in tests_all)")
     from transformers import Trainer, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
