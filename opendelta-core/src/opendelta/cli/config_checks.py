@@ -48,16 +48,34 @@ _SHAPE_KEY = re.compile(
 """Sizes that become tensor shapes or module counts, so a negative one is never an "unset" marker (``chunk_size:
 -1`` is one)."""
 _NOT_A_SIZE = re.compile(r"(_id|_ids|_idx|_index|_indices|_token)$")
+_WHOLE_NUMBER_KEY = re.compile(
+    r"(_size|_dim|^d_model|^d_ff|^d_kv|^n_embd|^n_inner|^n_head|^n_layer|^n_positions|^n_ctx|^num_\w+_(layers|heads)|"
+    r"^max_position_embeddings)$"
+)
+"""Sizes that must be whole numbers when set: transformers 5 refuses ``hidden_size: "wide"`` when it reads the
+config, transformers 4.57 only when a tensor is built from it, with an error that names no setting."""
 
 
-def _integers(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
-    """Every integer setting in ``data`` (nested configs included), as ``("text_config.hidden_size", 4096)``."""
+def _settings(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every setting in ``data`` (nested configs included), as ``("text_config.hidden_size", 4096)``."""
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            yield from _integers(value, f"{name}.")
-        elif isinstance(value, int) and not isinstance(value, bool):
+            yield from _settings(value, f"{name}.")
+        else:
             yield name, value
+
+
+def _numbers(data: Mapping[str, Any], source: str) -> Iterator[tuple[str, int | float]]:
+    """Every numeric setting in ``data``; a size set to a string is refused instead (floats are bounded like sizes)."""
+    for name, value in _settings(data):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
+        elif isinstance(value, str) and _WHOLE_NUMBER_KEY.search(name.rsplit(".", 1)[-1]):
+            raise CommandError(
+                f"the config in {source} sets {name}={value!r}, which is not a whole number: it is damaged or was "
+                f"crafted, and nothing was built from it. Fix {name} in its config.json"
+            )
 
 
 def check_config_sizes(config: Any, source: str) -> None:
@@ -66,7 +84,7 @@ def check_config_sizes(config: Any, source: str) -> None:
     Raises:
         CommandError: one line naming the setting, its value, the bound, and that nothing was built.
     """
-    for name, value in _integers(config.to_dict()):
+    for name, value in _numbers(config.to_dict(), source):
         key = name.rsplit(".", 1)[-1]
         if _NOT_A_SIZE.search(key) or not _SIZE_KEY.search(key):
             continue
