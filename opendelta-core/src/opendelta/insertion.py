@@ -163,13 +163,24 @@ def _with_output(output: Any, value: torch.Tensor) -> Any:
     return output
 
 
+_UNGATED: Any = object()
+"""What a hook receives in place of its last argument when torch calls it as a plain hook.
+
+``register_forward_pre_hook(..., with_kwargs=True)`` stores the hook, then its with_kwargs flag: a forward that is
+running through the module in another thread at that moment (one that began on a bare backbone, so no switching gate
+holds it back: see :mod:`opendelta.concurrency`) can find the hook without the flag and call it without ``kwargs``.
+That forward began without the delta and must finish without it, so the hook does nothing."""
+
+
 class _BeforeHook:
     """Forward pre-hook: runs handler slots, then the "before" deltas (last added first), then captures.
 
     A spanning parallel delta thus sees the input the module itself receives, like a plain parallel delta does.
     """
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] = _UNGATED) -> Any:
+        if kwargs is _UNGATED:  # torch saw the hook before its with_kwargs flag: see _UNGATED
+            return None
         live = _live_slots(module)
         changed = False
         for slot, _delta in live:
@@ -195,7 +206,9 @@ class _BeforeHook:
 class _AfterHook:
     """Forward hook: runs the "after" and "parallel" deltas, in the order added, then handler slots."""
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Any = _UNGATED) -> Any:
+        if output is _UNGATED:  # torch saw the hook before its with_kwargs flag: see _UNGATED
+            return None
         live = _live_slots(module)
         slots = [(slot, delta) for slot, delta in live if slot.kind in ("after", "parallel")]
         changed = False
