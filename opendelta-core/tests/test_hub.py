@@ -164,3 +164,11 @@ def test_push_arguments_are_checked_before_anything_is_written(toy, tmp_path):
     with pytest.raises(HubError, match="user/name"):
         delta_model.save_finetuned(tmp_path / "b", push_to_hub=True, repo_id="not-a-repo-id")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("repo_id", ["org/na--me", "org/name.git", "org/-name", "or g/name", "org/" + "n" * 97])
+def test_push_refuses_every_repo_id_the_loader_refuses_before_anything_is_written(toy, tmp_path, repo_id):
+    delta_model = toy(tiny_model("bert"))
+    with pytest.raises(HubError, match="user/name"):
+        delta_model.save_finetuned(tmp_path / "out", push_to_hub=True, repo_id=repo_id)
+    assert not (tmp_path / "out").exists()

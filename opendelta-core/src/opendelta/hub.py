@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opendelta.compat import installed_version
 from opendelta.config import CONFIG_NAME
 from opendelta.errors import HubError
+from opendelta.hub_cache import repo_id_problem
 from opendelta.install_hint import SHIPPED, install_command, wheelhouse_command
 from opendelta.ownership import is_content_named, is_own_card, seal_card
 from opendelta.saving import write_atomically
@@ -148,9 +149,12 @@ def write_model_card(folder: str | os.PathLike[str], text: str) -> bool:
 
 
 def check_repo_id(repo_id: Any) -> None:
-    """Refuse a ``repo_id`` that cannot name a Hub repo, before anything is saved or sent."""
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise HubError(f"repo_id must look like 'user/name', got {repo_id!r}; nothing was saved or uploaded")
+    """Refuse a ``repo_id`` that cannot name a Hub repo, before anything is saved or sent (the loader's rules)."""
+    problem = repo_id_problem(repo_id) if isinstance(repo_id, str) else "it is not a string"
+    if problem is not None:
+        raise HubError(
+            f"repo_id must look like 'user/name' ({problem}), got {repo_id!r}; nothing was saved or uploaded"
+        )
 
 
 def push_folder(
