@@ -50,19 +50,29 @@ _MODEL_KEYS = ("model_type", "architectures")  # what a transformers config.json
 _SEAL = re.compile(r"\n<!-- opendelta card sha256:([0-9a-f]{64}) -->\n\Z")
 
 
-def own_config(path: Path) -> dict[str, Any] | None:
-    """The config document at ``path`` if we wrote it; ``None`` if it is absent, unreadable or someone else's."""
+def _small_json(path: Path) -> Any:
+    """The JSON document at ``path`` (links followed), or ``None`` when it is absent, too big or unreadable."""
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
+
+
+def _is_ours(data: Any) -> bool:
+    """Whether a config document has our markers and none of a transformers model's."""
     if not isinstance(data, dict) or any(key in data for key in _MODEL_KEYS):
-        return None
+        return False
     if not isinstance(data.get("delta_type"), str) or not data["delta_type"]:
-        return None
-    return data if isinstance(data.get("written_by"), dict) or "opendelta_version" in data else None
+        return False
+    return isinstance(data.get("written_by"), dict) or "opendelta_version" in data
+
+
+def own_config(path: Path) -> dict[str, Any] | None:
+    """The config document at ``path`` if we wrote it; ``None`` if it is absent, unreadable or someone else's."""
+    data = None if path.is_symlink() else _small_json(path)
+    return data if _is_ours(data) else None
 
 
 def refuse_foreign_config(folder: Path, config_name: str = "config.json") -> None:
@@ -72,15 +82,14 @@ def refuse_foreign_config(folder: Path, config_name: str = "config.json") -> Non
         CheckpointError: naming the file, what it looks like, and saying to pick another folder.
     """
     path = folder / config_name
-    if not (path.exists() or path.is_symlink()) or own_config(path) is not None:
+    if not (path.exists() or path.is_symlink()):
+        return
+    data = _small_json(path)
+    if not path.is_symlink() and _is_ours(data):
         return
     kind = "a file that is not an OpenDelta delta config"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= MAX_CONFIG_BYTES else None
-        if isinstance(data, dict) and any(key in data for key in _MODEL_KEYS):
-            kind = f"the config of a transformers model (model_type={data.get('model_type')!r})"
-    except (OSError, ValueError, RecursionError):
-        pass
+    if isinstance(data, dict) and any(key in data for key in _MODEL_KEYS):
+        kind = f"the config of a transformers model (model_type={data.get('model_type')!r})"
     raise CheckpointError(
         f"{path} is {kind}; saving a delta here would replace it. Nothing was written: save the delta into another "
         f"folder (a new one, or a subfolder such as {str(folder / 'delta')!r})"
