@@ -33,7 +33,7 @@ from opendelta.insertion import (
     insert_sequential_module,
     replace_module,
 )
-from opendelta.shapes import module_features
+from opendelta.shapes import module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
 
 __all__ = ["DeltaConfig", "DeltaModel", "Target"]
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound="DeltaModel")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_CORE_ARGS = ("interactive_modify", "backend")
+_CORE_ARGS = ("interactive_modify", "backend", "dummy_inputs")
 
 
 def _target_modules(target: Target) -> list[nn.Module]:
@@ -112,6 +112,7 @@ class DeltaModel(nn.Module):
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
         params.append(inspect.Parameter("interactive_modify", inspect.Parameter.KEYWORD_ONLY, default=False))
         params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="hf"))
+        params.append(inspect.Parameter("dummy_inputs", inspect.Parameter.KEYWORD_ONLY, default=None))
         cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
 
     def __init__(
@@ -121,6 +122,7 @@ class DeltaModel(nn.Module):
         config: DeltaConfig | None = None,
         interactive_modify: bool | int = False,
         backend: str = "hf",
+        dummy_inputs: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -159,6 +161,7 @@ class DeltaModel(nn.Module):
         self._check_targets(targets)
         self.targets = targets
         self._features: dict[int, tuple[int, int]] = {}
+        self._dummy_inputs = pseudo_call(dummy_inputs)  # for the pseudo forward pass only; not a config field
         self._attention_parts: dict[str, Any] = {}
         budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
         with switching(backbone_model, f"building {type(self).__name__}"):
@@ -206,12 +209,14 @@ class DeltaModel(nn.Module):
 
         Read from the module's type when it tells (Linear, Conv1D, LayerNorm, Embedding); otherwise measured by
         one pseudo forward pass that sizes every target of this delta model at once (see
-        :func:`opendelta.shapes.module_features`), before any of them is modified.
+        :func:`opendelta.shapes.module_features`), before any of them is modified. That pass runs on the
+        constructor's ``dummy_inputs`` when given (``AdapterModel(model, dummy_inputs={"input_ids": ids})``: a dict
+        of keyword arguments, or a tensor or tuple of positional ones; used for that pass only, never saved).
         """
         if id(module) not in self._features:
             wanted = [module] + [m for t in self.targets for m in _target_modules(t) if id(m) not in self._features]
-            for measured, sizes in zip(wanted, module_features(self.backbone_model, wanted), strict=True):
-                self._features[id(measured)] = sizes
+            sizes = module_features(self.backbone_model, wanted, self._dummy_inputs, type(self).__name__)
+            self._features.update(zip(map(id, wanted), sizes, strict=True))
         return self._features[id(module)]
 
     def _expand_target(self, target: Target) -> list[Target]:

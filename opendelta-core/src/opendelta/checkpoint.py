@@ -173,6 +173,7 @@ def load_delta(
     from opendelta.registry import list_methods
 
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
+    dummy_inputs = overrides.pop("dummy_inputs", None)  # a constructor option for the pseudo pass, not a field
     local, peft_config = Path(path), "adapter_config.json"
     if (local / peft_config).is_file() and not (local / CONFIG_NAME).is_file():  # a PEFT adapter folder
         peft_type = str(read_config_dict(contained_file(local, peft_config, "the PEFT config")).get("peft_type"))
@@ -229,7 +230,7 @@ def load_delta(
         check_not_loaded(raw, backbone, str(folder))
     expected = raw.get("backbone_hash")
 
-    delta_model = model_cls(backbone, config=config)
+    delta_model = model_cls(backbone, config=config, dummy_inputs=dummy_inputs)
     try:
         if legacy:
             tensors = legacy_state_dict(delta_model, tensors, str(folder))

@@ -1,4 +1,8 @@
-"""Reading a module's feature sizes from the module itself, so no pseudo forward pass is needed.
+"""The feature sizes of modules a delta is built for: read from the module itself, else measured.
+
+Measuring is a pseudo forward pass (manual section 1.14.3), run only for modules whose type does not tell their
+sizes, on inputs the caller passes (the delta model's ``dummy_inputs`` argument), the backbone's own or, inside a
+user's wrapper, each transformers model's own; it leaves every module's train/eval mode as it found it.
 
 GPT-2 and friends use transformers' ``Conv1D``, a linear layer whose weight is stored ``[in, out]``, transposed
 relative to ``nn.Linear``'s ``[out, in]``; this module is the one place that knows it.
@@ -6,14 +10,17 @@ relative to ``nn.Linear``'s ``[out, in]``; this module is the one place that kno
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "DUMMY_INPUTS_EXAMPLE",
     "LINEAR_TYPES",
+    "PseudoCall",
     "factory_kwargs",
     "fused_output_index",
     "is_norm",
@@ -21,6 +28,7 @@ __all__ = [
     "linear_features",
     "module_features",
     "probe_features",
+    "pseudo_call",
     "weight_of",
 ]
 
@@ -112,82 +120,194 @@ def known_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _dummy_inputs(model: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    dummy = getattr(model, "dummy_inputs", None)
-    if isinstance(dummy, dict) and dummy:
-        return (), dict(dummy)
-    if isinstance(dummy, torch.Tensor):
-        return (dummy,), {}
-    return None
+PseudoCall = tuple[tuple[Any, ...], dict[str, Any]]
+"""The positional and keyword arguments of one pseudo forward call."""
+
+DUMMY_INPUTS_EXAMPLE = "{'input_ids': torch.tensor([[1, 2, 3]])}"
+"""The advice our errors give: a constructor argument (transformers' ``dummy_inputs`` is a read-only property)."""
 
 
-def probe_features(model: nn.Module, modules: Sequence[nn.Module]) -> dict[int, tuple[int, int]]:
-    """``(in_features, out_features)`` of ``modules`` measured by one pseudo forward pass of ``model``.
+def pseudo_call(inputs: Any, source: str = "dummy_inputs") -> PseudoCall | None:
+    """``inputs`` as the ``(args, kwargs)`` of a call; ``None`` (or an empty dict) means none given.
 
-    Used only for modules whose type does not tell their sizes. The pass uses ``model.dummy_inputs`` (most
-    transformers models have it), else an integer tensor ``[[0, 0, 0]]`` like ``input_ids``.
+    A dict is keyword arguments, a tensor the one positional argument, a tuple or list the positional arguments.
+
+    Raises:
+        DeltaConfigError: ``inputs`` is something else; the message names ``source``, where it came from.
+    """
+    from opendelta.errors import DeltaConfigError
+
+    if inputs is None or (isinstance(inputs, dict) and not inputs):
+        return None
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    raise DeltaConfigError(
+        f"{source} must be a dict of keyword arguments, a tensor or a tuple of positional arguments of the model's "
+        f"forward, got {type(inputs).__name__}; e.g. dummy_inputs={DUMMY_INPUTS_EXAMPLE}"
+    )
+
+
+def _own_dummy_inputs(module: nn.Module) -> PseudoCall | None:
+    """The ``dummy_inputs`` a module carries (transformers' property, or an attribute set on a plain module)."""
+    try:
+        return pseudo_call(getattr(module, "dummy_inputs", None))
+    except Exception:  # a property that fails, or a value of another kind: this module offers no inputs
+        return None
+
+
+def _on_device(call: PseudoCall, module: nn.Module) -> PseudoCall:
+    """The call's tensors on the device of ``module``'s weights (transformers builds ``dummy_inputs`` on the CPU)."""
+    device = factory_kwargs(module).get("device")
+    if device is None:
+        return call
+
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    args, kwargs = call
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _root_calls(model: nn.Module, dummy_inputs: PseudoCall | None) -> list[PseudoCall]:
+    """The calls to try on the backbone itself: the caller's inputs alone, else its own, else token ids.
+
+    The token ids are those of the original's manual (section 1.14.3), also as ``decoder_input_ids`` for a forward
+    that takes them.
+    """
+    if dummy_inputs is not None:
+        return [dummy_inputs]
+    ids = torch.tensor([[0, 0, 0]])
+    calls = [c for c in (_own_dummy_inputs(model), ((ids,), {})) if c is not None]
+    try:
+        takes_decoder_ids = "decoder_input_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        takes_decoder_ids = False
+    if takes_decoder_ids:
+        calls.append(((), {"input_ids": ids, "decoder_input_ids": ids}))
+    return calls
+
+
+class _Recorder:
+    """Forward hooks that note the sizes of the wanted modules in every pass run while they are registered."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        from opendelta.errors import DeltaStateError
+
+        self.seen: dict[int, tuple[int, int]] = {}
+        self.unusable: dict[int, DeltaStateError] = {}
+        self._wanted = {id(m) for m in modules}
+        self._handles = [m.register_forward_hook(self._record, with_kwargs=True) for m in modules]
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        from opendelta.errors import DeltaStateError
+        from opendelta.insertion import main_input, main_output
+
+        if id(module) in self._wanted and id(module) not in self.seen:
+            try:
+                hidden_in = main_input(module, args, kwargs)[1]
+                self.seen[id(module)] = (
+                    int(hidden_in.shape[-1]) if hidden_in.is_floating_point() else 0,  # token ids: no width
+                    int(main_output(module, output).shape[-1]),
+                )
+            except DeltaStateError as exc:  # the pass is fine; this module's call has no hidden state to size
+                self.unusable.setdefault(id(module), exc)
+
+    def missing(self, modules: Iterable[nn.Module]) -> list[nn.Module]:
+        return [m for m in modules if id(m) not in self.seen]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _try(module: nn.Module, calls: Sequence[PseudoCall], label: str, errors: list[str]) -> None:
+    """Run ``module`` on the first of ``calls`` that works, noting why the others failed."""
+    for args, kwargs in calls:
+        args, kwargs = _on_device((args, kwargs), module)
+        try:
+            with torch.no_grad():
+                module(*args, **kwargs)
+            return
+        except Exception as exc:
+            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+
+
+def probe_features(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    dummy_inputs: PseudoCall | None = None,
+    method: str = "DeltaModel",
+) -> dict[int, tuple[int, int]]:
+    """``(in_features, out_features)`` of ``modules`` measured by pseudo forward passes, in eval mode.
+
+    Used only for modules whose type does not tell their sizes. The backbone runs on ``dummy_inputs`` (the delta
+    model's constructor argument, see :func:`pseudo_call`) when given, else on its own ``dummy_inputs`` (most
+    transformers models have it; on a plain module the attribute can be set), else on token ids ``[[0, 0, 0]]``.
+    Modules this pass does not reach (a user's wrapper whose forward needs other arguments, or has none) are sized
+    by running each sub-model of the backbone that holds some of them and has ``dummy_inputs`` of its own (a
+    transformers model inside the wrapper) on those, outermost first, as OpenDelta 0.3.2 did.
+
+    Every module's ``training`` flag is as it was afterwards, whatever mix of train and eval the tree was in.
 
     Returns:
         ``{id(module): (last dim of its hidden-state input, last dim of its hidden-state output)}``; the input
         width is 0 when the module reads integer ids (an embeddings block), as for ``nn.Embedding``.
 
     Raises:
-        ShapeInferenceError: the pass failed, or did not reach some module; the message says how to set
-            ``model.dummy_inputs`` (the original manual's FAQ 3).
+        ShapeInferenceError: the passes failed, or did not reach some module; the message says why and names the
+            ``dummy_inputs`` argument of ``method``, the delta model class being built.
         DeltaStateError: a module was reached but takes or returns no hidden-state tensor.
     """
-    from opendelta.errors import DeltaStateError, ShapeInferenceError
-    from opendelta.insertion import main_input, main_output
+    from opendelta.errors import ShapeInferenceError
 
-    seen: dict[int, tuple[int, int]] = {}
-    wanted = {id(m) for m in modules}
-
-    unusable: dict[int, DeltaStateError] = {}
-
-    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if id(module) in wanted and id(module) not in seen:
-            try:
-                hidden_in = main_input(module, args, kwargs)[1]
-                seen[id(module)] = (
-                    int(hidden_in.shape[-1]) if hidden_in.is_floating_point() else 0,  # token ids: no width
-                    int(main_output(module, output).shape[-1]),
-                )
-            except DeltaStateError as exc:  # the pass is fine; this module's call has no hidden state to size
-                unusable.setdefault(id(module), exc)
-
-    handles = [m.register_forward_hook(record, with_kwargs=True) for m in modules]
-    attempts = [a for a in (_dummy_inputs(model), ((torch.tensor([[0, 0, 0]]),), {})) if a is not None]
-    errors = []
-    was_training = model.training
+    recorder = _Recorder(modules)
+    errors: list[str] = []
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        for args, kwargs in attempts:
-            try:
-                with torch.no_grad():
-                    model(*args, **kwargs)
+        _try(model, _root_calls(model, dummy_inputs), type(model).__name__, errors)
+        for name, sub in model.named_modules():
+            pending = recorder.missing(modules)
+            if not pending:
                 break
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
+            call = _own_dummy_inputs(sub) if sub is not model else None
+            if call is not None and not {id(p) for p in pending}.isdisjoint(map(id, sub.modules())):
+                _try(sub, [call], f"{name} ({type(sub).__name__})", errors)
     finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+        recorder.remove()
+        for module, training in modes:
+            module.training = training
+    unusable = [exc for key, exc in recorder.unusable.items() if key not in recorder.seen]
     if unusable:
-        raise next(iter(unusable.values()))
-    missing = [m for m in modules if id(m) not in seen]
+        raise unusable[0]
+    missing = recorder.missing(modules)
     if missing:
         why = "; ".join(errors) or "the pass did not reach them"
         raise ShapeInferenceError(
             f"cannot tell the sizes of {', '.join(sorted({type(m).__name__ for m in missing}))}: their type does not "
-            f"say, and a pseudo forward pass of {type(model).__name__} failed ({why[:500]}). Set inputs that make "
-            f"model(**dummy_inputs) run before creating the delta model: "
-            f"setattr(model, 'dummy_inputs', {{'input_ids': torch.tensor([[1, 2, 3]])}})"
+            f"say, and a pseudo forward pass of {type(model).__name__} failed ({why[:500]}). Pass inputs on which the "
+            f"backbone's forward runs: {method}(backbone_model, ..., dummy_inputs={DUMMY_INPUTS_EXAMPLE}) (a dict of "
+            f"keyword arguments, or a tensor or a tuple of positional ones; also accepted by from_config and "
+            f"from_finetuned). They are used for this pass only, never saved"
         )
-    return seen
+    return recorder.seen
 
 
-def module_features(model: nn.Module, modules: Sequence[nn.Module]) -> list[tuple[int, int]]:
-    """``(in_features, out_features)`` of each module: from its type when possible, else one pseudo forward pass."""
+def module_features(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    dummy_inputs: PseudoCall | None = None,
+    method: str = "DeltaModel",
+) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of each module: from its type when possible, else a pseudo forward pass.
+
+    ``dummy_inputs``: the arguments of that pass, as :func:`pseudo_call` returns them; ``method``: the delta model
+    class being built, named in the error's advice (see :func:`probe_features`).
+    """
     unknown = [m for m in modules if known_features(m) is None]
-    probed = probe_features(model, unknown) if unknown else {}
+    probed = probe_features(model, unknown, dummy_inputs, method) if unknown else {}
     return [known_features(m) or probed[id(m)] for m in modules]
