@@ -218,6 +218,11 @@ def test_positional_dummy_inputs_set_as_the_attribute_of_a_plain_module_are_hono
     assert adapter_widths(model) == {HIDDEN_SIZE}
 
 
+def test_dummy_inputs_the_forward_refuses_are_reported_with_the_reason():
+    with pytest.raises(ShapeInferenceError, match=r"unexpected keyword argument 'ids'.*dummy_inputs="):
+        AdapterModel(KeywordOnlyNet(), modified_modules=["block"], dummy_inputs={"ids": torch.tensor([[1, 2]])})
+
+
 def test_dummy_inputs_of_another_kind_are_refused_naming_the_forms():
     with pytest.raises(DeltaConfigError, match="dummy_inputs must be a dict of keyword arguments"):
         AdapterModel(FeatureNet(), modified_modules=["block"], dummy_inputs="input_ids")
