@@ -139,6 +139,9 @@ def test_top_level_logging_is_the_032_module():
 
     assert opendelta.logging is od_logging
     assert callable(opendelta.logging.get_logger) and callable(opendelta.logging.set_verbosity_info)
+    namespace: dict = {}
+    exec("import logging\nfrom opendelta import *", namespace)  # a star import must not shadow stdlib's logging
+    assert namespace["logging"] is std_logging and namespace["Visualization"] is bigmodelvis.Visualization
 
 
 @pytest.mark.parametrize("module, stem", DELTA_MODEL_MODULES.items())
@@ -316,6 +319,12 @@ def test_get_logger_verbosity_and_defaults(od_logging, monkeypatch):
     od_logging._reset()
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     assert od_logging.get_verbosity() == std_logging.ERROR
+
+
+def test_an_unknown_verbosity_variable_is_reported_and_info_used(od_logging, monkeypatch, capsys):
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "loud")
+    assert od_logging.get_verbosity() == std_logging.INFO
+    assert "unknown TRANSFORMERS_VERBOSITY='loud'" in capsys.readouterr().err
 
 
 # --- opendelta.utils.structure_mapping -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from opendelta.prefix import insert_prefix
 from opendelta.prompt import insert_soft_prompt
 from opendelta.registry import get_method, list_methods, list_structures
 from opendelta.routing import route_rows
-from opendelta.utils import logging  # 0.3.2's ``opendelta.logging``
+from opendelta.utils import logging as logging  # 0.3.2's; not in __all__, where a star import would shadow stdlib's
 from opendelta.visualization import count_parameters
 
 __version__ = "0.1.0"
@@ -85,7 +85,6 @@ __all__ = [
     "list_methods",
     "list_plugins",
     "list_structures",
-    "logging",
     "replace_module",
     "route_rows",
 ]

@@ -7,8 +7,8 @@ model uses for its default ``modified_modules``. ``transform("bert.encoder.layer
 
 Deliberate differences from 0.3.2: ``transform`` returns the common name as a string, not 0.3.2's internal triple
 ``(key, virtual_key, order)`` with ``@``-marked components (``"bert.encoder@.block@.0.attn@.q@"``), and a model
-with no mapping raises :class:`~opendelta.errors.StructureNotFoundError` (a ``LookupError``, as 0.3.2's
-``KeyError`` was) whose message says how to proceed.
+with no mapping raises :class:`~opendelta.errors.StructureNotFoundError`, whose message says how to proceed
+(0.3.2 raised a ``KeyError``; catch ``LookupError``, the parent of both).
 """
 
 from __future__ import annotations
