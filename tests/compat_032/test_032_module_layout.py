@@ -182,7 +182,7 @@ def test_a_missing_plugin_names_its_distribution(without_plugin, module, name, d
     mod = importlib.import_module(f"opendelta.delta_models.{module}")
     with pytest.raises(DeltaMethodNotInstalledError, match=f"pip install {distribution}") as caught:
         getattr(mod, name)
-    assert f"opendelta.delta_models.{module}" in str(caught.value)
+    assert f"opendelta.delta_models.{module}" in str(caught.value) and name not in dir(mod)
     with pytest.raises(DeltaMethodNotInstalledError, match=f"pip install {distribution}"):
         getattr(opendelta.delta_models, name)
 

@@ -75,7 +75,8 @@ def namespace_attributes(where: str, names: Iterable[str]) -> tuple[Callable[[st
             raise AttributeError(f"module {where!r} has no attribute {name!r}")
         return method_class(name, where)
 
-    def __dir__() -> list[str]:
-        return sorted(served | set(vars(sys.modules[where])))
+    def __dir__() -> list[str]:  # only what getattr can return: pydoc and inspect.getmembers walk dir()
+        available = {name for name in served if _installed(name) is not None}
+        return sorted(available | set(vars(sys.modules[where])))
 
     return __getattr__, __dir__
