@@ -6,7 +6,7 @@ importable from here once installed: ``from opendelta import LoraModel``.
 
 from __future__ import annotations
 
-import re
+from importlib import import_module
 from typing import Any
 
 from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
@@ -36,11 +36,13 @@ from opendelta.errors import (
 from opendelta.freezing import freeze_module
 from opendelta.hookspecs import hookimpl
 from opendelta.insertion import insert_parallel_module, insert_sequential_module, replace_module
+from opendelta.method_classes import method_class
 from opendelta.plugins import list_plugins
 from opendelta.prefix import insert_prefix
 from opendelta.prompt import insert_soft_prompt
 from opendelta.registry import get_method, list_methods, list_structures
 from opendelta.routing import route_rows
+from opendelta.utils import logging as logging  # 0.3.2's; not in __all__, where a star import would shadow stdlib's
 from opendelta.visualization import count_parameters
 
 __version__ = "0.1.0"
@@ -52,6 +54,7 @@ __all__ = [
     "BackboneMismatchError",
     "BackboneUnverifiedError",
     "CheckpointError",
+    "CommonStructureMap",
     "DeltaConfig",
     "DeltaConfigError",
     "DeltaMethodNotInstalledError",
@@ -70,6 +73,7 @@ __all__ = [
     "Target",
     "UnknownDeltaMethodError",
     "UnsupportedTargetError",
+    "Visualization",
     "count_parameters",
     "freeze_module",
     "get_method",
@@ -85,22 +89,15 @@ __all__ = [
     "route_rows",
 ]
 
-_METHOD_CLASS = re.compile(r"^[A-Z][A-Za-z0-9]*(Model|Config)$")
+_LAZY = {"Visualization": "bigmodelvis", "CommonStructureMap": "opendelta.utils.structure_mapping"}
+"""Core's names imported on first access (bigmodelvis and rich add about 70 ms to ``import opendelta``)."""
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve ``XxxModel`` / ``XxxConfig`` through the registry of installed plugins."""
-    if not _METHOD_CLASS.match(name):
-        raise AttributeError(f"module 'opendelta' has no attribute {name!r}")
-    for spec in list_methods():
-        for cls in (spec.model_cls, spec.config_cls):
-            if cls.__name__ == name:
-                return cls
-    from opendelta.install_hint import install_hint
-    from opendelta.registry import distribution_hint
+    """Core's lazy names, then ``XxxModel`` / ``XxxConfig`` through the registry of installed plugins.
 
-    installed = ", ".join(s.model_cls.__name__ for s in list_methods()) or "none"
-    raise DeltaMethodNotInstalledError(
-        f"cannot import {name!r} from opendelta: no installed plugin provides it (installed methods: {installed}). "
-        f"Install its plugin: {install_hint(distribution_hint(name))}"
-    )
+    Only a name a plugin could provide gets the "install its plugin" error; any other is a plain AttributeError.
+    """
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    return method_class(name, "opendelta")
