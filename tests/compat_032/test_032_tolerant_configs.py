@@ -91,7 +91,7 @@ def test_the_pipelines_hf_dataclass_through_asdict_builds_the_delta_with_one_war
     (message,) = config_warnings(record)  # exactly one warning for the whole namespace
     for key in [*PIPELINE_ONLY, "bottleneck_dim"]:  # pipeline options and another method's field
         assert repr(key) in message
-    assert "'lora_r'" not in message.split("its fields are")[0]
+    assert "'lora_r'" not in message.split("Its fields are")[0]  # a field of LoRA: kept
     assert "reduction_factor" in message  # None for a field LoRA does not have: dropped like the others
     assert type(delta_config) is LoraConfig and delta_config.lora_r == 4
     assert delta_config.modified_modules == ["query", "value"] and delta_config.unfrozen_modules == ["deltas"]

@@ -323,11 +323,11 @@ def _warn_dropped(config_cls: type[DeltaConfig], dropped: list[str], unset: list
     """The one warning of :meth:`DeltaConfig.from_dict` for the keys it dropped and the ``None`` it read as unset."""
     parts = []
     if dropped:
-        parts.append(f"dropped the key(s) {dropped}, which are not its fields")
+        parts.append(f"dropped the key(s) {dropped} (not its fields)")
     if unset:
-        parts.append(f"took the default of {unset}, given as None (a field that cannot be None)")
+        parts.append(f"took the default of {unset}, given as None (a value those fields cannot have)")
     warnings.warn(
-        f"{config_cls.__name__}.from_dict {' and '.join(parts)}; its fields are {config_cls.field_names()}. Pass a "
+        f"{config_cls.__name__}.from_dict {' and '.join(parts)}. Its fields are {config_cls.field_names()}; pass a "
         f"dict of those only to silence this (a keyword argument that is not one of them is an error)",
         OpenDeltaConfigWarning,
         stacklevel=_caller_stacklevel(),
