@@ -129,17 +129,17 @@ def test_config_is_translated_to_common_names_and_defaults():
 
 
 def test_the_originals_method_name_and_class_call_both_work():
-    # the original called it "low_rank_adapter"; the method registers that as an alias of "lowrankadapter"
+    # the original called it "low_rank_adapter", and so does the method ("lowrankadapter" is an alias of it)
     model = backbone("low_rank_adapter_gpt2")
-    delta_model = get_method("low_rank_adapter").model_cls.from_finetuned(DATA / "low_rank_adapter_gpt2", model)
-    assert delta_model.config.delta_type == "lowrankadapter"
+    delta_model = get_method("lowrankadapter").model_cls.from_finetuned(DATA / "low_rank_adapter_gpt2", model)
+    assert delta_model.config.delta_type == "low_rank_adapter"
     torch.testing.assert_close(run(model, "low_rank_adapter_gpt2"), expected("low_rank_adapter_gpt2", "output"))
 
 
 def test_a_delta_config_of_the_callers_own_replaces_the_saved_one():
     case = "low_rank_adapter_gpt2"
     model = backbone(case)
-    config = get_method("lowrankadapter").config_cls(reduction_factor=8)  # as saved, under the new name
+    config = get_method("low_rank_adapter").config_cls(reduction_factor=8)  # as saved
     AutoDeltaModel.from_finetuned(DATA / case, backbone_model=model, delta_config=config)
     torch.testing.assert_close(run(model, case), expected(case, "output"), atol=ATOL, rtol=0)
 

@@ -75,7 +75,7 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
     "bitfit": set(),
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
     "lora": {"lora_r"},
-    "lowrankadapter": {"reduction_factor", "low_rank_rank"},
+    "low_rank_adapter": {"reduction_factor", "low_rank_rank"},
     "parallel_adapter": {"bottleneck_dim"},
     "prefix": {"prefix_token_num", "embed_dim", "mid_dim"},
     "soft_prompt": {"soft_token_num"},
@@ -87,7 +87,7 @@ KNOWN_FLOAT_FIELDS: dict[str, set[str]] = {
     "bitfit": set(),
     "compacter": {"phm_init_range"},
     "lora": {"lora_alpha", "lora_dropout"},
-    "lowrankadapter": set(),
+    "low_rank_adapter": set(),
     "parallel_adapter": {"scaled"},
     "prefix": set(),
     "soft_prompt": {"init_range"},
@@ -101,7 +101,7 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     # The division must divide every target's hidden size (32 here): refused for that reason, before any tensor.
     ("compacter", "hypercomplex_division"): DeltaConfigError,
     # hidden // reduction_factor is 0: "leaves no bottleneck ... use a reduction_factor of at most 32".
-    ("lowrankadapter", "reduction_factor"): DeltaConfigError,
+    ("low_rank_adapter", "reduction_factor"): DeltaConfigError,
     # BERT's 128 learned positions are shared by prompt and input: more prompt tokens than that is refused by name.
     ("soft_prompt", "soft_token_num"): DeltaConfigError,
 }

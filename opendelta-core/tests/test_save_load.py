@@ -9,6 +9,7 @@ from opendelta import (
     BackboneMismatchError,
     CheckpointError,
     DeltaConfigError,
+    OpenDeltaConfigWarning,
     UnknownDeltaMethodError,
 )
 from opendelta.testing import perturb, tiny_inputs, tiny_model
@@ -112,8 +113,10 @@ def test_auto_config_from_dict_and_errors(toy):
     with pytest.raises(UnknownDeltaMethodError, match="toy") as info:
         AutoDeltaConfig.from_dict({"delta_type": "tyo"})
     assert "Did you mean 'toy'" in str(info.value)
-    with pytest.raises(DeltaConfigError, match="colour"):
-        AutoDeltaConfig.from_dict({"delta_type": "toy", "colour": 1})
+    with pytest.warns(OpenDeltaConfigWarning, match=r"dropped the key\(s\) \['colour'\]"):  # a dict made in code
+        assert AutoDeltaConfig.from_dict({"delta_type": "toy", "colour": 1}) == type(config)()
+    with pytest.raises(DeltaConfigError, match="colour"):  # a keyword argument stays strict
+        AutoDeltaConfig.from_dict({"delta_type": "toy"}, colour=1)
     with pytest.raises(DeltaConfigError, match="width"):
         AutoDeltaConfig.from_dict({"delta_type": "toy", "width": "wide"})
     with pytest.raises(DeltaConfigError, match="width"):

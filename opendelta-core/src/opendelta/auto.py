@@ -34,7 +34,11 @@ class AutoDeltaConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DeltaConfig:
-        """The config for ``config_dict["delta_type"]`` with the given values (``kwargs`` override them)."""
+        """The config for ``config_dict["delta_type"]`` with the given values (``kwargs`` override them).
+
+        A dict made in code, such as ``asdict(delta_args)`` of a 0.3.2 pipeline: keys that are no field of the method
+        are dropped with one warning, keyword arguments are strict (see :meth:`DeltaConfig.from_dict`).
+        """
         _delta_type_of(config_dict)
         return method_for(config_dict).config_cls.from_dict(config_dict, **kwargs)
 
@@ -42,7 +46,8 @@ class AutoDeltaConfig:
     def from_finetuned(cls, finetuned_delta_path: str | os.PathLike[str], **kwargs: Any) -> DeltaConfig:
         """The config saved in a checkpoint folder, a ``config.json`` file, or a Hub repo."""
         raw = read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs))
-        config = cls.from_dict(raw, **kwargs)
+        _delta_type_of(raw)
+        config = method_for(raw).config_cls.from_saved(raw, str(finetuned_delta_path), **kwargs)  # strict: a file
         config.mark_read_from(finetuned_delta_path, overridden=kwargs)
         return config
 
@@ -55,7 +60,10 @@ class AutoDeltaModel:
 
     @classmethod
     def from_config(cls, config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, **kwargs: Any) -> DeltaModel:
-        """A fresh delta model (weights initialised, not loaded) for ``config`` on ``backbone_model``."""
+        """A fresh delta model (weights initialised, not loaded) for ``config`` on ``backbone_model``.
+
+        A dict is read as :meth:`AutoDeltaConfig.from_dict` reads it (unknown keys dropped with one warning).
+        """
         if isinstance(config, dict):
             _delta_type_of(config)
             return method_for(config).model_cls.from_config(config, backbone_model, **kwargs)

@@ -142,7 +142,7 @@ class DeltaModel(nn.Module):
             given = kwargs.get("modified_modules", None if config is None else config.modified_modules)
             kwargs = {**kwargs, **modified_modules_from_page(type(self), backbone_model, interactive_modify, given)}
         if config is None:
-            config = self.config_class.from_dict(kwargs)  # an unknown argument is named, with the known ones
+            config = self.config_class.from_dict({}, **kwargs)  # keyword arguments: an unknown one is named
         elif kwargs:
             given, config = config, self.config_class.from_dict(config.to_dict(), **kwargs)
             config.copy_marks(given, overridden=kwargs)  # patterns a file set stay the file's
@@ -305,8 +305,10 @@ class DeltaModel(nn.Module):
     ) -> M:
         """Build the delta model described by ``config`` on ``backbone_model`` (weights freshly initialised).
 
-        ``kwargs`` override config entries. ``check_hash`` is accepted for compatibility; the hash is checked by
-        :meth:`from_finetuned`, where there are weights to check it against.
+        ``kwargs`` override config entries. A dict is one made in code (``asdict(delta_args)`` of a 0.3.2
+        pipeline): its keys that are no field of the method are dropped with one warning, while ``kwargs`` stay
+        strict (see :meth:`DeltaConfig.from_dict`). ``check_hash`` is accepted for compatibility; the hash is checked
+        by :meth:`from_finetuned`, where there are weights to check it against.
         """
         del check_hash
         core = {k: kwargs.pop(k) for k in _CORE_ARGS if k in kwargs}  # constructor options, not config fields

@@ -170,7 +170,7 @@ def load_delta(
     **overrides: Any,
 ) -> DeltaModel:
     """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself."""
-    from opendelta.registry import list_methods
+    from opendelta.registry import list_methods, registered_name
 
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
     dummy_inputs = overrides.pop("dummy_inputs", None)  # a constructor option for the pseudo pass, not a field
@@ -201,9 +201,9 @@ def load_delta(
             raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
         model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls  # a missing plugin first
         check_requirements(raw, str(folder))
-        if model_cls.delta_type != delta_type:
+        if model_cls.delta_type != registered_name(delta_type):  # an alias an earlier release wrote is the same
             raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
-        config = delta_config or model_cls.config_class.from_dict(raw, **overrides)
+        config = delta_config or model_cls.config_class.from_saved(raw, str(folder / CONFIG_NAME), **overrides)
         if delta_config is None:  # its patterns are the file's: checked now, matched with bounds
             config.mark_read_from(folder / CONFIG_NAME, overridden=overrides)
         if state_dict is not None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import types
+import warnings
 from collections import abc
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
-from opendelta.errors import DeltaConfigError
+from opendelta.errors import DeltaConfigError, OpenDeltaConfigWarning
 from opendelta.file_patterns import PATTERN_FIELDS, FilePatterns, check_limits
 from opendelta.ownership import refuse_foreign_config
 
@@ -179,26 +181,100 @@ class DeltaConfig:
 
     @classmethod
     def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
-        """Build a config from a dict (``kwargs`` override its entries); unknown keys are refused by name."""
+        """Build a config from a dict made in code (``kwargs`` override its entries).
+
+        A dict made in code may hold more than this method's fields: 0.3.2's pipelines pass whole argument
+        namespaces (``AutoDeltaConfig.from_dict(asdict(delta_args))``, ``vars(args)``), holding other methods'
+        fields and pipeline options. So, as 0.3.2 did:
+
+        * a key of ``config_dict`` that is no field of this config is dropped, and one
+          :class:`~opendelta.errors.OpenDeltaConfigWarning` names every dropped key;
+        * a key set to ``None`` for a field that cannot be ``None`` (``lora_r`` of an argparse option whose
+          default is ``None``: "not given") takes the field's default, and the same warning names it. 0.3.2 kept the
+          ``None``, which failed later inside a layer; an optional field (``modified_modules``) keeps its ``None``.
+
+        Keyword arguments stay strict, as every keyword argument in code is (``LoraModel(model, lora_rr=4)``): an
+        unknown one, or ``None`` for a field that cannot be ``None``, is refused by name with the known fields. A
+        dict with a ``written_by`` of a newer release than the installed one is read as a checkpoint is (see
+        :meth:`from_saved`). A ``config.json`` read from a checkpoint goes through :meth:`from_saved`, which refuses
+        unknown keys.
+
+        Raises:
+            DeltaConfigError: an unknown keyword argument, a wrong type or value, or a ``delta_type`` of another
+                method.
+            CheckpointError: the dict ``requires`` a newer distribution than the installed one.
+        """
+        return cls._from_mapping(config_dict, kwargs, saved_in=None)
+
+    @classmethod
+    def from_saved(cls: type[C], config_dict: dict[str, Any], saved_in: str, **kwargs: Any) -> C:
+        """Build a config from the ``config.json`` of a checkpoint (``kwargs`` override its entries).
+
+        Unlike :meth:`from_dict`, an unknown key is refused by name (a typo or a tampered file), unless
+        ``written_by`` shows a newer release than the installed one: then it is an optional field of that release,
+        ignored with an :class:`~opendelta.errors.OpenDeltaVersionWarning` (see :mod:`opendelta.compat`).
+        ``saved_in`` (the file or folder) is named in the errors.
+        """
+        return cls._from_mapping(config_dict, kwargs, saved_in=saved_in)
+
+    @classmethod
+    def _from_mapping(
+        cls: type[C], config_dict: dict[str, Any], overrides: dict[str, Any], *, saved_in: str | None
+    ) -> C:
+        """The one implementation of :meth:`from_dict` (``saved_in=None``) and :meth:`from_saved`."""
+        if not isinstance(config_dict, dict):
+            raise DeltaConfigError(f"a delta config must be a dict, got {type(config_dict).__name__}")
         check_requirements(config_dict, f"this {cls.__name__} (saved config)")
-        merged = {**config_dict, **kwargs}
-        given_type = merged.get("delta_type")
-        if cls.delta_type and given_type not in (None, cls.delta_type):
-            raise DeltaConfigError(
-                f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {given_type!r}; use "
-                f"AutoDeltaConfig.from_dict to pick the class from delta_type"
-            )
+        merged = {**config_dict, **overrides}
+        cls._check_delta_type(merged.get("delta_type"))
         known = set(cls.field_names())
         unknown = sorted(set(merged) - known - METADATA_FIELDS)
         newer = newer_writers(config_dict, cls) if unknown else []
-        if newer and not set(unknown) & set(kwargs):  # optional fields of a newer release (never a typo in kwargs)
+        mistyped = sorted(set(unknown) & set(overrides))  # a keyword argument is typed in code: never tolerated
+        in_code = saved_in is None
+        if unknown and newer and not mistyped:  # optional fields of a newer release, in a file or a dict
             warn_unknown_fields(cls, unknown, newer)
-        elif unknown:
+        elif unknown and (mistyped or not in_code):
+            where = f" in {saved_in}" if saved_in else ""
             raise DeltaConfigError(
-                f"unknown field(s) {unknown} for {cls.__name__} (delta_type {cls.delta_type!r}); known fields: "
-                f"{sorted(known)}"
+                f"unknown field(s) {mistyped if in_code else unknown} for {cls.__name__} (delta_type "
+                f"{cls.delta_type!r}){where}; known fields: {sorted(known)}"
             )
-        return cls(**{k: v for k, v in merged.items() if k in known})
+        dropped = unknown if in_code and not newer else []
+        unset = cls._unset_by_none(config_dict, overrides) if in_code else []
+        if dropped or unset:
+            _warn_dropped(cls, dropped, unset)
+        return cls(**{k: v for k, v in merged.items() if k in known and k not in unset})
+
+    @classmethod
+    def _check_delta_type(cls, given: Any) -> None:
+        """Refuse a ``delta_type`` naming another method; an alias of this one (``lowrankadapter``) is this one."""
+        from opendelta.registry import registered_name  # the registry loads plugins, which import this module
+
+        if given in (None, cls.delta_type) or not cls.delta_type:
+            return
+        if registered_name(str(given)) != cls.delta_type:
+            raise DeltaConfigError(
+                f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {given!r}; use "
+                f"AutoDeltaConfig.from_dict to pick the class from delta_type"
+            )
+
+    @classmethod
+    def _unset_by_none(cls, config_dict: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+        """The keys of ``config_dict`` (not ``overrides``) set to ``None`` for a field that has a default.
+
+        Only fields that cannot be ``None``: there ``None`` means "not given", as an argparse or dataclass option
+        whose default is ``None`` says.
+        """
+        hints = get_type_hints(cls)
+        return sorted(
+            f.name
+            for f in fields(cls)
+            if config_dict.get(f.name, MISSING) is None
+            and f.name not in overrides
+            and (f.default is not MISSING or f.default_factory is not MISSING)
+            and not _type_ok(None, hints[f.name])
+        )
 
     def to_json_string(self) -> str:
         """The config as indented JSON."""
@@ -226,7 +302,8 @@ class DeltaConfig:
         """Read a config from a checkpoint folder or a ``config.json`` file (``kwargs`` override entries)."""
         from opendelta.saving import read_config_dict
 
-        config = cls.from_dict(read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs)), **kwargs)
+        raw = read_config_dict(finetuned_delta_path, **_hub_kwargs(kwargs))
+        config = cls.from_saved(raw, str(finetuned_delta_path), **kwargs)
         config.mark_read_from(finetuned_delta_path, overridden=kwargs)
         return config
 
@@ -240,6 +317,30 @@ class DeltaConfig:
             elif f.default_factory is not MISSING:
                 out[f.name] = f.default_factory()
         return out
+
+
+def _warn_dropped(config_cls: type[DeltaConfig], dropped: list[str], unset: list[str]) -> None:
+    """The one warning of :meth:`DeltaConfig.from_dict` for the keys it dropped and the ``None`` it read as unset."""
+    parts = []
+    if dropped:
+        parts.append(f"dropped the key(s) {dropped} (not its fields)")
+    if unset:
+        parts.append(f"took the default of {unset}, given as None (a value those fields cannot have)")
+    warnings.warn(
+        f"{config_cls.__name__}.from_dict {' and '.join(parts)}. Its fields are {config_cls.field_names()}; pass a "
+        f"dict of those only to silence this (a keyword argument that is not one of them is an error)",
+        OpenDeltaConfigWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside opendelta (the user's call)."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")

@@ -19,6 +19,7 @@ __all__ = [
     "DeltaStateError",
     "HubError",
     "ModuleNotFoundInStructureError",
+    "OpenDeltaConfigWarning",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
     "OpenDeltaVersionWarning",
@@ -101,6 +102,13 @@ class HubError(OpenDeltaError, OSError):
 
 class OpenDeltaPluginWarning(UserWarning):
     """A plugin failed to load or register; core and the other plugins keep working."""
+
+
+class OpenDeltaConfigWarning(UserWarning):
+    """A config dict made in code held keys that are no field of the method; they were dropped.
+
+    Such a dict is an argparse or dataclass namespace of a 0.3.2 pipeline (see ``DeltaConfig.from_dict``).
+    """
 
 
 class OpenDeltaVersionWarning(UserWarning):

@@ -225,8 +225,8 @@ def legacy_config(
             (only ``delta_type`` and the stale fields are then dealt with).
 
     Returns:
-        A config dict with ``delta_type`` set to the method's registered name (the original's ``low_rank_adapter``
-        is ``lowrankadapter`` here), ready for ``config_class.from_dict``.
+        A config dict with ``delta_type`` set to the method's registered name (a name registered as an alias
+        resolves to it), ready for ``config_class.from_saved``.
     """
     from opendelta.errors import UnknownDeltaMethodError
     from opendelta.registry import get_method
@@ -240,7 +240,7 @@ def legacy_config(
     model_cls = spec.model_cls if spec is not None and cls.delta_type in ("", None) else cls
     if spec is None or not issubclass(model_cls, spec.model_cls):
         return config  # load_delta reports the missing, unknown or mismatched delta_type
-    config["delta_type"] = model_cls.delta_type  # an alias of the original's name (low_rank_adapter) resolves to ours
+    config["delta_type"] = model_cls.delta_type  # a name the method registers as an alias resolves to its own
     md5 = config.get("backbone_hash")
     for key in _STALE_FIELDS:
         config.pop(key, None)

@@ -35,6 +35,7 @@ __all__ = [
     "get_structure",
     "list_methods",
     "list_structures",
+    "registered_name",
     "reload",
     "structure_for_model",
 ]
@@ -229,6 +230,18 @@ def get_method(name: str) -> MethodSpec:
         f"unknown delta_type {name!r}.{hint} Installed delta methods: {installed}. If {name!r} is an OpenDelta "
         f"method, install its plugin: {install_hint(distribution_hint(str(name)))}"
     )
+
+
+def registered_name(name: str) -> str:
+    """The name ``name`` is registered under: itself, or the method an alias names.
+
+    ``lowrankadapter`` -> ``low_rank_adapter``; ``name`` unchanged when no installed method knows it.
+
+    A saved ``delta_type`` is compared through this, so a checkpoint that names its method by an alias (one an
+    earlier release wrote) is the method's own.
+    """
+    _ensure()
+    return _aliases.get(name, name)
 
 
 def list_structures() -> list[CommonStructure]:

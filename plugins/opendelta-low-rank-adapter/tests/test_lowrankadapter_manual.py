@@ -48,10 +48,12 @@ def test_manual_1_7_2_shapes_on_a_bart_of_width_768(capsys):
 def test_registered_under_its_delta_type_and_alias_and_importable_from_opendelta():
     assert opendelta.LowRankAdapterModel is LowRankAdapterModel
     assert opendelta.LowRankAdapterConfig is LowRankAdapterConfig
-    assert get_method("low_rank_adapter") is get_method("lowrankadapter")
-    assert get_method("lowrankadapter").model_cls is LowRankAdapterModel
-    config = AutoDeltaConfig.from_dict({"delta_type": "lowrankadapter", "reduction_factor": 16})
-    assert type(config) is LowRankAdapterConfig and config.reduction_factor == 16
+    assert get_method("low_rank_adapter") is get_method("lowrankadapter")  # the old name is an alias
+    assert get_method("low_rank_adapter").name == LowRankAdapterModel.delta_type == "low_rank_adapter"  # as 0.3.2
+    assert get_method("low_rank_adapter").model_cls is LowRankAdapterModel
+    for name in ("low_rank_adapter", "lowrankadapter"):
+        config = AutoDeltaConfig.from_dict({"delta_type": name, "reduction_factor": 16})
+        assert type(config) is LowRankAdapterConfig and config.reduction_factor == 16
     assert LowRankAdapterModel.delta_name == "low_rank_adapter" and LowRankAdapterModel.identity_at_init
     assert issubclass(LowRankAdapter, SamplerAdapter)
 

@@ -29,7 +29,7 @@ class LowRankAdapterConfig(DeltaConfig):
             paper's baseline). Parameters per adapter: ``r * 2 * (hidden + bottleneck) + hidden + bottleneck``.
     """
 
-    delta_type: ClassVar[str] = "lowrankadapter"
+    delta_type: ClassVar[str] = "low_rank_adapter"  # what 0.3.2 wrote into config.json
 
     reduction_factor: int = 32
     non_linearity: str = "gelu_new"

@@ -25,7 +25,7 @@ class LowRankAdapterModel(DeltaModel):
     """
 
     config_class = LowRankAdapterConfig
-    delta_type = "lowrankadapter"
+    delta_type = "low_rank_adapter"
     delta_name = "low_rank_adapter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"

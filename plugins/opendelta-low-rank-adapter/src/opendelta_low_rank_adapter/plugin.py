@@ -8,8 +8,12 @@ from opendelta.hookspecs import RegisterDeltaMethod
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
-    """Register ``lowrankadapter`` (the original's ``delta_type``), also reachable as ``low_rank_adapter``."""
+    """Register ``low_rank_adapter``, the ``delta_type`` 0.3.2 wrote, and keep ``lowrankadapter`` as an alias.
+
+    Earlier builds of this plugin registered and wrote ``lowrankadapter`` (the name the 0.3.2 manual's text
+    uses); the alias keeps the checkpoints they saved loading.
+    """
     from opendelta_low_rank_adapter.config import LowRankAdapterConfig
     from opendelta_low_rank_adapter.model import LowRankAdapterModel
 
-    register("lowrankadapter", LowRankAdapterConfig, LowRankAdapterModel, aliases=("low_rank_adapter",))
+    register("low_rank_adapter", LowRankAdapterConfig, LowRankAdapterModel, aliases=("lowrankadapter",))
