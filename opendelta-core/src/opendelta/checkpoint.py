@@ -229,7 +229,7 @@ def load_delta(
         check_not_loaded(raw, backbone, str(folder))
     expected = raw.get("backbone_hash")
 
-    delta_model = model_cls(backbone, config=config)
+    delta_model = model_cls.from_config(config, backbone)  # a 0.3.2-style DeltaBase method builds its own way
     try:
         if legacy:
             tensors = legacy_state_dict(delta_model, tensors, str(folder))
