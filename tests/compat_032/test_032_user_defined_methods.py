@@ -265,6 +265,80 @@ def test_a_method_whose_config_is_for_another_delta_type_is_refused_when_defined
             config_class = LoraConfig
 
 
+class InputScale(nn.Module):
+    """The manual's other sequential hook: ``pre_forward`` gets the module's call and returns ``(args, kwargs)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(3.0))
+
+    def pre_forward(self, hidden, *args, **kwargs):
+        return (hidden * self.gain, *args), kwargs
+
+
+class PlainScale(nn.Module):
+    """Neither hook: inserted sequentially, it runs on the output's hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, hidden):
+        return hidden * self.gain
+
+
+class MyHooksModel(DeltaBase):
+    config_class = MyAdapterConfig
+    delta_type = "my_hooks"
+
+    def __init__(self, backbone_model, modified_modules=None, method="sequential"):
+        DeltaBase.__init__(self, backbone_model, modified_modules=modified_modules)
+        self.method = method
+        self.add_all_delta_to_backbone(self.backbone_model, self.modified_modules)
+
+    def update_module(self, module, key):
+        _, _, ref = self.find_module(module, key)
+        delta = PlainScale() if self.method == "plain" else InputScale()
+        self.insert_module(ref, method="sequential" if self.method == "plain" else self.method, delta_module=delta)
+
+
+@pytest.mark.parametrize("method", ["sequential", "before", "plain"])
+def test_pre_forward_and_plain_sequential_deltas_change_what_the_module_computes(method):
+    model = tiny_model("bert", "BertModel")
+    dense = model.encoder.layer[0].output.dense
+    x = torch.randn(2, 3, dense.in_features)
+    with torch.no_grad():
+        bare = dense(x)
+        delta_model = MyHooksModel(model, modified_modules=["0.output.dense"], method=method)
+        expected = bare * 0.5 if method == "plain" else nn.functional.linear(3 * x, dense.weight, dense.bias)
+        torch.testing.assert_close(dense(x), expected)
+    delta_model.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), bare, rtol=0, atol=0)
+
+
+def test_insert_module_refuses_an_unknown_method_and_an_after_delta_without_post_forward():
+    with pytest.raises(DeltaConfigError, match="sideways"):
+        MyHooksModel(tiny_model("bert", "BertModel"), modified_modules=["output.dense"], method="sideways")
+    with pytest.raises(DeltaConfigError, match="post_forward"):
+        MyHooksModel(tiny_model("bert", "BertModel"), modified_modules=["output.dense"], method="after")
+
+
+def test_a_delta_without_parameters_yet_is_refused_with_the_way_to_create_them():
+    class Lazy(nn.Module):
+        def post_forward(self, output):
+            return output
+
+    class LazyModel(MyHooksModel):
+        def update_module(self, module, key):
+            self.insert_sequential_module(self.find_module(module, key)[2], delta_module=Lazy())
+
+    model = tiny_model("bert", "BertModel")
+    with pytest.raises(DeltaConfigError, match=r"self\.features\(ref\)"):
+        LazyModel(model, modified_modules=["output.dense"])
+    assert not any(hasattr(m, "_opendelta_slots") for m in model.modules())
+
+
 def test_an_update_module_that_fails_leaves_the_backbone_bare():
     class Failing(MyAdapterModel):
         def update_module(self, module, key):

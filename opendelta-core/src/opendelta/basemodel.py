@@ -37,6 +37,10 @@ __all__ = ["DeltaBase"]
 _METHODS = ("sequential", "parallel", "before", "after")
 
 
+def _has_no_tensors(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None
+
+
 class DeltaBase(DeltaModel):
     """Base class of a delta method written in OpenDelta 0.3.2's style (see the module docstring).
 
@@ -111,6 +115,7 @@ class DeltaBase(DeltaModel):
         Raises:
             ModuleNotFoundInStructureError: ``modified_modules`` designates no module.
             UnsupportedTargetError: no ``update_module`` call placed any delta.
+            DeltaConfigError: a placed delta has no parameter yet (0.3.2 let deltas create them lazily).
         """
         self._check_module(backbone)
         targets = resolve_targets(
@@ -121,6 +126,14 @@ class DeltaBase(DeltaModel):
         with self._building():
             for target in targets:
                 self.update_module(backbone, target.name)
+            empty = [t.name for t, i in zip(self.targets, self._insertions, strict=True) if _has_no_tensors(i.delta)]
+            if empty:
+                raise DeltaConfigError(
+                    f"{type(self).__name__} placed deltas without parameters on {', '.join(empty[:3])}: 0.3.2 let a "
+                    f"delta create them in a pseudo forward pass; create them in the delta's __init__ (in "
+                    f"update_module, self.features(ref) gives the module's (in, out) sizes), so they can be saved, "
+                    f"loaded and moved with the backbone"
+                )
             if not self._insertions:
                 raise UnsupportedTargetError(
                     f"{type(self).__name__}.update_module placed no delta on any of "
