@@ -91,6 +91,7 @@ class DeltaModel(ClassicDeltaApi):
     * ``insertion``: ``"after"``, ``"before"``, ``"parallel"`` or ``"replace"``;
     * ``supported_layer_types``: module types a target must be (``None``: any), checked before anything changes;
     * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
+    * ``positional_args``: the order the constructor takes hyper-parameters by position (the manual's);
 
     and implement :meth:`_build_delta`. The backbone is modified in place and is *not* registered as a submodule
     of the delta model; the delta modules are (``delta_model.parameters()`` are the delta parameters).
@@ -125,8 +126,8 @@ class DeltaModel(ClassicDeltaApi):
         """The names the constructor's positional arguments after the backbone stand for (see ``positional_args``).
 
         Raises:
-            PluginValidationError: ``positional_args`` names something that is neither a config field nor a
-                constructor option, or names one twice.
+            DeltaConfigError: ``positional_args`` names something that is neither a config field nor a constructor
+                option, or names one twice (raised when the class is defined).
         """
         return positional_names(cls.__name__, cls.positional_args, cls.config_class.field_names())
 
