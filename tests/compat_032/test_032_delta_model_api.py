@@ -140,6 +140,9 @@ def test_find_key_matches_common_names_with_common_structure():
     delta_model = LoraModel(model, modified_modules=["attn.q"], common_structure=True)
     assert delta_model.find_key("encoder.layer.0.attention.self.query", ["attn.q"])
     assert not delta_model.find_key("encoder.layer.0.attention.self.key", ["attn.q"])
+    with_defaults = LoraModel(tiny_model("bert", "BertModel"))  # the defaults are common names, as in 0.3.2
+    assert with_defaults.find_key("encoder.layer.1.attention.self.value", ["attn.v"])
+    assert not with_defaults.find_key("encoder.layer.1.attention.self.value", ["attn.q"])
 
 
 def test_find_module_returns_parent_child_name_and_module(bert):

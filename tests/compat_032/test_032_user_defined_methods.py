@@ -221,6 +221,7 @@ def test_default_modified_modules_in_the_032_spelling_use_the_common_structure()
     hosts = sorted({name.rsplit(".my_adapter", 1)[0] for name in delta_model.trainable_parameters_names()})
     assert hosts == [f"encoder.layer.{i}.attention.self.value" for i in range(2)]
     assert delta_model.common_structure is True and delta_model.modified_modules == ["attn.v"]
+    assert delta_model.exclude_modules == ["lm_head"] == delta_model.config.exclude_modules  # 0.3.2's default
 
 
 def test_a_parallel_032_style_method_with_a_dataclass_config(tmp_path):

@@ -51,7 +51,8 @@ class DeltaBase(DeltaModel):
     """
 
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
-    default_exclude_modules: ClassVar[list[str] | None] = None
+    default_exclude_modules: ClassVar[list[str] | None] = ["lm_head"]
+    """What ``exclude_modules=None`` means: 0.3.2 never modified a language-modelling head."""
     default_unfrozen_modules: ClassVar[list[str]] = ["deltas"]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -101,8 +101,9 @@ class ClassicDeltaApi(nn.Module):
         """Whether the module named ``key`` (relative to the backbone) is designated by ``target_list``.
 
         The rules of name-based addressing: a pattern matches the end of the name on whole components (``[r]``:
-        a regular expression; a compiled ``re.Pattern`` is taken as one); with ``common_structure`` the module's
-        common names (``attn.q``) match too; a module under ``exclude_modules`` never matches.
+        a regular expression; a compiled ``re.Pattern`` is taken as one); with ``common_structure``, or with the
+        method's default ``modified_modules``, the module's common names (``attn.q``) match too; a module under
+        ``exclude_modules`` never matches.
         """
         if is_excluded(key, compile_patterns(self.exclude_modules, argument="exclude_modules")):
             return False
@@ -110,7 +111,7 @@ class ClassicDeltaApi(nn.Module):
         patterns = compile_patterns(texts, argument="target_list")
         if any(p.matches(key) for p in patterns):
             return True
-        if not self.common_structure:
+        if not (self.common_structure or self.modified_modules is None):  # the defaults are common names
             return False
         from opendelta.registry import structure_for_model
 
