@@ -10,6 +10,7 @@ whose ``__init__`` sets its own hyper-parameter, and a ``DeltaBase`` subclass wi
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -354,6 +355,17 @@ def test_an_update_module_that_fails_leaves_the_backbone_bare():
         Failing(model, modified_modules=["output.dense"])
     torch.testing.assert_close(_run(model, inputs), bare, rtol=0, atol=0)
     assert not any("my_adapter" in n for n, _ in model.named_modules())
+
+
+def test_a_deep_copy_of_the_backbone_runs_its_own_032_style_deltas():
+    model = tiny_model("bert", "BertModel")
+    inputs = tiny_inputs("bert")
+    MyAdapterModel(model, modified_modules=["attention.output.dense"])
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(_run(copied, inputs), _run(model, inputs), rtol=0, atol=0)
+    with torch.no_grad():
+        copied.encoder.layer[0].attention.output.dense.my_adapter.up.weight.zero_()
+    assert not torch.allclose(_run(copied, inputs), _run(model, inputs))
 
 
 def test_hyper_parameters_are_read_only_once_built():
