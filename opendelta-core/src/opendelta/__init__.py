@@ -11,7 +11,9 @@ from typing import Any
 
 from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
 from opendelta.base import DeltaModel, Target
+from opendelta.basemodel import DeltaBase
 from opendelta.config import DeltaConfig
+from opendelta.delta_configs import BaseDeltaConfig
 from opendelta.errors import (
     AddressingError,
     BackboneMismatchError,
@@ -54,8 +56,10 @@ __all__ = [
     "AutoDeltaModel",
     "BackboneMismatchError",
     "BackboneUnverifiedError",
+    "BaseDeltaConfig",
     "CheckpointError",
     "CommonStructureMap",
+    "DeltaBase",
     "DeltaConfig",
     "DeltaConfigError",
     "DeltaMethodNotInstalledError",

@@ -8,8 +8,8 @@ target. ``insertion`` says how it is placed: ``"after"``/``"before"`` (sequentia
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,18 +21,21 @@ from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.budget import DeltaMemoryBudget
+from opendelta.classic_api import ClassicDeltaApi
 from opendelta.concurrency import switching
 from opendelta.config import DeltaConfig
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.freezing import freeze_module
 from opendelta.insertion import (
     PLACERS,
+    WRAPPED_ATTR,
     Insertion,
     Kind,
     insert_parallel_module,
     insert_sequential_module,
     replace_module,
 )
+from opendelta.positional import bind_positionals, constructor_signature, positional_names
 from opendelta.shapes import module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
 
@@ -77,7 +80,7 @@ def _switches(method: F) -> F:
     return switch  # type: ignore[return-value]
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(ClassicDeltaApi):
     """A set of delta modules attached to a backbone, built from a :class:`DeltaConfig`.
 
     Subclasses set:
@@ -88,6 +91,7 @@ class DeltaModel(nn.Module):
     * ``insertion``: ``"after"``, ``"before"``, ``"parallel"`` or ``"replace"``;
     * ``supported_layer_types``: module types a target must be (``None``: any), checked before anything changes;
     * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
+    * ``positional_args``: the order the constructor takes hyper-parameters by position (the manual's);
 
     and implement :meth:`_build_delta`. The backbone is modified in place and is *not* registered as a submodule
     of the delta model; the delta modules are (``delta_model.parameters()`` are the delta parameters).
@@ -105,32 +109,42 @@ class DeltaModel(nn.Module):
     identity_at_init: ClassVar[bool] = True
     """Whether a freshly built delta leaves the backbone's outputs unchanged (checked by the conformance battery)."""
 
+    positional_args: ClassVar[tuple[str, ...] | None] = None
+    """The hyper-parameters the constructor takes by position after the backbone, in the manual's order for this
+    method (``LoraModel(model, 4, 8)`` is ``lora_r=4, lora_alpha=8``): config field names, ``interactive_modify``
+    and ``backend``. ``None``: the config's fields in declaration order (its ``backbone_*`` records left out)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        params = [inspect.Parameter("backbone_model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        for name, default in cls.config_class.defaults().items():
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
-        params.append(inspect.Parameter("interactive_modify", inspect.Parameter.KEYWORD_ONLY, default=False))
-        params.append(inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="hf"))
-        params.append(inspect.Parameter("dummy_inputs", inspect.Parameter.KEYWORD_ONLY, default=None))
-        cls.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        if cls.__init__ is not DeltaModel.__init__:  # a constructor of its own (0.3.2-style DeltaBase) tells the truth
+            cls.__signature__ = None  # type: ignore[attr-defined]
+            return
+        cls.__signature__ = constructor_signature(cls.positional_names(), cls.config_class.defaults())  # type: ignore[attr-defined]
+
+    @classmethod
+    def positional_names(cls) -> tuple[str, ...]:
+        """The names the constructor's positional arguments after the backbone stand for (see ``positional_args``).
+
+        Raises:
+            DeltaConfigError: ``positional_args`` names something that is neither a config field nor a constructor
+                option, or names one twice (raised when the class is defined).
+        """
+        return positional_names(cls.__name__, cls.positional_args, cls.config_class.field_names())
 
     def __init__(
         self,
         backbone_model: nn.Module,
         *args: Any,
         config: DeltaConfig | None = None,
-        interactive_modify: bool | int = False,
-        backend: str = "hf",
-        dummy_inputs: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if args:
-            raise TypeError(
-                f"{type(self).__name__} takes the backbone as its only positional argument; pass the rest by "
-                f"name, e.g. {type(self).__name__}(model, modified_modules=[...])"
-            )
+        kwargs = bind_positionals(type(self).__name__, self.positional_names(), args, kwargs)
+        if "unfrozen_modules" in kwargs and kwargs["unfrozen_modules"] is None:
+            del kwargs["unfrozen_modules"]  # the manual's signatures default it to None, meaning ["deltas"]
+        interactive_modify: bool | int = kwargs.pop("interactive_modify", False)
+        backend: str = kwargs.pop("backend", "hf")
+        dummy_inputs = pseudo_call(kwargs.pop("dummy_inputs", None))  # for the pseudo forward pass; not a config field
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
         if backend != "hf":
@@ -150,37 +164,59 @@ class DeltaModel(nn.Module):
             raise DeltaConfigError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
             )
-        self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
+        self._init_state(backbone_model)
+        self._dummy_inputs = dummy_inputs
         self.config = config
+        targets = self._expand_all(self._resolve_targets())
+        self._check_targets(targets)
+        self.targets = targets
+        budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
+        with self._building():
+            for count, target in enumerate(targets, start=1):
+                with budget:
+                    delta = self._build_delta(target)
+                budget.built(delta, count)
+                self._record(self._place(target, delta))
+        self._record_backbone(config)
+
+    def _init_state(self, backbone_model: nn.Module) -> None:
+        """The bookkeeping every delta model starts with, before any delta is placed."""
+        self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
         self._insertions: list[Insertion] = []
         self._merged: list[Insertion] = []
         self._premerge_samples: dict[str, bytes | None] = {}
         self._unloaded = False
         self.deltas = nn.ModuleList()
-        targets = self._expand_all(self._resolve_targets())
-        self._check_targets(targets)
-        self.targets = targets
+        self.targets: list[Target] = []
         self._features: dict[int, tuple[int, int]] = {}
-        self._dummy_inputs = pseudo_call(dummy_inputs)  # for the pseudo forward pass only; not a config field
+        self._dummy_inputs: Any = None  # the constructor's dummy_inputs=, as a call (see opendelta.shapes.pseudo_call)
         self._attention_parts: dict[str, Any] = {}
-        budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
-        with switching(backbone_model, f"building {type(self).__name__}"):
+
+    @contextlib.contextmanager
+    def _building(self) -> Iterator[None]:
+        """Place deltas as the backbone's switching writer; if one fails, take out those placed, then re-raise."""
+        with switching(self.backbone_model, f"building {type(self).__name__}"):
             try:
-                for count, target in enumerate(targets, start=1):
-                    with budget:
-                        delta = self._build_delta(target)
-                    budget.built(delta, count)
-                    self._insertions.append(self._place(target, delta))
-                    self.deltas.append(delta)
+                yield
             except BaseException:
                 for insertion in reversed(self._insertions):
                     insertion.detach()
                 raise
+
+    def _record(self, insertion: Insertion, target: Target | None = None) -> None:
+        """Keep one placed delta (``target``: where it is, when not the target being built)."""
+        if target is not None:
+            self.targets.append(target)
+        self._insertions.append(insertion)
+        self.deltas.append(insertion.delta)
+
+    def _record_backbone(self, config: DeltaConfig) -> None:
+        """After building: forget measured sizes, and record the backbone's class and checkpoint in ``config``."""
         self._features.clear()  # measured for building; ids of modules must not outlive this call
         self._attention_parts.clear()
-        config.backbone_class = type(backbone_model).__name__
+        config.backbone_class = type(self.backbone_model).__name__
         config.backbone_checkpoint_name = (
-            getattr(getattr(backbone_model, "config", None), "_name_or_path", None) or None
+            getattr(getattr(self.backbone_model, "config", None), "_name_or_path", None) or None
         )
 
     # ----------------------------------------------------------------------------------------------- plugin API
@@ -607,7 +643,7 @@ class DeltaModel(nn.Module):
                 prefix = f"{target.host_name}.{insertion.base_name}" if target.host_name else insertion.base_name
             used[prefix] = used.get(prefix, -1) + 1
             prefix += f"_{used[prefix]}" if used[prefix] else ""  # two deltas of this model on one module
-            wrapped = getattr(insertion.delta, "wrapped_name", None)
+            wrapped = getattr(insertion.delta, WRAPPED_ATTR, None)  # set for every replacement that wraps
             for name, tensor in insertion.delta.state_dict().items():
                 if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
                     continue

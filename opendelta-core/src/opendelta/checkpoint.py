@@ -230,7 +230,8 @@ def load_delta(
         check_not_loaded(raw, backbone, str(folder))
     expected = raw.get("backbone_hash")
 
-    delta_model = model_cls(backbone, config=config, dummy_inputs=dummy_inputs)
+    options = {} if dummy_inputs is None else {"dummy_inputs": dummy_inputs}
+    delta_model = model_cls.from_config(config, backbone, **options)  # a 0.3.2-style DeltaBase builds its own way
     try:
         if legacy:
             tensors = legacy_state_dict(delta_model, tensors, str(folder))

@@ -7,6 +7,7 @@ message naming the field, instead of failing deep inside a layer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from opendelta.classic_config import classic_parameters
 from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
 from opendelta.errors import DeltaConfigError, OpenDeltaConfigWarning
 from opendelta.file_patterns import PATTERN_FIELDS, FilePatterns, check_limits
@@ -134,13 +136,24 @@ class DeltaConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        """The names of the hyper-parameters, in declaration order."""
-        return [f.name for f in fields(cls)]
+        """The names of the hyper-parameters, in declaration order (a 0.3.2-style subclass's own ones last)."""
+        return [f.name for f in fields(cls)] + list(classic_parameters(cls))
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise to a JSON-ready dict, ``delta_type`` first."""
-        plain = {k: list(v) if isinstance(v, FilePatterns) else v for k, v in asdict(self).items()}
+        own = {name: getattr(self, name) for name in classic_parameters(type(self)) if hasattr(self, name)}
+        plain = {k: list(v) if isinstance(v, FilePatterns) else v for k, v in {**asdict(self), **own}.items()}
         return {"delta_type": self.delta_type, **plain}
+
+    def __eq__(self, other: object) -> bool:
+        """Same class and same hyper-parameters (a 0.3.2-style subclass's own ones included)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "delta_type")
+        return f"{type(self).__name__}({shown})"
 
     def mark_read_from(
         self, path: str | os.PathLike[str], *, overridden: abc.Iterable[str] = (), fields: abc.Iterable[str] = ()
@@ -316,6 +329,7 @@ class DeltaConfig:
                 out[f.name] = f.default
             elif f.default_factory is not MISSING:
                 out[f.name] = f.default_factory()
+        out.update({k: v for k, v in classic_parameters(cls).items() if v is not inspect.Parameter.empty})
         return out
 
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from opendelta.insertion import delta_parameter_names
+from opendelta.insertion import bare_parameter_names, delta_parameter_names
 
 __all__ = ["REDUCED_PRECISIONS", "SAMPLE", "backbone_hash", "parameter_sample", "reduced_precision_hashes"]
 
@@ -75,14 +75,15 @@ def backbone_hash(
     """
     overrides, samples = overrides or {}, samples or {}
     skip = delta_parameter_names(model)
+    bare = bare_parameter_names(model)  # a wrapping replacement's original is hashed under the backbone's name
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    for name, param in sorted(model.named_parameters(), key=lambda item: bare[item[0]]):
         if name in skip or (name in samples and samples[name] is None):
             continue
         tensor = overrides[name].to(param.dtype) if name in overrides else param
         rounded = precision is not None and param.is_floating_point()
         kind = "floating" if rounded else str(param.dtype)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{kind}\n".encode())
+        digest.update(f"{bare[name]}|{tuple(tensor.shape)}|{kind}\n".encode())
         recorded = samples.get(name)
         sample = recorded if recorded is not None else _sample(tensor)
         digest.update(_rounded(sample, precision) if rounded else sample)  # type: ignore[arg-type]

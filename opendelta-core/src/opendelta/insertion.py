@@ -37,6 +37,7 @@ from opendelta.routing import ROUTING_ATTR, Routing
 __all__ = [
     "DELTA_MARK",
     "Insertion",
+    "bare_parameter_names",
     "delta_parameter_names",
     "insert_parallel_module",
     "insert_sequential_module",
@@ -598,3 +599,21 @@ def delta_parameter_names(model: nn.Module) -> set[str]:
                 continue
             names.add(f"{prefix}.{name}" if prefix else name)
     return names
+
+
+def bare_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter name of ``model`` mapped to the name it has with every delta taken out.
+
+    Only a replacement that wraps the module it replaced renames anything: ``value.original.weight`` is the
+    backbone's ``value.weight`` (see :func:`replace_module`'s ``wrapped``).
+    """
+    renames = [
+        (f"{prefix}.{wrapped}." if prefix else f"{wrapped}.", f"{prefix}." if prefix else "")
+        for prefix, module in iter_delta_modules(model)
+        if (wrapped := getattr(module, WRAPPED_ATTR, None))
+    ]
+    out = {}
+    for name, _p in model.named_parameters():
+        old, new = next(((o, n) for o, n in renames if name.startswith(o)), ("", ""))
+        out[name] = new + name[len(old) :] if old else name
+    return out

@@ -8,6 +8,7 @@ from torch import nn
 
 from opendelta import DeltaModel, Target
 from opendelta.layers import BottleneckAdapter
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
 from opendelta_adapter.config import AdapterConfig
 
@@ -26,6 +27,12 @@ class AdapterModel(DeltaModel):
     delta_name = "adapter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
+    positional_args = (
+        "bottleneck_dim",
+        "non_linearity",
+        *SHARED_POSITIONALS,
+    )
+    """The manual's positional order: ``AdapterModel(model, x)`` binds x to ``bottleneck_dim``."""
     identity_at_init = False
     config: AdapterConfig
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from opendelta import CheckpointError, DeltaModel, Target
 from opendelta.insertion import DELTA_MARK
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import LINEAR_TYPES, factory_kwargs, fused_output_index, is_norm
 from opendelta_bitfit.config import BitFitConfig
 from opendelta_bitfit.layer import BiasDelta
@@ -67,6 +68,8 @@ class BitFitModel(DeltaModel):
     delta_name = "bitfit"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn", "ff", "layer_norm", "lm_head.proj")
     insertion = "after"
+    positional_args = SHARED_POSITIONALS
+    """The manual's positional order: ``BitFitModel(model, x)`` binds x to ``modified_modules``."""
     supports_fused_targets = True
     cover_common_scopes = True  # ``ff`` covers BERT's intermediate.dense and BART's fc1/fc2, which no ``ff`` holds
     identity_at_init = True

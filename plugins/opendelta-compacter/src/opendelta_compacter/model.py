@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from opendelta import DeltaConfigError, DeltaModel, Target
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
 from opendelta_compacter.config import CompacterConfig
 from opendelta_compacter.layer import HyperComplexAdapterLayer, PHMFactors, PHMLinear, new_phm_rule, new_phm_weight
@@ -56,6 +57,25 @@ class CompacterModel(DeltaModel):
     delta_name = "compacter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
+    positional_args = (
+        *SHARED_POSITIONALS,
+        "reduction_factor",
+        "non_linearity",
+        "phm_c_init",
+        "hypercomplex_division",
+        "learn_phm",
+        "hypercomplex_nonlinearity",
+        "shared_phm_rule",
+        "factorized_phm",
+        "shared_W_phm",
+        "factorized_phm_rule",
+        "phm_rank",
+        "phm_init_range",
+        "kronecker_prod",
+        "use_bias_up_sampler",
+        "use_bias_down_sampler",
+    )
+    """The manual's positional order: ``CompacterModel(model, x)`` binds x to ``modified_modules``."""
     identity_at_init = False
     config: CompacterConfig
     _shared: _Shared | None = None

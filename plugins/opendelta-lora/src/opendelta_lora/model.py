@@ -28,6 +28,18 @@ class LoraModel(DeltaModel):
     delta_name = "lora"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
     insertion = "parallel"
+    positional_args = (
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "modified_modules",
+        "unfrozen_modules",
+        "exclude_modules",
+        "common_structure",
+        "interactive_modify",
+        "backend",
+    )
+    """The manual's positional order: ``LoraModel(model, x)`` binds x to ``lora_r``."""
     supported_layer_types = LINEAR_TYPES
     supports_fused_targets = True
     config: LoraConfig

@@ -7,6 +7,7 @@ from typing import ClassVar
 from torch import nn
 
 from opendelta import DeltaConfigError, DeltaModel, Target
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
 from opendelta_low_rank_adapter.config import LowRankAdapterConfig
 from opendelta_low_rank_adapter.layer import LowRankAdapter
@@ -29,6 +30,14 @@ class LowRankAdapterModel(DeltaModel):
     delta_name = "low_rank_adapter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
+    positional_args = (
+        "reduction_factor",
+        "non_linearity",
+        "low_rank_w_init",
+        "low_rank_rank",
+        *SHARED_POSITIONALS,
+    )
+    """The manual's positional order: ``LowRankAdapterModel(model, x)`` binds x to ``reduction_factor``."""
     identity_at_init = True
     config: LowRankAdapterConfig
 

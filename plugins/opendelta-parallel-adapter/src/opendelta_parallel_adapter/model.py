@@ -9,6 +9,7 @@ from torch import nn
 
 from opendelta import CheckpointError, DeltaModel, Target, UnsupportedTargetError
 from opendelta.layers import BottleneckAdapter
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
 from opendelta_parallel_adapter.config import ParallelAdapterConfig
 from opendelta_parallel_adapter.spans import resolve_span_targets
@@ -37,6 +38,12 @@ class ParallelAdapterModel(DeltaModel):
     delta_name = "parallel_adapter"
     default_modified_modules: ClassVar[tuple[str | tuple[str, str], ...]] = ("attn", ("ff.w1", "ff.w2"))
     insertion = "parallel"
+    positional_args = (
+        "bottleneck_dim",
+        "non_linearity",
+        *SHARED_POSITIONALS,
+    )
+    """The manual's positional order: ``ParallelAdapterModel(model, x)`` binds x to ``bottleneck_dim``."""
     identity_at_init = False
     config: ParallelAdapterConfig
 

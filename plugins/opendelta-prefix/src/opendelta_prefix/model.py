@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from opendelta import CheckpointError, DeltaModel, DeltaStateError, Target
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
 from opendelta_prefix.config import PrefixConfig
 from opendelta_prefix.layer import PrefixLayer, PrefixReparameterization
@@ -33,6 +34,14 @@ class PrefixModel(DeltaModel):
     delta_name = "prefix"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn",)
     insertion = "prefix"
+    positional_args = (
+        "prefix_token_num",
+        "reparameterize",
+        "embed_dim",
+        "mid_dim",
+        *SHARED_POSITIONALS[:-1],  # the manual's signature has no backend
+    )
+    """The manual's positional order: ``PrefixModel(model, x)`` binds x to ``prefix_token_num``."""
     identity_at_init = False
     config: PrefixConfig
 

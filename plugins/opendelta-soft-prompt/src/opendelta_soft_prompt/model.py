@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from opendelta import DeltaModel, Target, UnsupportedTargetError
+from opendelta.positional import SHARED_POSITIONALS
 from opendelta.prompt import check_prompt_length, input_stack
 from opendelta_soft_prompt.config import SoftPromptConfig
 from opendelta_soft_prompt.layer import SoftPromptLayer
@@ -31,6 +32,14 @@ class SoftPromptModel(DeltaModel):
     delta_type = "soft_prompt"
     delta_name = "soft_prompt"
     insertion = "prompt"
+    positional_args = (
+        "soft_token_num",
+        "init_range",
+        "token_init",
+        "other_expand_ids",
+        *SHARED_POSITIONALS[:-1],  # the manual's signature has no backend
+    )
+    """The manual's positional order: ``SoftPromptModel(model, x)`` binds x to ``soft_token_num``."""
     identity_at_init = False
     config: SoftPromptConfig
 
