@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard
 
 from opendelta import (
     AdapterModel,
+    AutoDeltaConfig,
     AutoDeltaModel,
-    BitFitModel,
     DeltaConfigError,
     DeltaStateError,
     LoraModel,
@@ -28,6 +28,7 @@ from opendelta import (
     OpenDeltaCompatibilityWarning,
     ParallelAdapterModel,
     UnknownArgumentError,
+    list_methods,
 )
 from opendelta.testing import model_output_tensor, perturb, tiny_inputs, tiny_model
 
@@ -312,17 +313,18 @@ def test_flat_pairs_that_do_not_pair_are_refused():
 
 
 # ---------------------------------------------------------- 7. a float32 delta on a half-precision backbone
-METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel, "parallel_adapter": ParallelAdapterModel}
+METHODS = sorted(spec.name for spec in list_methods())  # lora, adapter, bitfit, prefix... every installed one
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_a_float32_delta_loads_onto_a_half_precision_copy_of_its_backbone(method, dtype, tmp_path):
+    assert {"lora", "adapter", "bitfit"} <= set(METHODS)
     model = tiny_model("bert")
     with torch.no_grad():
         model.classifier.weight.mul_(100)  # logits of magnitude about 1, for meaningful tolerances
-    delta_model = METHODS[method](backbone_model=model)
+    delta_model = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": method}), backbone_model=model)
     perturb(delta_model, scale=0.5)
     delta_model.freeze_module(exclude=["deltas"])
     delta_model.save_finetuned(tmp_path / method)
