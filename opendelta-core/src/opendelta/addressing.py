@@ -153,13 +153,6 @@ def find_matches(
             f"name on whole components ('key' matches '...attention.self.key'); start it with '[r]' for a regular "
             f"expression."
         )
-    if warn_unmatched and missing:
-        warnings.warn(
-            f"{_unmatched_message(patterns, missing, names, describe)} The other entries matched and are used; drop "
-            f"the unmatched ones if they are not meant for another architecture.",
-            OpenDeltaAddressingWarning,
-            stacklevel=2,
-        )
     chosen = {n for hit in hits.values() for n in hit}
     result = [n for n in names if n in chosen and not is_excluded(n, exclude)]
     if not result:
@@ -169,6 +162,13 @@ def find_matches(
             f"modified_modules={file_patterns.shown(texts) if from_file else repr(texts)} matched {len(chosen)} "
             f"module(s) of {describe}, but exclude_modules="
             f"{file_patterns.shown(excluded) if from_file else repr(excluded)} excluded all of them."
+        )
+    if warn_unmatched and missing:
+        warnings.warn(
+            f"{_unmatched_message(patterns, missing, names, describe)} The other entries matched and are used; drop "
+            f"the unmatched ones if they are not meant for another architecture.",
+            OpenDeltaAddressingWarning,
+            stacklevel=2,
         )
     return result
 
