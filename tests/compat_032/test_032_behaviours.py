@@ -139,6 +139,16 @@ def test_a_second_freeze_module_leaves_what_the_user_froze_on_the_first(two_delt
     assert now == (firsts - {hand_frozen}) | seconds  # the backbone frozen
 
 
+def test_a_pattern_naming_the_firsts_parameters_does_not_turn_them_back_on_either(two_delta_models):
+    model, _first, second, hand_frozen = two_delta_models
+    second.freeze_module(exclude=["lora_A", "classifier"])
+    now = trainable(model)
+    assert hand_frozen not in now  # frozen by hand: stays so
+    lora_a = {n for n, _ in model.named_parameters() if "lora_A" in n}
+    assert {n for n in now if "lora_A" in n} == lora_a - {hand_frozen}
+    assert not any("lora_B" in n or ".adapter." in n for n in now)  # not named, not "deltas": frozen
+
+
 def test_a_second_freeze_module_without_deltas_freezes_the_first_as_well(two_delta_models):
     model, _first, second, _hand_frozen = two_delta_models
     second.freeze_module(exclude=["classifier"])

@@ -563,9 +563,9 @@ class DeltaModel(nn.Module):
 
         * a parameter matched by a pattern of ``exclude`` trains (name-based addressing, as ``modified_modules``);
         * with ``"deltas"`` in ``exclude``, *this* delta model's delta parameters train;
-        * another delta model's parameters on the same backbone are never turned back on: with ``"deltas"`` they are
-          left as they are (as that model's ``freeze_module``, or the user by hand, set them), without it they are
-          frozen like the rest;
+        * another delta model's parameters on the same backbone are never turned back on: with ``"deltas"``, or
+          matched by a pattern, they are left as they are (as that model's ``freeze_module``, or the user by hand,
+          set them); otherwise they are frozen like the rest (as OpenDelta 0.3.2, which only ever froze);
         * everything else is frozen.
 
         So ``first.freeze_module(exclude=["deltas"])``, then freezing one of ``first``'s parameters by hand, then

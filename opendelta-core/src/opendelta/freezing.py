@@ -49,12 +49,12 @@ def freeze_module(
 
     The rule, parameter by parameter:
 
-    * a parameter matched by a pattern of ``exclude`` trains;
+    * a backbone parameter matched by a pattern of ``exclude`` trains, any other is frozen;
     * a delta parameter ``"deltas"`` covers trains: every delta parameter, or with ``own`` only those named there
-      (a delta model's own deltas);
-    * any other delta parameter (another delta model's) is left as it is when ``"deltas"`` is given: it is never
-      turned back on, so what its own delta model (or the user, by hand) set stays; without ``"deltas"`` it is frozen,
-      as everything else is.
+      (a delta model's own deltas); one of those matched by a pattern trains too;
+    * any other delta parameter (another delta model's) is never turned back on: when ``"deltas"`` is given or a
+      pattern matches it, it is left as it is (what its own delta model, or the user by hand, set stays), otherwise
+      it is frozen, as everything else is (the original's rule: it only ever froze).
 
     Args:
         module: usually the backbone.
@@ -67,10 +67,11 @@ def freeze_module(
     deltas = delta_parameter_names(module)
     covered = deltas if own is None else deltas & set(own)
     for name, param in module.named_parameters():
-        if is_excluded(name, patterns) or (keep_deltas and name in covered):
-            param.requires_grad = True
-        elif not (keep_deltas and name in deltas):  # another delta model's, with "deltas": left as it is
-            param.requires_grad = False
+        keep = is_excluded(name, patterns) or (keep_deltas and name in deltas)
+        if name in deltas and name not in covered:  # another delta model's: never turned back on
+            param.requires_grad = param.requires_grad and keep
+        else:
+            param.requires_grad = keep
     if set_state_dict:
         trainable_only_state_dict(module)
 
