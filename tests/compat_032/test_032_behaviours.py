@@ -234,6 +234,13 @@ def test_the_original_defaults_passed_explicitly_save_quietly(frozen_lora, tmp_p
     assert (tmp_path / "delta" / "config.json").is_file()
 
 
+def test_the_original_positional_order_is_read_as_the_original_meant_it(frozen_lora, tmp_path):
+    model, delta_model = frozen_lora
+    with pytest.warns(OpenDeltaCompatibilityWarning, match="save_function=torch.save"):
+        delta_model.save_finetuned(tmp_path / "delta", True, None, torch.save, False)  # save_function, push_to_dc
+    assert torch.equal(run(saved_and_loaded(tmp_path / "delta")), run(model))
+
+
 def test_another_save_function_is_refused_and_nothing_is_written(frozen_lora, tmp_path):
     _model, delta_model = frozen_lora
     with pytest.raises(DeltaConfigError, match=r"save_function='my_save'.*not supported.*Nothing was saved"):

@@ -679,7 +679,8 @@ class DeltaModel(nn.Module):
             state_dict: tensors to save instead of the delta's own and the trainable backbone parameters.
             push_to_hub: also upload the folder to the Hugging Face Hub as ``repo_id`` (with ``huggingface_hub``;
                 a failed upload raises :class:`~opendelta.errors.HubError` and leaves the local save complete).
-            repo_id: the Hub repo (``user/name``) for ``push_to_hub``.
+            repo_id: the Hub repo (``user/name``) for ``push_to_hub``. (0.3.2's 4th and 5th positional parameters,
+                ``save_function`` and ``push_to_dc``, are recognised here by their types: a function, a bool.)
             kwargs: ``private``, ``token``, ``commit_message`` for the upload; and OpenDelta 0.3.2's
                 ``list_tags`` (Hub tags of the model card), ``dict_tags``, ``test_result``, ``usage`` (sections of
                 the model card), ``save_function`` (``torch.save`` warns, the tensors are safetensors; another
@@ -702,9 +703,10 @@ class DeltaModel(nn.Module):
                 apply the delta twice: ``unmerge()`` first, or freeze them); or called after ``merge_and_unload()``.
         """
         from opendelta.checkpoint import save_delta
-        from opendelta.save_options import check_save_options
+        from opendelta.save_options import check_save_options, positional_032
 
         self._check_not_unloaded("save_finetuned")
+        push_to_hub, repo_id = positional_032(push_to_hub, repo_id, kwargs)  # save_function, push_to_dc in 0.3.2
         upload, card = check_save_options(save_config, kwargs)
         return save_delta(
             self, finetuned_delta_path, state_dict, push_to_hub=push_to_hub, repo_id=repo_id, card=card, **upload

@@ -23,7 +23,8 @@ OpenDelta 0.3.2's own arguments, argument by argument:
 ``usage``             A "Notes" section in the model card (0.3.2 accepted it and wrote it nowhere).
 ===================== ===================================================================================
 
-Card entries are written only where the card is (not over a README of the user's own; a warning says so).
+Card entries are written only where the card is (not over a README of the user's own; a warning says so). 0.3.2's
+positional order (``save_finetuned(path, True, None, torch.save, False)``) is read too: see :func:`positional_032`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 from opendelta.errors import DeltaConfigError, OpenDeltaCompatibilityWarning, UnknownArgumentError
 
-__all__ = ["HUB_OPTIONS", "LEGACY_OPTIONS", "CardExtras", "check_save_options"]
+__all__ = ["HUB_OPTIONS", "LEGACY_OPTIONS", "CardExtras", "check_save_options", "positional_032"]
 
 HUB_OPTIONS = ("private", "token", "commit_message")
 """Options of the Hub upload (``push_to_hub=True``)."""
@@ -140,6 +141,19 @@ def _check_save_function(save_function: Callable[..., Any] | None) -> None:
         f"skipped. Save to a local folder and copy or upload it from there (push_to_hub=True, repo_id=... uploads "
         f"to the Hub). Nothing was saved"
     )
+
+
+def positional_032(push_to_hub: Any, repo_id: Any, options: dict[str, Any]) -> tuple[bool, str | None]:
+    """Read 0.3.2's positional order: its 4th and 5th parameters were ``save_function`` and ``push_to_dc``.
+
+    Here they are ``push_to_hub`` and ``repo_id``; a callable 4th or a bool 5th can only be 0.3.2's, and is moved
+    into ``options`` under its 0.3.2 name (then checked as if passed by name).
+    """
+    if callable(push_to_hub):
+        options["save_function"], push_to_hub = push_to_hub, False
+    if isinstance(repo_id, bool):
+        options["push_to_dc"], repo_id = repo_id, None
+    return bool(push_to_hub), repo_id
 
 
 def check_save_options(save_config: bool, options: dict[str, Any]) -> tuple[dict[str, Any], CardExtras]:
