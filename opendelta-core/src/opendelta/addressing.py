@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from opendelta import file_patterns
-from opendelta.errors import AddressingError, ModuleNotFoundInStructureError
+from opendelta.errors import AddressingError, ModuleNotFoundInStructureError, OpenDeltaAddressingWarning
 
 __all__ = ["Pattern", "compile_patterns", "find_matches", "is_excluded", "suggest_names"]
 
@@ -119,6 +120,7 @@ def find_matches(
     exclude: Sequence[Pattern] = (),
     *,
     require_each: bool = True,
+    warn_unmatched: bool = False,
     describe: str = "the backbone",
 ) -> list[str]:
     """The names that match any pattern and are not excluded, in the order given.
@@ -128,6 +130,9 @@ def find_matches(
         patterns: compiled target patterns.
         exclude: compiled exclusion patterns.
         require_each: raise when one pattern matches no name at all (a typo), not only when all fail.
+        warn_unmatched: without ``require_each``, warn (:class:`~opendelta.errors.OpenDeltaAddressingWarning`) about
+            the patterns that matched nothing while others matched: a list written for several architectures
+            (``["query", "q_proj"]``) is fine, but a typo among them should not pass unseen.
         describe: how to name the searched model in messages.
 
     Raises:
@@ -143,19 +148,10 @@ def find_matches(
     hits = {p.text: [n for n in names if p.matches(n)] for p in patterns}
     missing = [t for t in texts if not hits[t]]
     if (require_each and missing) or not any(hits.values()):
-        missing = missing or texts
-        source = next((p.source for p in patterns if p.source), None)
-        if source is None:
-            listed, unmatched, suggestions = repr(texts), ", ".join(map(repr, missing)), suggest_names(missing, names)
-        else:  # a file's: thousands of misses must not each be echoed and fuzzily compared with every name
-            listed = f"{file_patterns.shown(texts)} (in {source})"
-            unmatched = file_patterns.shown(missing)[1:-1]
-            suggestions = suggest_names(file_patterns.shortened(missing), names)
-        hint = f" Closest module names: {', '.join(map(repr, suggestions))}." if suggestions else ""
         raise ModuleNotFoundInStructureError(
-            f"modified_modules={listed}: {unmatched} matched no module of {describe}.{hint} "
-            f"A pattern matches the end of a module name on whole components ('key' matches "
-            f"'...attention.self.key'); start it with '[r]' for a regular expression."
+            f"{_unmatched_message(patterns, missing or texts, names, describe)} A pattern matches the end of a module "
+            f"name on whole components ('key' matches '...attention.self.key'); start it with '[r]' for a regular "
+            f"expression."
         )
     chosen = {n for hit in hits.values() for n in hit}
     result = [n for n in names if n in chosen and not is_excluded(n, exclude)]
@@ -167,4 +163,28 @@ def find_matches(
             f"module(s) of {describe}, but exclude_modules="
             f"{file_patterns.shown(excluded) if from_file else repr(excluded)} excluded all of them."
         )
+    if warn_unmatched and missing:
+        warnings.warn(
+            f"{_unmatched_message(patterns, missing, names, describe)} The other entries matched and are used; drop "
+            f"the unmatched ones if they are not meant for another architecture.",
+            OpenDeltaAddressingWarning,
+            stacklevel=2,
+        )
     return result
+
+
+def _unmatched_message(patterns: Sequence[Pattern], missing: list[str], names: Sequence[str], describe: str) -> str:
+    """The "<patterns>: <unmatched> matched no module of <model>. Closest module names: ..." sentence.
+
+    A file's list is shortened, and its misses compared by their shortened form.
+    """
+    texts = [p.text for p in patterns]
+    source = next((p.source for p in patterns if p.source), None)
+    if source is None:
+        listed, unmatched, suggestions = repr(texts), ", ".join(map(repr, missing)), suggest_names(missing, names)
+    else:  # a file's: thousands of misses must not each be echoed and fuzzily compared with every name
+        listed = f"{file_patterns.shown(texts)} (in {source})"
+        unmatched = file_patterns.shown(missing)[1:-1]
+        suggestions = suggest_names(file_patterns.shortened(missing), names)
+    hint = f" Closest module names: {', '.join(map(repr, suggestions))}." if suggestions else ""
+    return f"modified_modules={listed}: {unmatched} matched no module of {describe}.{hint}"

@@ -397,21 +397,31 @@ class DeltaModel(ClassicDeltaApi):
 
         Nothing is copied or deleted: :meth:`attach` puts the same modules back. Other delta models on the same
         backbone are unaffected, whatever the order. A merged delta model is unmerged first (the weights come back to
-        within float rounding). What the user did to the backbone itself stays: :meth:`freeze_module`'s
-        ``requires_grad`` flags and trimmed ``state_dict``, a ``.to()`` move.
+        within float rounding). Detaching a detached delta model changes nothing (as in OpenDelta 0.3.2). What the
+        user did to the backbone's parameters stays: :meth:`freeze_module`'s ``requires_grad`` flags, a ``.to()``
+        move.
+
+        Args:
+            module: the backbone, or ``None``; any other module is refused.
+            reset_state_dict: give the backbone its whole ``state_dict()`` back (every parameter and buffer, as the
+                bare model's), where :meth:`freeze_module` limited it to the trainable parameters; :meth:`attach`
+                limits it again. ``False`` leaves the ``state_dict`` as it is.
 
         Raises:
-            DeltaStateError: it is already detached, or a delta cannot come out (a later replacement of the same
-                module is attached); the delta model is then left as it was.
+            DeltaStateError: a delta cannot come out (a later replacement of the same module is attached), or
+                ``module`` is not the backbone; the delta model is then left as it was.
         """
-        del reset_state_dict
+        from opendelta.freezing import has_trainable_only_state_dict, trainable_only_state_dict
+
         self._check_not_unloaded("detach")
         self._check_module(module)
         if self.merged:
             self.unmerge()
-        if not self.attached:
-            raise DeltaStateError(f"{type(self).__name__} is already detached; call attach() to put it back")
-        _switch_all(reversed(self._insertions), attach=False)
+        if self.attached:
+            _switch_all(reversed(self._insertions), attach=False)
+        if reset_state_dict and has_trainable_only_state_dict(self.backbone_model):
+            trainable_only_state_dict(self.backbone_model, enable=False)
+            self._trim_on_attach = True  # freeze_module's trimmed state_dict comes back with the deltas
 
     @_switches
     def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
@@ -420,20 +430,30 @@ class DeltaModel(ClassicDeltaApi):
         The deltas run at their original place in the order of insertion, whatever order delta models are attached
         in. A backbone moved while they were out (``.to(torch.float64)``, ``.half()``, ``.cuda()``) moves them
         likewise first (see :meth:`opendelta.insertion.Insertion.attach`), as ``.to()`` would have done had they been
-        attached: outputs then equal those of the attached model moved.
+        attached: outputs then equal those of the attached model moved. Attaching an attached delta model changes
+        nothing (as in OpenDelta 0.3.2).
+
+        Args:
+            module: the backbone, or ``None``; any other module is refused.
+            reset_state_dict: where :meth:`detach` gave the backbone its whole ``state_dict()`` back, limit it to the
+                trainable parameters again, as :meth:`freeze_module` (``set_state_dict=True``) had. ``False`` leaves
+                the ``state_dict`` as it is.
 
         Raises:
-            DeltaStateError: it is attached or merged, or attaching would silently change what another delta model
-                computes (see :meth:`~opendelta.insertion.Insertion.attach`); nothing changes then.
+            DeltaStateError: it is merged, ``module`` is not the backbone, or attaching would silently change what
+                another delta model computes (see :meth:`~opendelta.insertion.Insertion.attach`); nothing changes then.
         """
-        del reset_state_dict
+        from opendelta.freezing import trainable_only_state_dict
+
         self._check_not_unloaded("attach")
         self._check_module(module)
         if self.merged:
             raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
-        if self.attached:
-            raise DeltaStateError(f"{type(self).__name__} is already attached; call detach() to take it out")
-        _switch_all(self._insertions, attach=True)
+        if not self.attached:
+            _switch_all(self._insertions, attach=True)
+        if reset_state_dict and getattr(self, "_trim_on_attach", False):
+            trainable_only_state_dict(self.backbone_model)
+            self._trim_on_attach = False
 
     # ------------------------------------------------------------------------------------------------- merging
     @property
@@ -582,30 +602,43 @@ class DeltaModel(ClassicDeltaApi):
     ) -> None:
         """Freeze the backbone except the deltas and ``exclude`` (default: the config's ``unfrozen_modules``).
 
+        The rule, parameter by parameter (see :func:`opendelta.freezing.freeze_module`):
+
+        * a parameter matched by a pattern of ``exclude`` trains (name-based addressing, as ``modified_modules``);
+        * with ``"deltas"`` in ``exclude``, *this* delta model's delta parameters train;
+        * another delta model's parameters on the same backbone are never turned back on: with ``"deltas"``, or
+          matched by a pattern, they are left as they are (as that model's ``freeze_module``, or the user by hand,
+          set them); otherwise they are frozen like the rest (as OpenDelta 0.3.2, which only ever froze);
+        * everything else is frozen.
+
+        So ``first.freeze_module(exclude=["deltas"])``, then freezing one of ``first``'s parameters by hand, then
+        ``second.freeze_module(exclude=["deltas"])`` leaves that parameter frozen.
+
         Works whether this delta model is attached or not. Its detached (or merged) deltas are not in the backbone,
         so freezing the backbone cannot reach them; they get the ``requires_grad`` they would get attached (from
         ``"deltas"`` and the patterns, matched against the names they have attached), so that freezing then
-        :meth:`attach` gives exactly what :meth:`attach` then freezing gives. Freezing is the backbone's own setting
-        and outlives :meth:`detach` (its trimmed ``state_dict`` then holds only the trainable parameters left).
+        :meth:`attach` gives exactly what :meth:`attach` then freezing gives. Freezing is the backbone's own setting:
+        the ``requires_grad`` flags outlive :meth:`detach`; the trimmed ``state_dict`` is lifted by
+        :meth:`detach` (the bare model's whole ``state_dict`` again) and comes back on :meth:`attach`.
 
         Args:
             module: what to freeze; the backbone by default.
-            exclude: patterns of what stays trainable; ``"deltas"`` means every delta parameter.
+            exclude: patterns of what stays trainable; ``"deltas"`` means this delta model's delta parameters.
             set_state_dict: make the backbone's ``state_dict()`` hold only trainable parameters.
         """
-        from opendelta.freezing import freeze_outside
+        from opendelta.freezing import freeze_outside, own_parameters
 
         self._check_not_unloaded("freeze_module")
         target = self.backbone_model if module is None else module
         patterns = self.config.unfrozen_modules if exclude is None else exclude
-        freeze_module(target, patterns, set_state_dict)
         names = {id(m): n for n, m in target.named_modules()}
-        outside = {
-            f"{names[id(i.host)]}.{i.attr}" if names[id(i.host)] else i.attr: i.delta
-            for i in self._insertions
-            if not i.attached and id(i.host) in names
-        }
-        freeze_outside(outside, patterns)
+        placed: dict[bool, dict[str, nn.Module]] = {True: {}, False: {}}
+        for i in self._insertions:
+            if id(i.host) in names:
+                placed[i.attached][f"{names[id(i.host)]}.{i.attr}" if names[id(i.host)] else i.attr] = i.delta
+        own = {name for prefix, delta in placed[True].items() for name, _ in own_parameters(prefix, delta)}
+        freeze_module(target, patterns, set_state_dict, own=own)
+        freeze_outside(placed[False], patterns)
 
     def log(
         self,
@@ -684,14 +717,18 @@ class DeltaModel(ClassicDeltaApi):
 
         Args:
             finetuned_delta_path: the folder (created if needed).
-            save_config: kept for compatibility; the config is always written, since a checkpoint without it
-                cannot be loaded.
+            save_config: kept for compatibility; ``False`` warns, as the config is always written (a checkpoint
+                without it cannot be rebuilt nor its backbone checked).
             state_dict: tensors to save instead of the delta's own and the trainable backbone parameters.
             push_to_hub: also upload the folder to the Hugging Face Hub as ``repo_id`` (with ``huggingface_hub``;
                 a failed upload raises :class:`~opendelta.errors.HubError` and leaves the local save complete).
-            repo_id: the Hub repo (``user/name``) for ``push_to_hub``.
-            kwargs: ``private``, ``token``, ``commit_message`` for the upload; the options of the original's
-                DeltaCenter upload (``push_to_dc``, ``center_args``...) are accepted and ignored.
+            repo_id: the Hub repo (``user/name``) for ``push_to_hub``. (0.3.2's 4th and 5th positional parameters,
+                ``save_function`` and ``push_to_dc``, are recognised here by their types: a function, a bool.)
+            kwargs: ``private``, ``token``, ``commit_message`` for the upload; and OpenDelta 0.3.2's
+                ``list_tags`` (Hub tags of the model card), ``dict_tags``, ``test_result``, ``usage`` (sections of
+                the model card), ``save_function`` (``torch.save`` warns, the tensors are safetensors; another
+                function is refused), ``push_to_dc``, ``center_args``, ``center_args_pool``, ``delay_push``
+                (DeltaCenter's: they warn, naming ``push_to_hub``). See :mod:`opendelta.save_options`.
 
         A model card (``README.md``: method, backbone, trainable parameters, usage code) is written beside the
         checkpoint unless the folder holds a README of the user's own (or our card, edited). Nothing else that is
@@ -701,16 +738,22 @@ class DeltaModel(ClassicDeltaApi):
             The folder.
 
         Raises:
+            UnknownArgumentError: a keyword argument not listed above (a typo such as ``finetuned_dela_path=``); the
+                message names it and the accepted ones; nothing is written.
             CheckpointError: the folder holds a ``config.json`` that is not a delta config of ours (a transformers
                 model's, a Trainer checkpoint's); nothing is written.
             DeltaStateError: merged, with backbone parameters that merging changed requiring grad (loading would
                 apply the delta twice: ``unmerge()`` first, or freeze them); or called after ``merge_and_unload()``.
         """
         from opendelta.checkpoint import save_delta
+        from opendelta.save_options import check_save_options, positional_032
 
         self._check_not_unloaded("save_finetuned")
-        del save_config
-        return save_delta(self, finetuned_delta_path, state_dict, push_to_hub=push_to_hub, repo_id=repo_id, **kwargs)
+        push_to_hub, repo_id = positional_032(push_to_hub, repo_id, kwargs)  # save_function, push_to_dc in 0.3.2
+        upload, card = check_save_options(save_config, kwargs)
+        return save_delta(
+            self, finetuned_delta_path, state_dict, push_to_hub=push_to_hub, repo_id=repo_id, card=card, **upload
+        )
 
     @classmethod
     def from_finetuned(

@@ -26,7 +26,7 @@ from opendelta.backbone_check import (
 )
 from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_version, method_for, version_record
 from opendelta.config import CONFIG_NAME, DeltaConfig
-from opendelta.errors import CheckpointError, DeltaStateError
+from opendelta.errors import CheckpointError, DeltaStateError, UnknownArgumentError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import (
     LEGACY_WEIGHTS_NAME,
@@ -49,6 +49,7 @@ from opendelta.tensor_checks import checked_tensors, plain_tensors
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
+    from opendelta.save_options import CardExtras
 
 __all__ = ["config_document", "load_delta", "save_delta", "versions"]
 
@@ -116,14 +117,22 @@ def save_delta(
     *,
     push_to_hub: bool = False,
     repo_id: str | None = None,
+    card: CardExtras | None = None,
     **options: Any,
 ) -> Path:
-    """Write ``delta_model``'s checkpoint and model card to ``path`` (see ``DeltaModel.save_finetuned``)."""
+    """Write ``delta_model``'s checkpoint and model card to ``path`` (see ``DeltaModel.save_finetuned``).
+
+    ``card`` adds OpenDelta 0.3.2's tags and results to the model card; ``options`` are the Hub upload's
+    (``private``, ``token``, ``commit_message``), any other is refused before anything is written.
+    """
     from opendelta.hub import check_repo_id, hub_upload_options, model_card, push_folder, write_model_card
 
     upload = hub_upload_options(options)
-    if options.get("push_to_dc"):
-        warnings.warn("push_to_dc: DeltaCenter no longer exists; use push_to_hub=True, repo_id=...", stacklevel=3)
+    if options:
+        raise UnknownArgumentError(
+            f"save_delta() got unexpected keyword argument(s) {sorted(options)!r}; accepted: private, token, "
+            f"commit_message. Nothing was saved"
+        )
     if push_to_hub:
         if not repo_id:
             raise ValueError("push_to_hub=True needs repo_id='user/name'; nothing was saved")
@@ -141,7 +150,9 @@ def save_delta(
     folder = Path(path)
     with checkpoint_lock(folder):  # the weights, the config and the card come from one save, never two
         write_checkpoint(folder, document, state_dict)
-        write_model_card(folder, model_card(delta_model, state_dict, repo_id=repo_id))
+        text = model_card(delta_model, state_dict, repo_id=repo_id)
+        if not write_model_card(folder, card.apply(text) if card else text) and card:
+            card.warn_not_written(folder)
     if push_to_hub:
         push_folder(folder, repo_id, **upload)
     return folder

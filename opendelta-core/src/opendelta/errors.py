@@ -19,6 +19,8 @@ __all__ = [
     "DeltaStateError",
     "HubError",
     "ModuleNotFoundInStructureError",
+    "OpenDeltaAddressingWarning",
+    "OpenDeltaCompatibilityWarning",
     "OpenDeltaConfigWarning",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
@@ -28,6 +30,7 @@ __all__ = [
     "ShapeInferenceError",
     "StructureNotFoundError",
     "StructureValidationError",
+    "UnknownArgumentError",
     "UnknownDeltaMethodError",
     "UnsupportedTargetError",
 ]
@@ -92,6 +95,13 @@ class BackboneUnverifiedError(CheckpointError):
     """A delta checkpoint that records no backbone hash: refused unless the caller passes ``check_hash=False``."""
 
 
+class UnknownArgumentError(DeltaConfigError, TypeError):
+    """A call got a keyword argument it does not know (a typo); nothing was done.
+
+    It is a ``TypeError`` too, as Python's own unexpected-keyword error is.
+    """
+
+
 class ResourceLimitError(DeltaConfigError, MemoryError):
     """A config that asks for more memory than the machine has (a rank of 10**9): refused before allocating."""
 
@@ -117,3 +127,14 @@ class OpenDeltaVersionWarning(UserWarning):
 
 class OpenDeltaServingWarning(UserWarning):
     """An exported adapter that PEFT loads but an inference server (vLLM, TGI) will refuse; the message says why."""
+
+
+class OpenDeltaAddressingWarning(UserWarning):
+    """Some ``modified_modules`` entries matched no module while others did; the message names the unmatched ones."""
+
+
+class OpenDeltaCompatibilityWarning(UserWarning):
+    """An OpenDelta 0.3.2 argument that cannot do what it did was accepted; the message says what to use instead.
+
+    DeltaCenter's options of ``save_finetuned``, ``save_config=False``, ``save_function=torch.save``.
+    """

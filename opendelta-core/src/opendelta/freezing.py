@@ -7,11 +7,15 @@
 With ``set_state_dict=True`` the model's ``state_dict()`` keeps only parameters that require grad. This is a
 ``state_dict`` post-hook evaluated at each call, not a snapshot of names: freezing twice, or creating parameters
 later, keeps it right.
+
+Several delta models on one backbone: a delta model's ``freeze_module`` decides about its own deltas (``own``) and
+never turns another delta model's parameters back on, so a parameter the user froze by hand on the first stays
+frozen when the second freezes (see :func:`freeze_module`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -24,6 +28,8 @@ __all__ = [
     "DELTAS_KEYWORD",
     "freeze_module",
     "freeze_outside",
+    "has_trainable_only_state_dict",
+    "own_parameters",
     "trainable_only_state_dict",
     "trainable_parameter_names",
 ]
@@ -32,21 +38,55 @@ DELTAS_KEYWORD = "deltas"
 _STATE_DICT_HANDLE = "_opendelta_state_dict_handle"
 
 
-def freeze_module(module: nn.Module, exclude: Sequence[str] | None = None, set_state_dict: bool = True) -> None:
+def freeze_module(
+    module: nn.Module,
+    exclude: Sequence[str] | None = None,
+    set_state_dict: bool = True,
+    *,
+    own: Collection[str] | None = None,
+) -> None:
     """Freeze ``module``'s parameters except the delta ones and those matched by ``exclude``.
+
+    The rule, parameter by parameter:
+
+    * a backbone parameter matched by a pattern of ``exclude`` trains, any other is frozen;
+    * a delta parameter ``"deltas"`` covers trains: every delta parameter, or with ``own`` only those named there
+      (a delta model's own deltas); one of those matched by a pattern trains too;
+    * any other delta parameter (another delta model's) is never turned back on: when ``"deltas"`` is given or a
+      pattern matches it, it is left as it is (what its own delta model, or the user by hand, set stays), otherwise
+      it is frozen, as everything else is (the original's rule: it only ever froze).
 
     Args:
         module: usually the backbone.
-        exclude: patterns of what stays trainable; ``"deltas"`` means every delta parameter.
+        exclude: patterns of what stays trainable; ``"deltas"`` means the delta parameters (see ``own``).
             ``None`` means ``["deltas"]``.
         set_state_dict: make ``module.state_dict()`` return only the trainable parameters.
+        own: the names (in ``module``) of the delta parameters ``"deltas"`` covers; ``None``: every delta's.
     """
     keep_deltas, patterns = _rules(exclude)
     deltas = delta_parameter_names(module)
+    covered = deltas if own is None else deltas & set(own)
     for name, param in module.named_parameters():
-        param.requires_grad = (keep_deltas and name in deltas) or is_excluded(name, patterns)
+        keep = is_excluded(name, patterns) or (keep_deltas and name in deltas)
+        if name in deltas and name not in covered:  # another delta model's: never turned back on
+            param.requires_grad = param.requires_grad and keep
+        else:
+            param.requires_grad = keep
     if set_state_dict:
         trainable_only_state_dict(module)
+
+
+def own_parameters(prefix: str, delta: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """A delta's parameters under the names they have (or would have) in the model: ``<prefix>.<name>``.
+
+    A replacement's wrapped original is the backbone's, not the delta's, and is left out; shared parameters are
+    listed under each of their names.
+    """
+    wrapped = getattr(delta, WRAPPED_ATTR, None)
+    for name, param in delta.named_parameters(remove_duplicate=False):
+        if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
+            continue
+        yield (f"{prefix}.{name}" if prefix else name), param
 
 
 def _rules(exclude: Sequence[str] | None) -> tuple[bool, Any]:
@@ -66,11 +106,8 @@ def freeze_outside(deltas: Mapping[str, nn.Module], exclude: Sequence[str] | Non
     """
     keep_deltas, patterns = _rules(exclude)
     for prefix, delta in deltas.items():
-        wrapped = getattr(delta, WRAPPED_ATTR, None)
-        for name, param in delta.named_parameters():
-            if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
-                continue
-            param.requires_grad = keep_deltas or is_excluded(f"{prefix}.{name}", patterns)
+        for name, param in own_parameters(prefix, delta):
+            param.requires_grad = keep_deltas or is_excluded(name, patterns)
 
 
 def trainable_parameter_names(module: nn.Module) -> set[str]:
@@ -105,6 +142,11 @@ class _FrozenMayBeMissing:
         frozen = {prefix + n for n, _ in module.named_parameters(remove_duplicate=False) if n not in trainable}
         frozen |= {prefix + n for n, _ in module.named_buffers(remove_duplicate=False)}
         incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in frozen]
+
+
+def has_trainable_only_state_dict(module: nn.Module) -> bool:
+    """Whether ``module.state_dict()`` is limited to trainable parameters (by :func:`trainable_only_state_dict`)."""
+    return getattr(module, _STATE_DICT_HANDLE, None) is not None
 
 
 def trainable_only_state_dict(module: nn.Module, enable: bool = True) -> None:

@@ -3,7 +3,9 @@
 Real names (``modified_modules=["query"]``) are matched against the backbone's module names; common names
 (``["attn.q"]``, and every method's defaults) are first translated through the architecture's common-structure
 mapping, then matched against the common names. Either way, ``exclude_modules`` applies to real names, modules
-inside deltas are never targets, and a list that designates nothing is an error, not a silent no-op.
+inside deltas are never targets, and a list that designates nothing is an error, not a silent no-op. A list written
+for several architectures (``["query", "q_proj"]``) works on each: the entries that matched nothing are named in an
+:class:`~opendelta.errors.OpenDeltaAddressingWarning`.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def resolve_targets(
             broadcast to submodules (BitFit) want this; methods placed after one module (adapters) do not.
 
     Raises:
-        ModuleNotFoundInStructureError: nothing (or, for user patterns, one of them) matched.
+        ModuleNotFoundInStructureError: nothing matched (for user patterns, the ones that alone matched nothing are
+            named in an :class:`~opendelta.errors.OpenDeltaAddressingWarning` instead).
         StructureNotFoundError: common names were needed but no mapping covers the model.
     """
     use_defaults = modified_modules is None
@@ -111,7 +114,7 @@ def resolve_targets(
     modules = dict(model.named_modules())
     describe = f"{type(model).__name__}"
     if not (use_defaults or common_structure):
-        chosen = find_matches(names, patterns, exclude, describe=describe)
+        chosen = find_matches(names, patterns, exclude, require_each=False, warn_unmatched=True, describe=describe)
         return [Target(n, modules[n]) for n in chosen]
 
     structure = structure_for_model(model)
@@ -119,7 +122,9 @@ def resolve_targets(
     common = {real: cn for real, cn in structure.common_names(model).items() if real in allowed}
     scopes = {s: None for cns in common.values() for c in cns for s in [*_ancestors(c.name, cover_scopes), c.name]}
     describe = f"{describe} (common structure {structure.model_type!r}, names like 'encoder.block.0.attn.q')"
-    matched = set(find_matches(list(scopes), patterns, (), require_each=not use_defaults, describe=describe))
+    matched = set(
+        find_matches(list(scopes), patterns, (), require_each=False, warn_unmatched=not use_defaults, describe=describe)
+    )
     targets = []
     for real, cns in common.items():
         if is_excluded(real, exclude):

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from opendelta import DeltaConfig, DeltaConfigError
 from opendelta.layers import ACTIVATIONS
+
+
+def spans_from_flat_pairs(flat: Sequence[str]) -> list[str | list[str]] | None:
+    """OpenDelta 0.3.2's flat pairs as entries of this plugin: ``["attn", ["ff.w1", "ff.w2"]]`` from the flat pairs.
+
+    ``["attn", "attn", "ff.w1", "ff.w2"]`` pairs two by two: an equal pair is one module, two different ones a span.
+
+    Returns ``None`` for an odd number of patterns, which the original could not pair either.
+    """
+    if len(flat) % 2:
+        return None
+    return [start if start == end else [start, end] for start, end in zip(flat[::2], flat[1::2], strict=True)]
+
+
+def _is_flat_pairs(entries: object) -> bool:
+    """Whether ``modified_modules`` is written in 0.3.2's flat pairs: plain patterns, one of them repeated.
+
+    A list of distinct patterns keeps this plugin's meaning (one adapter beside each module): only the repetition,
+    which that meaning refuses, tells the two spellings apart.
+    """
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) for e in entries):
+        return False
+    return len(set(entries)) < len(entries)
 
 
 @dataclass(kw_only=True)
@@ -19,7 +43,10 @@ class ParallelAdapterConfig(DeltaConfig):
             matched module, from its input to its output) or a two-pattern list ``[start, end]``, a *span*: the
             adapter runs from the input of each ``start`` module to the output of the first ``end`` module after it
             (``["fc1", "fc2"]`` covers BART's feed-forward block, which no single module contains). ``None`` uses
-            the defaults: common names ``"attn"`` and ``["ff.w1", "ff.w2"]``.
+            the defaults: common names ``"attn"`` and ``["ff.w1", "ff.w2"]``. OpenDelta 0.3.2's flat pairs
+            (``["attn", "attn", "ff.w1", "ff.w2"]``: two by two, an equal pair one module) are accepted and stored
+            in this form (``["attn", ["ff.w1", "ff.w2"]]``); they are told apart by a repeated pattern, so a 0.3.2
+            list of spans only (``["fc1", "fc2"]``) must be written ``[["fc1", "fc2"]]``.
         bottleneck_dim: width of the bottleneck; 24 by default. Parameters per adapter:
             ``in * dim + dim + dim * out + out``.
         non_linearity: activation between the projections (``gelu_new`` by default; see
@@ -38,6 +65,16 @@ class ParallelAdapterConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         # A span given as a tuple becomes a list, so the config equals its own JSON round trip.
+        if _is_flat_pairs(self.modified_modules):
+            spans = spans_from_flat_pairs(self.modified_modules)  # type: ignore[arg-type]
+            if spans is None:
+                raise DeltaConfigError(
+                    f"{type(self).__name__}.modified_modules={self.modified_modules!r} repeats a pattern, as OpenDelta "
+                    "0.3.2's flat pairs do (['attn', 'attn', 'ff.w1', 'ff.w2']: two by two, from the first's input to "
+                    "the second's output), but has an odd number of patterns to pair; write each entry once, a "
+                    "pattern for one module or a nested list for a span: ['attn', ['ff.w1', 'ff.w2']]"
+                )
+            self.modified_modules = spans
         if isinstance(self.modified_modules, (list, tuple)):
             self.modified_modules = [list(e) if isinstance(e, tuple) else e for e in self.modified_modules]
         super().__post_init__()
@@ -63,8 +100,9 @@ class ParallelAdapterConfig(DeltaConfig):
     def _validate_modified_modules(self) -> None:
         """Spans are ``[start, end]`` pairs of non-empty strings; a repeated entry is refused.
 
-        The original OpenDelta wrote spans as consecutive *flat* entries (``["attn", "attn", "ff.w1", "ff.w2"]``);
-        here that list would mean something else, so its tell-tale repetition is refused with the new spelling.
+        The original OpenDelta's *flat* pairs (``["attn", "attn", "ff.w1", "ff.w2"]``) were turned into entries of
+        this form when the config was made; a pattern repeated among them (``["attn", "attn", "attn", "attn"]``)
+        is refused here like any other repetition.
         """
         name = type(self).__name__
         seen: list[str | list[str]] = []

@@ -11,7 +11,7 @@ from opendelta import CheckpointError, DeltaModel, Target, UnsupportedTargetErro
 from opendelta.layers import BottleneckAdapter
 from opendelta.positional import SHARED_POSITIONALS
 from opendelta.shapes import factory_kwargs
-from opendelta_parallel_adapter.config import ParallelAdapterConfig
+from opendelta_parallel_adapter.config import ParallelAdapterConfig, spans_from_flat_pairs
 from opendelta_parallel_adapter.spans import resolve_span_targets
 
 
@@ -97,13 +97,13 @@ class ParallelAdapterModel(DeltaModel):
         config = {**config, "scaled": 1.0}
         flat = config.get("modified_modules")
         if isinstance(flat, list) and all(isinstance(p, str) for p in flat):
-            if len(flat) % 2:
+            spans = spans_from_flat_pairs(flat)
+            if spans is None:
                 raise CheckpointError(
                     f"the OpenDelta 0.3.x parallel adapter config's modified_modules={flat!r} must pair its patterns "
                     f"two by two (start, end); pass modified_modules=[...] to from_finetuned"
                 )
-            pairs = zip(flat[::2], flat[1::2], strict=True)
-            config["modified_modules"] = [start if start == end else [start, end] for start, end in pairs]
+            config["modified_modules"] = spans
         return config
 
     def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
-from opendelta import AddressingError, ModuleNotFoundInStructureError, Target, UnsupportedTargetError
+from opendelta import (
+    AddressingError,
+    ModuleNotFoundInStructureError,
+    OpenDeltaAddressingWarning,
+    Target,
+    UnsupportedTargetError,
+)
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.targets import resolve_targets
 
@@ -117,11 +124,13 @@ def resolve_span_targets(
         exclude_modules: real-name patterns; an adapter is dropped when either of its ends is excluded.
         common_structure: whether the patterns are common names (``attn``, ``ff.w1``).
         defaults: ``entries`` are the method's defaults: an entry matching nothing at all is skipped (not every
-            architecture has every default), as core does for defaults.
+            architecture has every default), as core does for defaults. The user's entries that match nothing
+            while others match are named in an :class:`~opendelta.errors.OpenDeltaAddressingWarning` (a list written
+            for several architectures); half a span matching is an error.
         method: the delta model's class name, for messages.
 
     Raises:
-        ModuleNotFoundInStructureError: an entry (or, for defaults, every entry) matched nothing, or exclusion
+        ModuleNotFoundInStructureError: every entry matched nothing, one side of a user's span did, or exclusion
             removed everything.
         AddressingError: a span does not pair up, or two adapters would share an end.
         UnsupportedTargetError: a span ends on one slice of a fused module (GPT-2's ``c_attn`` as ``attn.q``).
@@ -130,12 +139,17 @@ def resolve_span_targets(
         raise ModuleNotFoundInStructureError(f"{method} got an empty modified_modules list; name the modules to modify")
     order = {id(module): i for i, (_name, module) in enumerate(model.named_modules())}
     found: dict[tuple[int, int | None], Target] = {}
+    unmatched: list[Entry] = []
     for entry in entries:
         if isinstance(entry, str):
-            targets = _find(model, entry, common_structure, not defaults, method)
+            targets = _find(model, entry, common_structure, False, method)
         else:
-            starts, ends = (_find(model, p, common_structure, not defaults, method) for p in entry)
+            starts, ends = (_find(model, p, common_structure, False, method) for p in entry)
+            if not defaults and bool(starts) != bool(ends):  # half a span: name the missing side as core does
+                _find(model, entry[1] if starts else entry[0], common_structure, True, method)
             targets = pair_span(starts, ends, order, entry, method) if starts or ends else []
+        if not targets:
+            unmatched.append(entry)
         for target in targets:
             if target.output is not None and target.output.parts is not None:
                 raise UnsupportedTargetError(
@@ -147,6 +161,13 @@ def resolve_span_targets(
     if not found:
         raise ModuleNotFoundInStructureError(
             f"{method}: modified_modules={list(entries)!r} matched no module of {type(model).__name__}"
+        )
+    if unmatched and not defaults:  # a list written for several architectures: fine while one entry matches
+        warnings.warn(
+            f"{method}: modified_modules entries {unmatched!r} matched no module of {type(model).__name__}; the "
+            f"others matched and are used; drop the unmatched ones if they are not meant for another architecture",
+            OpenDeltaAddressingWarning,
+            stacklevel=2,
         )
     exclude = compile_patterns(exclude_modules, argument="exclude_modules")
     kept = [
