@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
+from opendelta.markers import DELTA_MARK
 
 __all__ = ["SwitchGate", "forward_sees_deltas", "gate_of", "switching"]
 
@@ -183,8 +184,6 @@ def _has_leave_hook(root: nn.Module) -> bool:
 
 def _place_root_hooks(backbone: nn.Module) -> None:
     """Give the root the gate hooks iff it carries a delta: the pre-hook first, the leaving hook last of all."""
-    from opendelta.insertion import DELTA_MARK
-
     for key, hook in list(backbone._forward_pre_hooks.items()):
         if isinstance(hook, _EnterGate):
             del backbone._forward_pre_hooks[key]

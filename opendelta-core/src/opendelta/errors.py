@@ -14,6 +14,7 @@ __all__ = [
     "BackboneMismatchError",
     "BackboneUnverifiedError",
     "CheckpointError",
+    "DeltaClassError",
     "DeltaConfigError",
     "DeltaMethodNotInstalledError",
     "DeltaStateError",
@@ -77,6 +78,14 @@ class StructureNotFoundError(OpenDeltaError, LookupError):
 
 class DeltaConfigError(OpenDeltaError, ValueError):
     """A delta configuration with a wrong, missing or unknown field."""
+
+
+class DeltaClassError(DeltaConfigError, TypeError):
+    """A delta method class that declares something invalid (an unknown ``insertion`` kind...).
+
+    Raised when the class is defined, so a plugin's mistake shows at import, naming the class and the attribute,
+    never at a user's call.
+    """
 
 
 class DeltaStateError(OpenDeltaError, RuntimeError):

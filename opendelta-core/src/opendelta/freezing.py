@@ -22,7 +22,7 @@ from torch import nn
 
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.file_patterns import source_of
-from opendelta.insertion import WRAPPED_ATTR, delta_parameter_names
+from opendelta.markers import WRAPPED_ATTR, delta_parameter_names
 
 __all__ = [
     "DELTAS_KEYWORD",

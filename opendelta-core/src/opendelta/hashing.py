@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from opendelta.insertion import bare_parameter_names, delta_parameter_names
+from opendelta.markers import bare_parameter_names, delta_parameter_names
 
 __all__ = ["REDUCED_PRECISIONS", "SAMPLE", "backbone_hash", "parameter_sample", "reduced_precision_hashes"]
 

@@ -29,13 +29,29 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from opendelta import dynamo_guard
 from opendelta.concurrency import forward_sees_deltas
+from opendelta.delta_protocols import FusedParallel, class_implements
 from opendelta.errors import DeltaStateError
+from opendelta.markers import (  # re-exported: these names were insertion's before the layers were split
+    CAPTURED_ATTR,
+    DELTA_MARK,
+    HANDLES_ATTR,
+    SLOTS_ATTR,
+    bare_parameter_names,
+    delta_parameter_names,
+    iter_delta_modules,
+    mark_delta,
+)
 from opendelta.merging import is_mergeable, merged_after
+from opendelta.module_io import main_input, main_output, with_input, with_output
 from opendelta.routing import ROUTING_ATTR, Routing
 
 __all__ = [
+    "CAPTURED_ATTR",
     "DELTA_MARK",
+    "HANDLES_ATTR",
+    "SLOTS_ATTR",
     "Insertion",
     "bare_parameter_names",
     "delta_parameter_names",
@@ -47,11 +63,6 @@ __all__ = [
     "replace_module",
 ]
 
-SLOTS_ATTR = "_opendelta_slots"
-HANDLES_ATTR = "_opendelta_hook_handles"
-DELTA_MARK = "_opendelta_delta"
-WRAPPED_ATTR = "_opendelta_wrapped"
-CAPTURED_ATTR = "_opendelta_captured_input"
 Kind = str
 """"before", "after", "parallel", "replace", or a kind with a registered :class:`SlotHandler` ("prefix")."""
 EXCLUSIVE_KINDS: set[str] = {"prefix"}
@@ -61,18 +72,7 @@ placers refuse a second one; :meth:`Insertion.attach` refuses re-attaching one w
 _sequence = itertools.count()
 
 
-def _guard_hooks_under_compile() -> None:
-    """Make ``torch.compile`` check module hooks, so a compiled model sees deltas attached or detached later.
-
-    PyTorch skips those checks by default for speed; attaching and detaching add and remove hooks, which a compiled
-    model would otherwise ignore. With the checks, each attach/detach state is compiled once and then reused.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-
-
-_guard_hooks_under_compile()
+dynamo_guard.install()  # torch.compile checks module hooks, so it sees attach/detach (see opendelta.dynamo_guard)
 
 
 @dataclass(frozen=True)
@@ -112,56 +112,27 @@ PLACERS: dict[str, Callable[..., Insertion]] = {}
 
 _CORE_KINDS = frozenset({"before", "after", "parallel", "capture"})
 
+PRIMITIVE_PLACEMENTS = ("after", "before", "parallel", "replace")
+"""The ``insertion`` kinds ``DeltaModel`` places with the primitives of this module."""
 
-def main_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor]:
-    """The hidden-state input of a call: the first positional tensor, else the first tensor keyword argument.
 
-    OPT and others call submodules with keyword arguments only, so ``args[0]`` cannot be assumed.
+def placement_kinds() -> tuple[str, ...]:
+    """Every ``insertion`` a ``DeltaModel`` may declare: the primitives', then each registered placer's kind."""
+    return (*PRIMITIVE_PLACEMENTS, *sorted(PLACERS))
+
+
+def register_placement(kind: str, placer: Callable[..., Insertion]) -> None:
+    """Add an ``insertion`` kind, placed by ``placer``; register it before defining a class that declares it.
+
+    ``placer(delta_model, target, delta, **delta_model.placement_options(target))`` returns the :class:`Insertion`
+    it made.
+
+    Raises:
+        ValueError: ``kind`` is a primitive's, or another placer's already.
     """
-    if args and isinstance(args[0], torch.Tensor):
-        return 0, args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return "hidden_states", kwargs["hidden_states"]
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            return key, value
-    raise DeltaStateError(
-        f"cannot find the input tensor of {type(module).__name__}: it was called with "
-        f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}, none a tensor first"
-    )
-
-
-def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], where: int | str, value: torch.Tensor) -> Any:
-    if isinstance(where, int):
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, where: value}
-
-
-def main_output(module: nn.Module, output: Any) -> torch.Tensor:
-    """The hidden-state output of a call: the tensor itself, or the first element of a tuple or ModelOutput."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if hasattr(output, "to_tuple"):
-        first = output.to_tuple()[0] if len(output) else None
-        if isinstance(first, torch.Tensor):
-            return first
-    raise DeltaStateError(
-        f"cannot find the hidden-state output of {type(module).__name__}: it returned {type(output).__name__}; "
-        f"a sequential or parallel delta needs a tensor, or a tuple/ModelOutput whose first element is one"
-    )
-
-
-def _with_output(output: Any, value: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return value
-    if isinstance(output, tuple) and not hasattr(output, "to_tuple"):
-        return (value, *output[1:])
-    if isinstance(output, list):
-        return [value, *output[1:]]
-    output[next(iter(output.keys()))] = value  # ModelOutput: item and attribute stay in sync
-    return output
+    if kind in PRIMITIVE_PLACEMENTS or (kind in PLACERS and PLACERS[kind] is not placer):
+        raise ValueError(f"insertion kind {kind!r} is already taken; choose another name")
+    PLACERS[kind] = placer
 
 
 _UNGATED: Any = object()
@@ -199,7 +170,7 @@ class _BeforeHook:
             for delta in captures:
                 setattr(delta, CAPTURED_ATTR, hidden)
             if befores:
-                args, kwargs = _with_input(args, kwargs, where, hidden)
+                args, kwargs = with_input(args, kwargs, where, hidden)
                 changed = True
         return (args, kwargs) if changed else None
 
@@ -226,7 +197,7 @@ class _AfterHook:
                     if x is None:
                         x = main_input(module, args, kwargs)[1]
                     hidden = _add(delta, hidden, x, routing)
-            output, changed = _with_output(output, hidden), True
+            output, changed = with_output(output, hidden), True
         for slot, _delta in live:
             if slot.kind not in _CORE_KINDS:
                 new = SLOT_HANDLERS[slot.kind].after(module, slot, args, kwargs, output)
@@ -273,8 +244,7 @@ def _add(delta: nn.Module, hidden: torch.Tensor, x: torch.Tensor, routing: Routi
     """A parallel delta: ``hidden + delta(x)``, fused when the delta offers it, on the routed rows under routing."""
     rows = _rows(delta, hidden, routing)
     if rows is None:
-        add_to = getattr(delta, "add_to", None)
-        return add_to(hidden, x) if add_to is not None else hidden + delta(x)
+        return delta.add_to(hidden, x) if class_implements(delta, FusedParallel) else hidden + delta(x)
     if not rows.numel():
         return hidden
     return hidden.index_add(0, rows, delta(x.index_select(0, rows)))
@@ -296,15 +266,6 @@ def _free_name(module: nn.Module, base: str) -> str:
         suffix += 1
         name = f"{base}_{suffix}"
     return name
-
-
-def _mark(delta: nn.Module, wrapped: str | None = None) -> None:
-    setattr(delta, DELTA_MARK, True)
-    setattr(delta, WRAPPED_ATTR, wrapped)
-    skip = {id(p) for p in delta.get_submodule(wrapped).parameters()} if wrapped else set()
-    for p in delta.parameters():
-        if id(p) not in skip:
-            p._is_delta = True  # bigmodelvis colours these; deepcopy drops it, so core never relies on it
 
 
 def _backbone_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -483,7 +444,7 @@ def _insert(
         raise TypeError(f"delta_module must be an nn.Module, got {type(delta_module).__name__}")
     if strict and any(getattr(m, SLOTS_ATTR, None) for m in (module, *(s[0] for s in satellites))):
         raise DeltaStateError(f"{type(module).__name__} already carries deltas and strict=True")
-    _mark(delta_module)
+    mark_delta(delta_module)
     insertion = Insertion(
         module,
         _free_name(module, delta_name),
@@ -571,49 +532,7 @@ def replace_module(
     if wrapped is not None and new_module.get_submodule(wrapped) is not child_module:
         raise ValueError(f"wrapped={wrapped!r} does not name the original module inside the replacement")
     new_module.__doc__ = child_module.__doc__
-    _mark(new_module, wrapped)
+    mark_delta(new_module, wrapped)
     insertion = Insertion(parent_module, child_name, "replace", new_module, original=child_module)
     insertion.attach()
     return insertion
-
-
-def iter_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every delta module attached anywhere in ``model`` (by any delta model), outermost only."""
-    seen: set[str] = set()
-    for name, module in model.named_modules():
-        if getattr(module, DELTA_MARK, False) and not any(name.startswith(s + ".") for s in seen):
-            seen.add(name)
-            yield name, module
-
-
-def delta_parameter_names(model: nn.Module) -> set[str]:
-    """Every name (as in ``model.state_dict()``) of every parameter that belongs to an attached delta.
-
-    A parameter shared by several layers of a delta (Compacter's shared rule) has several names; all are listed.
-    """
-    names: set[str] = set()
-    for prefix, module in iter_delta_modules(model):
-        wrapped = getattr(module, WRAPPED_ATTR, None)
-        for name, _p in module.named_parameters(remove_duplicate=False):
-            if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
-                continue
-            names.add(f"{prefix}.{name}" if prefix else name)
-    return names
-
-
-def bare_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Each parameter name of ``model`` mapped to the name it has with every delta taken out.
-
-    Only a replacement that wraps the module it replaced renames anything: ``value.original.weight`` is the
-    backbone's ``value.weight`` (see :func:`replace_module`'s ``wrapped``).
-    """
-    renames = [
-        (f"{prefix}.{wrapped}." if prefix else f"{wrapped}.", f"{prefix}." if prefix else "")
-        for prefix, module in iter_delta_modules(model)
-        if (wrapped := getattr(module, WRAPPED_ATTR, None))
-    ]
-    out = {}
-    for name, _p in model.named_parameters():
-        old, new = next(((o, n) for o, n in renames if name.startswith(o)), ("", ""))
-        out[name] = new + name[len(old) :] if old else name
-    return out

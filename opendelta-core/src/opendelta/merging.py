@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from opendelta.delta_protocols import Mergeable, class_implements
 from opendelta.errors import DeltaStateError
+from opendelta.markers import WRAPPED_ATTR
 
 __all__ = [
     "MergeRecord",
@@ -46,25 +47,9 @@ MERGED_ATTR = "_opendelta_merged"
 """On a module while deltas are merged into its weights: the insertion order numbers (``seq``) of those deltas."""
 
 
-@runtime_checkable
-class Mergeable(Protocol):
-    """A delta module that is an additive change of its host's parameters (LoRA's ``s B A``, BitFit's bias)."""
-
-    def can_merge(self, host: nn.Module) -> bool:
-        """Whether the host has parameters that can express this delta (T5's bias-less layer norm cannot)."""
-        ...
-
-    def merge_update(self, host: nn.Module) -> Mapping[str, torch.Tensor]:
-        """What merging adds to each of the host's parameters, by name, shaped like them.
-
-        A name the host lacks, or holds as ``None``, is created with this value and removed again on unmerge.
-        """
-        ...
-
-
 def is_mergeable(delta: nn.Module, host: nn.Module) -> bool:
     """Whether ``delta`` implements :class:`Mergeable` and can be merged into ``host``."""
-    return isinstance(delta, Mergeable) and delta.can_merge(host)
+    return class_implements(delta, Mergeable) and delta.can_merge(host)
 
 
 def check_finite(updates: Iterable[tuple[nn.Module, Mapping[str, torch.Tensor]]], where: str) -> None:
@@ -115,7 +100,6 @@ class MergeRecord:
 
 
 def _own_tensors(delta: nn.Module) -> dict[str, torch.Tensor]:
-    from opendelta.insertion import WRAPPED_ATTR
 
     wrapped = getattr(delta, WRAPPED_ATTR, None)
     tensors = {**dict(delta.named_parameters()), **dict(delta.named_buffers())}

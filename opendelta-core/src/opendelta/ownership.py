@@ -34,6 +34,7 @@ __all__ = [
     "is_own_card",
     "is_own_temporary",
     "is_own_weights_file",
+    "link_stays_inside",
     "own_config",
     "refuse_foreign_config",
     "seal_card",
@@ -162,3 +163,18 @@ def is_own_card(path: Path) -> bool:
         return False
     body = text[: match.start()]
     return hashlib.sha256(body.encode("utf-8")).hexdigest() == match.group(1)
+
+
+def link_stays_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links followed) stays in ``folder``, or in the blob store of the Hub repo it snapshots.
+
+    A Hub cache snapshot (``models--user--name/snapshots/<rev>``) links each file into ``models--user--name/blobs``;
+    that store counts only where it is the repo's own folder, not a link to somewhere else (``blobs -> /``).
+    """
+    target = path.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        repo = folder.parent.parent.resolve()
+        if (folder.parent.parent / "blobs").resolve() == repo / "blobs":
+            roots.append(repo / "blobs")
+    return any(target.is_relative_to(root) for root in roots)

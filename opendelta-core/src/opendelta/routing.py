@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
+from opendelta.markers import SLOTS_ATTR
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
@@ -97,7 +98,6 @@ def route_rows(backbone: nn.Module, per_row: Sequence[DeltaModel | None]) -> Ite
         owners.append(next(i for i, m in enumerate(models) if m is model))
     if not owners:
         raise DeltaStateError("route_rows needs one entry per batch row; got none")
-    from opendelta.insertion import SLOTS_ATTR
 
     routing = Routing(owners, [{id(i.delta) for i in m.insertions()} for m in models])
     hosts = [m for m in backbone.modules() if getattr(m, SLOTS_ATTR, None)]

@@ -17,15 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from opendelta.errors import DeltaConfigError, DeltaStateError, ShapeInferenceError
+from opendelta.module_io import main_input, main_output
+
 __all__ = [
     "DUMMY_INPUTS_EXAMPLE",
-    "LINEAR_TYPES",
     "PseudoCall",
     "factory_kwargs",
     "fused_output_index",
+    "is_linear",
     "is_norm",
     "known_features",
     "linear_features",
+    "linear_types",
     "module_features",
     "probe_features",
     "pseudo_call",
@@ -33,16 +37,35 @@ __all__ = [
 ]
 
 
-def _linear_types() -> tuple[type[nn.Module], ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency, but plain-torch use must not break
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
+_LINEAR_TYPES: tuple[type[nn.Module], ...] | None = None
 
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = _linear_types()
-"""Module types that compute ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (``Conv1D``)."""
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """Module types that compute ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (transformers' ``Conv1D``).
+
+    Read on first use, so importing this module does not import transformers (about a second).
+    """
+    global _LINEAR_TYPES
+    if _LINEAR_TYPES is None:
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover - transformers is a dependency, but plain-torch use must not break
+            _LINEAR_TYPES = (nn.Linear,)
+        else:
+            _LINEAR_TYPES = (nn.Linear, Conv1D)
+    return _LINEAR_TYPES
+
+
+def __getattr__(name: str) -> Any:
+    """``LINEAR_TYPES``, the constant earlier releases had, computed on first access (see :func:`linear_types`)."""
+    if name == "LINEAR_TYPES":
+        return linear_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (transformers' ``Conv1D``)."""
+    return isinstance(module, linear_types())
 
 
 def factory_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -60,7 +83,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a linear-like module."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, linear_types()):
         in_features, out_features = module.weight.shape  # Conv1D: [in, out]
         return int(in_features), int(out_features)
     raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers' Conv1D)")
@@ -110,7 +133,7 @@ def known_features(module: nn.Module) -> tuple[int, int] | None:
     Linear layers, ``Conv1D``, layer norms (in = out = normalised size) and embeddings (out = embedding size; the
     input is integer ids, reported as 0).
     """
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, linear_types()):
         return linear_features(module)
     if isinstance(module, nn.Embedding):
         return 0, module.embedding_dim
@@ -135,8 +158,6 @@ def pseudo_call(inputs: Any, source: str = "dummy_inputs") -> PseudoCall | None:
     Raises:
         DeltaConfigError: ``inputs`` is something else; the message names ``source``, where it came from.
     """
-    from opendelta.errors import DeltaConfigError
-
     if inputs is None or (isinstance(inputs, dict) and not inputs):
         return None
     if isinstance(inputs, dict):
@@ -195,7 +216,6 @@ class _Recorder:
     """Forward hooks that note the sizes of the wanted modules in every pass run while they are registered."""
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
-        from opendelta.errors import DeltaStateError
 
         self.seen: dict[int, tuple[int, int]] = {}
         self.unusable: dict[int, DeltaStateError] = {}
@@ -203,8 +223,6 @@ class _Recorder:
         self._handles = [m.register_forward_hook(self._record, with_kwargs=True) for m in modules]
 
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        from opendelta.errors import DeltaStateError
-        from opendelta.insertion import main_input, main_output
 
         if id(module) in self._wanted and id(module) not in self.seen:
             try:
@@ -262,8 +280,6 @@ def probe_features(
             ``dummy_inputs`` argument of ``method``, the delta model class being built.
         DeltaStateError: a module was reached but takes or returns no hidden-state tensor.
     """
-    from opendelta.errors import ShapeInferenceError
-
     recorder = _Recorder(modules)
     errors: list[str] = []
     modes = [(m, m.training) for m in model.modules()]

@@ -17,7 +17,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
 from torch import nn
 
 from opendelta.errors import StructureValidationError
@@ -37,7 +36,9 @@ def get_schema() -> dict[str, Any]:
 
 
 @cache
-def _validator() -> Draft202012Validator:
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator  # on first validation: jsonschema costs ~0.1 s to import
+
     return Draft202012Validator(get_schema())
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from opendelta.insertion import delta_parameter_names
+from opendelta.markers import delta_parameter_names
 
 __all__ = ["LOG_WIDTH", "ParameterCounts", "count_parameters", "log_model"]
 

@@ -25,7 +25,7 @@ from opendelta.backbone_check import backbone_record
 from opendelta.checkpoint import config_document
 from opendelta.errors import DeltaStateError
 from opendelta.hashing import parameter_sample
-from opendelta.insertion import delta_parameter_names
+from opendelta.markers import delta_parameter_names
 from opendelta.saving import write_checkpoint
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import sys
 import transformers
 from torch import nn
 
-from opendelta.registry import list_structures
+from opendelta.structure_registry import list_structures
 from opendelta.structures import CommonStructure
 
 

@@ -29,7 +29,7 @@ from opendelta import (
     get_method,
     list_plugins,
 )
-from opendelta.insertion import delta_parameter_names
+from opendelta.markers import delta_parameter_names
 from opendelta.testing.tiny_models import ARCHITECTURES, TASK_HEADS, model_output_tensor, tiny_inputs, tiny_model
 
 __all__ = ["DeltaMethodSuite", "perturb"]

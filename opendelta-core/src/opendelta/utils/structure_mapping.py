@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from opendelta.registry import structure_for_model
+from opendelta.structure_registry import structure_for_model
 from opendelta.structures import CommonName
 from opendelta.utils.logging import get_logger
 

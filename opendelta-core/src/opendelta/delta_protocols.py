@@ -1,0 +1,106 @@
+"""The optional behaviours a delta module may declare, each one ``Protocol`` (core checks them with ``isinstance``).
+
+Foundation layer: the mechanisms that use a behaviour (merging, parallel insertion, replacement, prefixes, prompts)
+import it from here, and a plugin author reads in one place what each means. A delta module is any ``nn.Module``;
+it implements none, some or all of these:
+
+* :class:`Mergeable`: an additive change of the host's parameters, so ``merge()`` can fold it into the weights;
+* :class:`FusedParallel`: a parallel delta that adds its output to the host's in one fused step (``add_to``);
+* :class:`WrapsReplaced`: a replacement that keeps the module it replaced as a child (``wrapped_name``), so the
+  backbone's own parameters keep their names inside it;
+* :class:`PrefixSource`: keys and values placed in front of an attention's (the ``"prefix"`` insertion kind);
+* :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FusedParallel",
+    "Mergeable",
+    "PrefixSource",
+    "PromptSource",
+    "WrapsReplaced",
+    "class_implements",
+    "wrapped_name",
+]
+
+
+@runtime_checkable
+class Mergeable(Protocol):
+    """A delta module that is an additive change of its host's parameters (LoRA's ``s B A``, BitFit's bias)."""
+
+    def can_merge(self, host: nn.Module) -> bool:
+        """Whether the host has parameters that can express this delta (T5's bias-less layer norm cannot)."""
+        ...
+
+    def merge_update(self, host: nn.Module) -> Mapping[str, torch.Tensor]:
+        """What merging adds to each of the host's parameters, by name, shaped like them.
+
+        A name the host lacks, or holds as ``None``, is created with this value and removed again on unmerge.
+        """
+        ...
+
+
+@runtime_checkable
+class FusedParallel(Protocol):
+    """A parallel delta that computes ``hidden + delta(x)`` itself, in fewer steps (LoRA's ``addmm``)."""
+
+    def add_to(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``hidden + self(x)``, exactly as the unfused sum would be (not in place: autograd needs ``hidden``)."""
+        ...
+
+
+@runtime_checkable
+class WrapsReplaced(Protocol):
+    """A replacement delta holding the module it replaced as its child ``wrapped_name``."""
+
+    wrapped_name: str
+
+
+def wrapped_name(delta: nn.Module) -> str | None:
+    """The child name under which a replacement delta holds the module it replaced, or ``None``."""
+    return delta.wrapped_name if isinstance(delta, WrapsReplaced) else None
+
+
+@runtime_checkable
+class PrefixSource(Protocol):
+    """What a prefix delta module provides."""
+
+    num_tokens: int
+
+    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([P, key size], [P, value size])`` in the projections' output space."""
+        ...
+
+
+@runtime_checkable
+class PromptSource(Protocol):
+    """What a soft-prompt delta module provides."""
+
+    num_tokens: int
+
+    def prompt(self) -> torch.Tensor:
+        """``[P, hidden]`` embeddings, placed in front of the input's."""
+        ...
+
+
+_IMPLEMENTS: dict[tuple[type, type], bool] = {}
+
+
+def class_implements(obj: Any, protocol: type) -> bool:
+    """``isinstance(obj, protocol)`` for a protocol of methods, answered once per class (it runs in forward hooks).
+
+    A runtime-checkable ``Protocol``'s ``isinstance`` looks every member up on each call (microseconds, per delta
+    and per forward); methods are the class's, so the answer is the class's too.
+    """
+    key = (type(obj), protocol)
+    found = _IMPLEMENTS.get(key)
+    if found is None:
+        found = _IMPLEMENTS[key] = isinstance(obj, protocol)
+    return found

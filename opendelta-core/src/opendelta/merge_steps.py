@@ -1,0 +1,118 @@
+"""Folding a delta model's deltas into its backbone's weights and taking them out again, step by step.
+
+Engine layer: the orchestration of :mod:`opendelta.merging`'s primitives over a list of placed deltas (which of them
+can merge, whether merging changes the order they run in, the update each adds, the record that lets unmerging
+subtract exactly that). ``DeltaModel.merge``/``unmerge``/``merge_and_unload`` are the public calls; they keep the
+state checks and the bookkeeping of the delta model, and call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from opendelta.errors import DeltaStateError
+from opendelta.hashing import parameter_sample
+from opendelta.insertion import Insertion
+from opendelta.markers import SLOTS_ATTR
+from opendelta.merging import (
+    MergeRecord,
+    add_update,
+    check_finite,
+    is_mergeable,
+    mark_merged,
+    remove_created,
+    snapshot,
+    update_at_merge,
+)
+
+__all__ = ["fold_in", "forget_merged", "mergeable", "take_out", "unmergeable_names"]
+
+
+def mergeable(insertions: Sequence[Insertion], owner: str) -> list[Insertion]:
+    """The placed deltas whose math is a change of their host's parameters.
+
+    Raises:
+        DeltaStateError: none of them is (``owner`` names the delta model in the message).
+    """
+    chosen = [i for i in insertions if is_mergeable(i.delta, i.host)]
+    if not chosen:
+        raise DeltaStateError(
+            f"{owner} has no delta that can be folded into the weights (its math is not a change of "
+            f"the modified modules' parameters); it always runs as an extra step"
+        )
+    return chosen
+
+
+def _check_order(chosen: Sequence[Insertion], names: dict[int, str], owner: str) -> None:
+    """Refuse when a merged delta would run before an unmergeable one added earlier on the same module's output."""
+    for insertion in chosen:
+        earlier = [
+            s.attr
+            for s in getattr(insertion.host, SLOTS_ATTR, ())
+            if s.kind == "after"
+            and s.seq < insertion.seq
+            and not is_mergeable(insertion.host._modules[s.attr], insertion.host)
+        ]
+        if earlier:
+            raise DeltaStateError(
+                f"{owner} cannot merge its delta on {names.get(id(insertion.host), '?')}: "
+                f"{', '.join(earlier)} (added before it, not mergeable) runs on that module's output first, and a "
+                f"merged delta would run before it; detach the delta model of {earlier[0]!r} first, or merge "
+                f"before adding it. Nothing was merged."
+            )
+
+
+def fold_in(
+    chosen: Sequence[Insertion],
+    backbone: nn.Module,
+    owner: str,
+    *,
+    safe_merge: bool,
+    premerge_samples: dict[str, bytes | None],
+) -> None:
+    """Merge each of ``chosen`` into its host's weights and detach it; every check first, so a refusal changes nothing.
+
+    ``premerge_samples`` receives, by backbone name, the hash sample of each parameter before it changes (``None``
+    for one merging creates), so a merged delta model's checkpoint records the hash of the backbone it belongs to.
+    """
+    names = {id(m): n for n, m in backbone.named_modules()}
+    _check_order(chosen, names, owner)
+    updates = [(i.host, i.delta.merge_update(i.host)) for i in chosen]  # type: ignore[operator]
+    if safe_merge:
+        check_finite(updates, owner)
+    for insertion, (host, update) in zip(chosen, updates, strict=True):
+        prefix = names[id(host)]
+        for name in update:
+            current = host._parameters.get(name)
+            full = f"{prefix}.{name}" if prefix else name
+            premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
+        record = MergeRecord(snapshot(insertion.delta))
+        insertion.detach()
+        record.created = add_update(host, update, 1)
+        insertion.merge_record = record
+        mark_merged(host, insertion.seq, True)
+
+
+def take_out(merged: Sequence[Insertion]) -> None:
+    """Subtract what :func:`fold_in` added (computed from the deltas as they were then) and re-attach the deltas."""
+    updates = [update_at_merge(i.delta, i.host, i.merge_record.snapshot) for i in merged]
+    for insertion, update in zip(merged, updates, strict=True):
+        created = insertion.merge_record.created
+        add_update(insertion.host, {k: v for k, v in update.items() if k not in created}, -1)
+        remove_created(insertion.host, created)
+        insertion.merge_record = None
+        mark_merged(insertion.host, insertion.seq, False)
+        insertion.attach()
+
+
+def unmergeable_names(pending: Sequence[Insertion]) -> list[str]:
+    """``Host.attr`` of each pending delta that cannot merge (``merge_and_unload`` refuses while there is one)."""
+    return [f"{type(i.host).__name__}.{i.attr}" for i in pending if not is_mergeable(i.delta, i.host)]
+
+
+def forget_merged(merged: Sequence[Insertion]) -> None:
+    """Merged for good: no delta is waiting to be unmerged on these hosts any more."""
+    for insertion in merged:
+        mark_merged(insertion.host, insertion.seq, False)
