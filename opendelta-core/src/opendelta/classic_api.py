@@ -20,7 +20,8 @@ from torch import nn
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.errors import DeltaStateError
 from opendelta.freezing import trainable_only_state_dict
-from opendelta.insertion import WRAPPED_ATTR, _mark
+from opendelta.markers import WRAPPED_ATTR, mark_delta
+from opendelta.structure_registry import structure_for_model
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
@@ -113,8 +114,6 @@ class ClassicDeltaApi(nn.Module):
             return True
         if not (self.common_structure or self.modified_modules is None):  # the defaults are common names
             return False
-        from opendelta.registry import structure_for_model
-
         common = structure_for_model(self.backbone_model).common_names(self.backbone_model).get(key, [])
         return any(p.matches(c.name) for c in common for p in patterns)
 
@@ -137,7 +136,7 @@ class ClassicDeltaApi(nn.Module):
         """
         if module is None:
             for delta in self.deltas:
-                _mark(delta, getattr(delta, WRAPPED_ATTR, None))
+                mark_delta(delta, getattr(delta, WRAPPED_ATTR, None))
             return
         inside = {id(m) for delta in self.deltas for m in delta.modules()}
         if id(module) not in inside:

@@ -1,156 +1,43 @@
-"""Version skew between the opendelta that wrote a checkpoint and the one reading it.
+"""Version skew, and the installed method for a saved ``delta_type``: what reading a checkpoint needs of the registry.
 
-A saved ``config.json`` records ``written_by`` (the version of ``opendelta-core`` and of the plugin distribution
-that defines the method) and ``requires`` (the lowest versions that read it faithfully). A field added to a config
-in a later release declares it with ``field(default=..., metadata={"since": "0.3.0"})``; it enters ``requires``
-only when its value differs from the default, because an older reader that ignores a field left at its default
-computes the same thing. So:
-
-* a checkpoint that ``requires`` a newer distribution than the installed one is refused, saying which version
-  to install;
-* fields the installed version does not know are ignored with a warning when ``written_by`` shows a newer
-  writer (they are optional, or ``requires`` would have said so), and refused otherwise (a typo or a tampered
-  file, named in the error).
+The rules and the record (``written_by``, ``requires``, fields of a newer release) live in :mod:`opendelta.versions`
+(re-exported here), below the model layer; this module adds what needs the methods registry.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import MISSING, fields
-from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from packaging.version import InvalidVersion, Version
-
-from opendelta.errors import CheckpointError, OpenDeltaVersionWarning, UnknownDeltaMethodError
+from opendelta.errors import CheckpointError, UnknownDeltaMethodError
 from opendelta.install_hint import install_hint
+from opendelta.registry import MethodSpec, get_method, registered_name
+from opendelta.saving import CONFIG_NAME
+from opendelta.versions import (
+    CORE_DISTRIBUTION,
+    check_requirements,
+    installed_version,
+    method_distribution,
+    newer_writers,
+    version_record,
+    warn_unknown_fields,
+)
 
 if TYPE_CHECKING:
+    from opendelta.base import DeltaModel
     from opendelta.config import DeltaConfig
-    from opendelta.registry import MethodSpec
 
 __all__ = [
     "CORE_DISTRIBUTION",
     "check_requirements",
     "installed_version",
+    "method_and_config",
+    "method_distribution",
     "method_for",
     "newer_writers",
     "version_record",
     "warn_unknown_fields",
 ]
-
-CORE_DISTRIBUTION = "opendelta-core"
-
-
-def installed_version(distribution: str) -> str | None:
-    """The installed version of ``distribution``, or ``None`` when it is not installed."""
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
-
-
-def _parse(text: Any) -> Version | None:
-    try:
-        return Version(str(text))
-    except InvalidVersion:
-        return None
-
-
-def method_distribution(config_cls: type[DeltaConfig]) -> str | None:
-    """The distribution that provides ``config_cls``'s method (through the registry), when known."""
-    from opendelta.registry import get_method
-
-    if not config_cls.delta_type:
-        return None
-    try:
-        spec = get_method(config_cls.delta_type)
-    except UnknownDeltaMethodError:
-        return None
-    return spec.distribution if spec.config_cls is config_cls else None
-
-
-def _field_owner(config_cls: type[DeltaConfig], name: str) -> str | None:
-    from opendelta.config import DeltaConfig
-
-    core_fields = {f.name for f in fields(DeltaConfig)}
-    return CORE_DISTRIBUTION if name in core_fields else method_distribution(config_cls)
-
-
-def version_record(config: DeltaConfig) -> dict[str, dict[str, str]]:
-    """``written_by`` and ``requires`` for a checkpoint of ``config`` (see the module docstring)."""
-    owners = {CORE_DISTRIBUTION, method_distribution(type(config))} - {None}
-    written_by = {dist: v for dist in sorted(owners) if (v := installed_version(dist))}  # type: ignore[arg-type]
-    needed: dict[str, Version] = {}
-    for f in fields(config):
-        since = _parse(f.metadata.get("since")) if "since" in f.metadata else None
-        if since is None:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        owner = _field_owner(type(config), f.name)
-        if owner and getattr(config, f.name) != default and since > needed.get(owner, Version("0")):
-            needed[owner] = since
-    return {"written_by": written_by, "requires": {dist: f">={v}" for dist, v in sorted(needed.items())}}
-
-
-def _install_hint(dist: str, minimum: str) -> str:
-    return install_hint(f"{dist}>={minimum}", upgrade=True)
-
-
-def check_requirements(raw: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint whose ``requires`` names a newer (or missing) distribution than the installed one.
-
-    Raises:
-        CheckpointError: naming the distribution, the version needed, the one installed and the pip command.
-    """
-    requires = raw.get("requires")
-    if requires is None:
-        return
-    if not isinstance(requires, dict) or not all(isinstance(v, str) for v in requires.values()):
-        raise CheckpointError(f"{source}: field 'requires' must map distribution names to '>=version' strings")
-    for dist, spec in requires.items():
-        minimum = _parse(spec.removeprefix(">="))
-        if not spec.startswith(">=") or minimum is None:
-            raise CheckpointError(f"{source}: requires[{dist!r}] = {spec!r} is not of the form '>=1.2.3'")
-        have = installed_version(dist)
-        if have is None:
-            raise CheckpointError(
-                f"{source} needs {dist}>={minimum}, but {dist} is not installed. Install it with: "
-                f"{install_hint(f'{dist}>={minimum}')}"
-            )
-        if (_parse(have) or Version("0")) < minimum:
-            raise CheckpointError(
-                f"{source} needs {dist}>={minimum}, but {dist} {have} is installed: it was saved with settings older "
-                f"versions cannot read faithfully. Upgrade with: {_install_hint(dist, str(minimum))}"
-            )
-
-
-def newer_writers(raw: dict[str, Any], config_cls: type[DeltaConfig]) -> list[str]:
-    """The distributions in ``written_by`` that are newer than the installed ones, as ``"name 1.2 (installed 1.1)"``."""
-    written_by = raw.get("written_by")
-    if not isinstance(written_by, dict):
-        return []
-    relevant = {CORE_DISTRIBUTION, method_distribution(config_cls)}
-    newer = []
-    for dist, wrote in sorted(written_by.items()):
-        have = installed_version(dist) if dist in relevant else None
-        if have is None or _parse(wrote) is None:
-            continue
-        if _parse(wrote) > (_parse(have) or Version("0")):  # type: ignore[operator]
-            newer.append(f"{dist} {wrote} (installed {have})")
-    return newer
-
-
-def warn_unknown_fields(config_cls: type[DeltaConfig], unknown: list[str], writers: list[str]) -> None:
-    """Say that ``unknown`` fields from a newer writer are ignored, and how to upgrade."""
-    upgrades = install_hint(*(f"{w.split()[0]}>={w.split()[1]}" for w in writers), upgrade=True)
-    warnings.warn(
-        f"this config was written by {', '.join(writers)}; {config_cls.__name__} ignores the field(s) {unknown} it "
-        f"does not know. They are optional (the checkpoint would require the newer version otherwise), so the delta "
-        f"computes the same; to use them, {upgrades}",
-        OpenDeltaVersionWarning,
-        stacklevel=4,
-    )
 
 
 def method_for(raw: dict[str, Any]) -> MethodSpec:
@@ -160,8 +47,6 @@ def method_for(raw: dict[str, Any]) -> MethodSpec:
         UnknownDeltaMethodError: the installed methods, plus ``pip install '<dist>>=<version>'`` for the
             distribution the checkpoint's ``written_by`` records (a third-party method's name is not guessable).
     """
-    from opendelta.registry import get_method
-
     try:
         return get_method(raw["delta_type"])
     except UnknownDeltaMethodError as exc:
@@ -173,3 +58,31 @@ def method_for(raw: dict[str, Any]) -> MethodSpec:
             raise
         wanted = install_hint(*(f"{d}>={v}" for d, v in sorted(plugins.items())))
         raise UnknownDeltaMethodError(f"{exc}. This checkpoint was written by it: {wanted}") from exc
+
+
+def method_and_config(
+    folder: Path,
+    raw: dict[str, Any],
+    cls: type[DeltaModel],
+    delta_config: DeltaConfig | None,
+    overrides: dict[str, Any],
+) -> tuple[type[DeltaModel], DeltaConfig]:
+    """The method a saved config names (a missing plugin named first) and its config, for both OpenDelta formats.
+
+    ``cls`` is the class ``from_finetuned`` was called on (``DeltaModel`` or ``AutoDeltaModel``'s: any method).
+
+    Raises:
+        CheckpointError: no ``delta_type``, a ``requires`` this installation does not meet, or another method's.
+        UnknownDeltaMethodError: no installed plugin provides the method (naming the one that wrote it).
+    """
+    delta_type = raw.get("delta_type")
+    if not isinstance(delta_type, str):
+        raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
+    model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls  # a missing plugin first
+    check_requirements(raw, str(folder))
+    if model_cls.delta_type != registered_name(delta_type):  # an alias an earlier release wrote is the same
+        raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
+    config = delta_config or model_cls.config_class.from_saved(raw, str(folder / CONFIG_NAME), **overrides)
+    if delta_config is None:  # its patterns are the file's: checked now, matched with bounds
+        config.mark_read_from(folder / CONFIG_NAME, overridden=overrides)
+    return model_cls, config

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from opendelta.classic_config import classic_parameters
-from opendelta.compat import check_requirements, newer_writers, version_record, warn_unknown_fields
 from opendelta.errors import DeltaConfigError, OpenDeltaConfigWarning
 from opendelta.file_patterns import PATTERN_FIELDS, FilePatterns, check_limits
 from opendelta.ownership import refuse_foreign_config
+from opendelta.versions import check_requirements, newer_writers, version_record, warn_unknown_fields
 
-__all__ = ["CONFIG_NAME", "METADATA_FIELDS", "DeltaConfig"]
+__all__ = ["METADATA_FIELDS", "DeltaConfig"]
 
-CONFIG_NAME = "config.json"
 METADATA_FIELDS = frozenset(
     {
         "delta_type",
@@ -101,10 +100,13 @@ class DeltaConfig:
         backbone_hash: the backbone's fingerprint (see ``opendelta.hashing``), recorded on save and checked on load.
 
     A field added in a later release of a plugin declares it: ``field(default=..., metadata={"since": "0.3.0"})``.
-    A checkpoint that sets it to a non-default value then requires that version (see ``opendelta.compat``).
+    A checkpoint that sets it to a non-default value then requires that version (see ``opendelta.versions``).
     """
 
     delta_type: ClassVar[str] = ""
+    """The method's name, written once here: the model class, its deltas' child name and the registry read it."""
+    delta_aliases: ClassVar[tuple[str, ...]] = ()
+    """Other names a saved ``delta_type`` may give this method (one an earlier release wrote); registered with it."""
 
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
@@ -262,11 +264,9 @@ class DeltaConfig:
     @classmethod
     def _check_delta_type(cls, given: Any) -> None:
         """Refuse a ``delta_type`` naming another method; an alias of this one (``lowrankadapter``) is this one."""
-        from opendelta.registry import registered_name  # the registry loads plugins, which import this module
-
         if given in (None, cls.delta_type) or not cls.delta_type:
             return
-        if registered_name(str(given)) != cls.delta_type:
+        if given not in cls.delta_aliases:
             raise DeltaConfigError(
                 f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {given!r}; use "
                 f"AutoDeltaConfig.from_dict to pick the class from delta_type"
@@ -300,7 +300,7 @@ class DeltaConfig:
             CheckpointError: the folder holds a ``config.json`` that is not a delta config of ours (a transformers
                 model's); nothing is written then.
         """
-        from opendelta.saving import write_atomically  # saving imports this module
+        from opendelta.saving import CONFIG_NAME, write_atomically  # the facade: persistence is the layer above
 
         directory = Path(save_directory)
         refuse_foreign_config(directory, CONFIG_NAME)  # a transformers model's config.json is never replaced

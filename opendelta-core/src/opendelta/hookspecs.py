@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pluggy import HookimplMarker, HookspecMarker
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
     from opendelta.base import DeltaConfig, DeltaModel
+    from opendelta.checkpoint_record import CheckpointRecord
 
 PROJECT_NAME = "opendelta"
 hookspec = HookspecMarker(PROJECT_NAME)
@@ -22,13 +25,17 @@ hookimpl = HookimplMarker(PROJECT_NAME)
 
 
 class RegisterDeltaMethod(Protocol):
-    """The ``register`` callback handed to :func:`register_delta_methods`."""
+    """The ``register`` callback handed to :func:`register_delta_methods`.
+
+    ``register(ModelClass)`` (the name and the config class read from it; since 0.2), or the explicit form
+    ``register(name, config_cls, model_cls)``.
+    """
 
     def __call__(
         self,
-        name: str,
-        config_cls: type[DeltaConfig],
-        model_cls: type[DeltaModel],
+        name: str | type[DeltaModel],
+        config_cls: type[DeltaConfig] | None = None,
+        model_cls: type[DeltaModel] | None = None,
         *,
         aliases: tuple[str, ...] = (),
     ) -> None: ...
@@ -44,11 +51,13 @@ class RegisterCommonStructure(Protocol):
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register delta-tuning methods.
 
-    Call ``register(name, config_cls, model_cls, aliases=())`` once per method. ``name`` is the ``delta_type``
-    written into saved configs (``^[a-z][a-z0-9_]*$``) and must equal both classes' ``delta_type``; it is unique
-    across all installed plugins: a clash is reported naming both plugins, and the distribution named after the
-    method (``opendelta-lora`` for ``lora``) keeps it. Return values are ignored; an exception is reported as a
-    warning naming the distribution, and the methods registered before it are kept.
+    Call ``register(ModelClass, aliases=())`` once per method: its name is the ``delta_type`` its config class
+    declares (written once, there), and its config is its ``config_class``. The explicit form
+    ``register(name, config_cls, model_cls, aliases=())`` is the same with the three spelled out. ``name`` is the
+    ``delta_type`` written into saved configs (``^[a-z][a-z0-9_]*$``) and must equal both classes' ``delta_type``;
+    it is unique across all installed plugins: a clash is reported naming both plugins, and the distribution named
+    after the method (``opendelta-lora`` for ``lora``) keeps it. Return values are ignored; an exception is reported
+    as a warning naming the distribution, and the methods registered before it are kept.
 
     Args:
         register: the callback, bound to the calling plugin so that errors name it.
@@ -89,4 +98,30 @@ def resolve_common_structure(model: nn.Module, model_type: str | None) -> dict[s
         A common-structure document, or ``None`` when this plugin does not know the model.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def read_checkpoint(folder: Path, backbone: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
+    """Read a checkpoint folder in another library's format (one without OpenDelta's ``config.json``).
+
+    Called by ``from_finetuned`` for a local folder that holds no ``config.json``. Return ``None`` when the folder is
+    not in your format; otherwise read and check its files and return a
+    :class:`~opendelta.checkpoint_record.CheckpointRecord` (the method, its config, the tensors under
+    ``delta_state_dict``'s names and backbone names): core builds the delta, checks every tensor against it and
+    copies them, taking the delta out again on any error. Raise an :class:`~opendelta.errors.OpenDeltaError`
+    (``CheckpointError``) to refuse a folder in your format that cannot be loaded faithfully, or that ``delta_cls``
+    (the class ``from_finetuned`` was called on; ``DeltaModel`` for ``AutoDeltaModel``) cannot hold; any other
+    exception is reported as a warning naming your distribution, and the next implementation is tried.
+    ``opendelta-lora`` implements it for PEFT's LoRA adapter folders.
+
+    Args:
+        folder: the local folder.
+        backbone: the model the delta goes onto (not changed by the reader).
+        delta_cls: the class ``from_finetuned`` was called on.
+
+    Returns:
+        The record, or ``None``.
+
+    .. versionadded:: 0.2
     """

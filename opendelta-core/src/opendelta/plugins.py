@@ -21,14 +21,17 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
 from opendelta import hookspecs
 from opendelta.errors import OpenDeltaPluginWarning
+from opendelta.install_hint import SHIPPED
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DEFAULT_PLUGINS: tuple[str, ...] = ()
@@ -44,6 +47,8 @@ pm.add_hookspecs(hookspecs)
 
 _lock = threading.RLock()
 _loaded = False
+_generation = 0
+"""Bumped by :func:`reset_plugins`: lookups built from the hooks (methods, mappings) rebuild when it changed."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,19 @@ def first_party_distribution(name: str) -> str:
     """
     stem = re.sub(r"(Model|Config)$", "", name)
     kebab = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", stem).lower().replace("_", "-")
-    return "opendelta-" + {"bit-fit": "bitfit", "lowrankadapter": "low-rank-adapter"}.get(kebab, kebab)
+    return _SHIPPED_BY_SQUASHED.get(_squashed(kebab), "opendelta-" + kebab)
+
+
+def _squashed(name: str) -> str:
+    """A name without case or separators, so the spellings of one method compare equal.
+
+    ``BitFit``, ``bit-fit`` and ``bitfit`` are one, as are ``LowRankAdapter``, ``low_rank_adapter`` and
+    ``lowrankadapter`` (the spellings a class, a method and an older release use).
+    """
+    return re.sub(r"[-_.]", "", name).lower()
+
+
+_SHIPPED_BY_SQUASHED = {_squashed(dist.removeprefix("opendelta-")): dist for dist in SHIPPED}
 
 
 def owns(plugin_name: str, name: str) -> bool:
@@ -238,6 +255,20 @@ def distribution_of(plugin_name: str) -> tuple[str | None, str | None]:
     return _state.distributions.get(plugin_name, (None, None))
 
 
+def distribution_of_package(package: str) -> str | None:
+    """The distribution of the loaded plugin whose module lives in import package ``package``, or ``None``.
+
+    ``opendelta_lora`` -> ``opendelta-lora``: the distribution that provides a class defined in that package, as
+    its entry point says (a plugin registered in code, with no distribution, gives ``None``).
+    """
+    load_plugins()
+    for name, plugin in pm.list_name_plugin():
+        module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+        if module.split(".")[0] == package:
+            return _state.distributions.get(name, (None, None))[0]
+    return None
+
+
 def list_plugins() -> list[PluginInfo]:
     """Every plugin: the loaded ones with their hooks, then those that failed with the reason.
 
@@ -258,7 +289,7 @@ def list_plugins() -> list[PluginInfo]:
 
 def reset_plugins() -> None:
     """Forget every loaded plugin so that the next use loads them again (for tests and interactive sessions)."""
-    global _loaded
+    global _loaded, _generation
     with _lock:
         for _name, plugin in list(pm.list_name_plugin()):
             if plugin is not None:
@@ -267,3 +298,24 @@ def reset_plugins() -> None:
         _state.failed.clear()
         _state.problems.clear()
         _loaded = False
+        _generation += 1
+
+
+def generation() -> int:
+    """How many times the plugins were reset: a cache of what their hooks registered is stale once this changed."""
+    return _generation
+
+
+def call_each(hook_name: str, make_argument: Callable[[str], Any]) -> None:
+    """Call every implementation of ``hook_name`` on its own, with ``make_argument(plugin_name)`` for each argument.
+
+    Not through ``pm.hook``: one implementation that raises (or calls ``sys.exit``) is reported as a warning naming
+    its distribution (:func:`warn_plugin`), and the others still run.
+    """
+    load_plugins()
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        argument = make_argument(impl.plugin_name)
+        try:
+            impl.function(**{arg: argument for arg in impl.argnames})
+        except PLUGIN_ERRORS as exc:
+            warn_plugin(impl.plugin_name, f"raised inside {hook_name} ({type(exc).__name__}: {exc})")

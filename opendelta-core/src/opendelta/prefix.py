@@ -28,13 +28,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+from opendelta.delta_protocols import PrefixSource
 from opendelta.errors import DeltaStateError, UnsupportedTargetError
-from opendelta.insertion import PLACERS, SLOT_HANDLERS, Insertion, _insert, _Slot, main_input
+from opendelta.insertion import SLOT_HANDLERS, Insertion, _insert, _Slot, register_placement
+from opendelta.markers import SLOTS_ATTR
+from opendelta.module_io import main_input
 from opendelta.sequence import (
     align_with_cache,
     bound_arguments,
@@ -44,6 +47,8 @@ from opendelta.sequence import (
     strip_positions,
     unbind,
 )
+from opendelta.shapes import fused_output_index, linear_features
+from opendelta.structure_registry import structure_for_model
 
 __all__ = [
     "INTERFACE_KEY",
@@ -60,16 +65,6 @@ INTERFACE_KEY = "opendelta_prefix"
 """The attention implementation name our wrapper is registered under in transformers' ``AttentionInterface``."""
 
 _STATE_ATTR = "_opendelta_prefix_state"
-
-
-class PrefixSource(Protocol):
-    """What a prefix delta module provides."""
-
-    num_tokens: int
-
-    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([P, key size], [P, value size])`` in the projections' output space."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -187,13 +182,25 @@ def _fallback_base(module: nn.Module) -> str:
     return str(getattr(config, _FALLBACK_ATTR, "sdpa"))
 
 
+_registered = False
+
+
 def _register_interface() -> None:
+    """Register :func:`_prefixed_attention` with transformers, once: when a prefix is first placed or runs.
+
+    Not at import, which would import transformers (about a second) for every user of OpenDelta; a prefix that
+    arrives by unpickling a model runs through its handler, which registers it too.
+    """
+    global _registered
+    if _registered:
+        return
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError:  # pragma: no cover - transformers is a dependency
         return
     if INTERFACE_KEY not in ALL_ATTENTION_FUNCTIONS:
         ALL_ATTENTION_FUNCTIONS.register(INTERFACE_KEY, _prefixed_attention)
+    _registered = True
 
 
 def _switch(config: Any, implementation: str) -> None:
@@ -239,6 +246,7 @@ class _PrefixHandler:
         delta = module._modules[slot.attr]
         placement: PrefixPlacement = slot.option
         if placement.backend == "interface":
+            _register_interface()
             config = _config_of(module)
             base = config._attn_implementation
             if base == INTERFACE_KEY:
@@ -364,7 +372,6 @@ SLOT_HANDLERS.update(
         "prefix_root": _RootHandler(),
     }
 )
-_register_interface()
 
 
 # ------------------------------------------------------------------------------------------------- placing one
@@ -396,9 +403,14 @@ def insert_prefix(
 
     Raises:
         DeltaStateError: the module already carries a prefix.
+        TypeError: ``delta_module`` is not a :class:`PrefixSource`.
     """
-    from opendelta.insertion import SLOTS_ATTR
-
+    _register_interface()
+    if not isinstance(delta_module, PrefixSource):
+        raise TypeError(
+            f"a prefix must provide num_tokens and key_value() (opendelta.delta_protocols.PrefixSource); "
+            f"{type(delta_module).__name__} does not"
+        )
     if any(s.kind == "prefix" for s in getattr(attention, SLOTS_ATTR, None) or ()):
         raise DeltaStateError(
             f"{type(attention).__name__} already carries a prefix; detach that prefix model before adding another"
@@ -432,8 +444,6 @@ class AttentionParts:
 def _projection(
     backbone: nn.Module, common: dict[str, Any], wanted: str, attention_name: str
 ) -> tuple[nn.Module, torch.Tensor | None, int] | None:
-    from opendelta.shapes import fused_output_index, linear_features
-
     for real, names in common.items():
         if not (real == attention_name or real.startswith(attention_name + ".")):
             continue
@@ -455,8 +465,6 @@ def attention_parts(backbone: nn.Module, attention_name: str, method: str) -> At
         UnsupportedTargetError: the block has no common name ending in ``attn``, or the mapping names no key or
             value projection inside it; the message names the model class and the module.
     """
-    from opendelta.registry import structure_for_model
-
     structure = structure_for_model(backbone)
     common = structure.common_names(backbone)
     attention = backbone.get_submodule(attention_name)
@@ -490,9 +498,14 @@ def attention_parts(backbone: nn.Module, attention_name: str, method: str) -> At
     )
 
 
-def place_prefix(delta_model: Any, target: Any, delta: nn.Module) -> Insertion:
-    """The "prefix" placer for ``DeltaModel`` (see :data:`opendelta.insertion.PLACERS`)."""
-    parts = delta_model.attention_parts(target)
+def place_prefix(delta_model: Any, target: Any, delta: nn.Module, parts: AttentionParts | None = None) -> Insertion:
+    """The "prefix" placer for ``DeltaModel`` (see :func:`opendelta.insertion.register_placement`).
+
+    ``parts``: the target's :func:`attention_parts`, when the delta model read them already (``PrefixModel`` does,
+    in its ``_prepare``, to size its deltas); read here otherwise.
+    """
+    if parts is None:
+        parts = attention_parts(delta_model.backbone_model, target.name, type(delta_model).__name__)
     backend = attention_backend(target.module)
     first_rows = backend == "rows" and not any(i.option.backend == "rows" for i in delta_model.insertions())
     return insert_prefix(
@@ -508,4 +521,4 @@ def place_prefix(delta_model: Any, target: Any, delta: nn.Module) -> Insertion:
     )
 
 
-PLACERS["prefix"] = place_prefix
+register_placement("prefix", place_prefix)

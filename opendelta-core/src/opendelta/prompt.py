@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from opendelta.delta_protocols import PromptSource
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
-from opendelta.insertion import PLACERS, SLOT_HANDLERS, Insertion, _insert, _Slot
+from opendelta.insertion import SLOT_HANDLERS, Insertion, _insert, _Slot, register_placement
 from opendelta.sequence import align_with_cache, bound_arguments, extend_arguments, find_cache, strip_positions, unbind
 from opendelta.structures import find_config_model
 
@@ -210,6 +211,11 @@ def insert_soft_prompt(
         expand: arguments of ``stack`` that grow with the prompt, with the prompt entries' value
             (default ``{"attention_mask": 1, "token_type_ids": 0}``).
     """
+    if not isinstance(delta_module, PromptSource):
+        raise TypeError(
+            f"a soft prompt must provide num_tokens and prompt() (opendelta.delta_protocols.PromptSource); "
+            f"{type(delta_module).__name__} does not"
+        )
     placement = PromptPlacement(
         dict(expand) if expand is not None else PromptPlacement().expand,
         strip=outer is None,
@@ -222,10 +228,10 @@ def insert_soft_prompt(
 def place_soft_prompt(
     delta_model: Any, target: Any, delta: nn.Module, expand: Mapping[str, float] | None = None
 ) -> Insertion:
-    """The "prompt" placer for ``DeltaModel`` (see :data:`opendelta.insertion.PLACERS`)."""
+    """The "prompt" placer for ``DeltaModel`` (see :func:`opendelta.insertion.register_placement`)."""
     _name, _stack, outer = input_stack(delta_model.backbone_model)
     outer_module = delta_model.backbone_model.get_submodule(outer) if outer is not None else None
     return insert_soft_prompt(target.module, delta, delta_model.delta_name, outer=outer_module, expand=expand)
 
 
-PLACERS["prompt"] = place_soft_prompt
+register_placement("prompt", place_soft_prompt)

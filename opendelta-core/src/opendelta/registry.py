@@ -1,4 +1,4 @@
-"""The registry: the only list of delta methods and common-structure mappings, filled by plugin hooks.
+"""The methods registry: the only list of delta methods, filled by plugin hooks (mappings: ``structure_registry``).
 
 There is no enum of methods in core. Each ``register_delta_methods`` implementation is called with a ``register``
 callback bound to its plugin, so a bad registration is reported naming that plugin; one bad plugin never stops the
@@ -16,17 +16,14 @@ import difflib
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from opendelta import plugins
-from opendelta.errors import StructureNotFoundError, StructureValidationError, UnknownDeltaMethodError
+from opendelta import plugins, structure_registry
+from opendelta.base import DeltaModel
+from opendelta.config import DeltaConfig
+from opendelta.errors import UnknownDeltaMethodError
 from opendelta.install_hint import install_hint
-from opendelta.structures import CommonStructure, find_config_model
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from opendelta.base import DeltaConfig, DeltaModel
+from opendelta.structure_registry import get_structure, list_structures, structure_for_model
 
 __all__ = [
     "MethodSpec",
@@ -61,10 +58,9 @@ class MethodSpec:
 
 _lock = threading.RLock()
 _methods: dict[str, MethodSpec] | None = None
+_built_at = -1
+"""The :func:`opendelta.plugins.generation` ``_methods`` was built at."""
 _aliases: dict[str, str] = {}
-_structures: dict[str, CommonStructure] | None = None
-_failed_resolvers: set[str] = set()
-"""Plugins whose ``resolve_common_structure`` raised or returned garbage: warned about once, then skipped."""
 
 
 def distribution_hint(method_or_class: str) -> str:
@@ -72,20 +68,8 @@ def distribution_hint(method_or_class: str) -> str:
     return plugins.first_party_distribution(method_or_class)
 
 
-def _call_each(hook_name: str, make_register: Any) -> None:
-    hook = getattr(plugins.pm.hook, hook_name)
-    for impl in hook.get_hookimpls():
-        register = make_register(impl.plugin_name)
-        try:
-            impl.function(**{arg: register for arg in impl.argnames})
-        except plugins.PLUGIN_ERRORS as exc:
-            plugins.warn_plugin(impl.plugin_name, f"raised inside {hook_name} ({type(exc).__name__}: {exc})")
-
-
 def _method_problem(name: Any, config_cls: Any, model_cls: Any, aliases: Any) -> str | None:
     """What is wrong with one ``register(...)`` call on its own (clashes with other plugins are checked later)."""
-    from opendelta.base import DeltaConfig, DeltaModel
-
     if not isinstance(name, str) or not METHOD_NAME.match(name):
         return f"registered method name {name!r}, which must match {METHOD_NAME.pattern}; it was ignored"
     if not (isinstance(config_cls, type) and issubclass(config_cls, DeltaConfig)):
@@ -110,8 +94,15 @@ def _collect_methods() -> dict[str, MethodSpec]:
     pending: list[MethodSpec] = []
 
     def make_register(plugin_name: str) -> Any:
-        def register(name: str, config_cls: type, model_cls: type, *, aliases: tuple[str, ...] = ()) -> None:
+        def register(
+            name: Any, config_cls: Any = None, model_cls: Any = None, *, aliases: tuple[str, ...] = ()
+        ) -> None:
+            if config_cls is None and model_cls is None and isinstance(name, type) and issubclass(name, DeltaModel):
+                name, config_cls, model_cls = name.delta_type, name.config_class, name  # register(ModelClass)
             problem = _method_problem(name, config_cls, model_cls, aliases)
+            if problem is None:  # the config knows its aliases (a saved config may use one), so does the registry
+                aliases = tuple(dict.fromkeys((*config_cls.delta_aliases, *aliases)))
+                config_cls.delta_aliases = aliases
             if problem:
                 plugins.warn_plugin(plugin_name, problem)
                 return
@@ -120,7 +111,7 @@ def _collect_methods() -> dict[str, MethodSpec]:
         return register
 
     _aliases.clear()
-    _call_each("register_delta_methods", make_register)
+    plugins.call_each("register_delta_methods", make_register)
     methods: dict[str, MethodSpec] = {}
     attr_owner: dict[str, str] = {}
     accepted: list[MethodSpec] = []
@@ -157,59 +148,30 @@ def _collect_methods() -> dict[str, MethodSpec]:
     return methods
 
 
-def _collect_structures() -> dict[str, CommonStructure]:
-    pending: list[tuple[bool, int, str, CommonStructure]] = []
+def _ensure() -> dict[str, MethodSpec]:
+    """The methods, collected on first use and after a reload.
 
-    def make_register(plugin_name: str) -> Any:
-        def register(document: dict[str, Any], *, source: str | None = None) -> None:
-            where = f"{source} from plugin {plugin_name!r}" if source else f"from plugin {plugin_name!r}"
-            try:
-                structure = CommonStructure(document, source=where)
-            except plugins.PLUGIN_ERRORS as exc:  # a schema violation, or a document jsonschema cannot even walk
-                detail = str(exc) if isinstance(exc, StructureValidationError) else f"{type(exc).__name__}: {exc}"
-                plugins.warn_plugin(plugin_name, f"registered an invalid mapping, which was ignored: {detail}")
-                return
-            shipped = plugins.owns(plugin_name, "common_structures")  # opendelta-common-structures, core's own
-            pending.append((not shipped, len(pending), plugin_name, structure))
-
-        return register
-
-    _call_each("register_common_structures", make_register)
-    structures: dict[str, CommonStructure] = {}
-    for _, _, plugin_name, structure in sorted(pending, key=lambda item: item[:2]):
-        if structure.model_type in structures:
-            plugins.warn_plugin(
-                plugin_name,
-                f"registered a mapping for {structure.model_type!r}, which is already registered "
-                f"({structures[structure.model_type].source}); {structure.source} was ignored",
-            )
-            continue
-        structures[structure.model_type] = structure
-    return structures
-
-
-def _ensure() -> tuple[dict[str, MethodSpec], dict[str, CommonStructure]]:
-    global _methods, _structures
+    The mappings are collected with them, so a first lookup runs every plugin's registration hooks once and reports
+    their problems together.
+    """
+    global _methods, _built_at
     with _lock:
-        if _methods is None or _structures is None:
-            plugins.load_plugins()
+        plugins.load_plugins()
+        if _methods is None or _built_at != plugins.generation():
+            _built_at = plugins.generation()
             _methods = _collect_methods()
-            _structures = _collect_structures()
-        return _methods, _structures
+        structure_registry.list_structures()
+        return _methods
 
 
 def reload() -> None:
     """Forget every plugin and registration; the next lookup loads the installed plugins again."""
-    global _methods, _structures
-    with _lock:
-        plugins.reset_plugins()
-        _methods = _structures = None
-        _failed_resolvers.clear()
+    plugins.reset_plugins()
 
 
 def list_methods() -> list[MethodSpec]:
     """Every registered delta method, sorted by name."""
-    return sorted(_ensure()[0].values(), key=lambda spec: spec.name)
+    return sorted(_ensure().values(), key=lambda spec: spec.name)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -219,7 +181,7 @@ def get_method(name: str) -> MethodSpec:
         UnknownDeltaMethodError: no installed plugin registers ``name``; the message lists the installed methods
             and the distribution to install.
     """
-    methods, _ = _ensure()
+    methods = _ensure()
     key = _aliases.get(name, name)
     if key in methods:
         return methods[key]
@@ -242,66 +204,3 @@ def registered_name(name: str) -> str:
     """
     _ensure()
     return _aliases.get(name, name)
-
-
-def list_structures() -> list[CommonStructure]:
-    """Every registered common-structure mapping, sorted by model type."""
-    return sorted(_ensure()[1].values(), key=lambda s: s.model_type)
-
-
-def get_structure(model_type: str) -> CommonStructure | None:
-    """The registered mapping for ``model_type``, or ``None``."""
-    return _ensure()[1].get(model_type)
-
-
-def structure_for_model(model: nn.Module) -> CommonStructure:
-    """The mapping that names ``model``'s modules: a registered one, else the first a plugin resolves.
-
-    Raises:
-        StructureNotFoundError: nothing maps this model; the message says how to proceed without a mapping.
-    """
-    located = find_config_model(model)
-    model_type = located[1].config.model_type if located else None
-    structure = get_structure(model_type) if model_type else None
-    if structure is not None:
-        return structure
-    owner = located[1] if located else model
-    structure = _resolve(owner, model_type, model_type or type(model).__name__)
-    if structure is not None:
-        return structure
-    known = ", ".join(s.model_type for s in list_structures()) or "none"
-    raise StructureNotFoundError(
-        f"no common-structure mapping for {type(model).__name__} (model_type={model_type!r}); mapped model types: "
-        f"{known}. Pass modified_modules=[...] with real module names (list them with `opendelta show "
-        f"<model folder>`, which reads no weights), or install a plugin that maps this architecture (a clone of "
-        f"OpenDelta has one for LLaMA in tests/third_party/opendelta-llama-structure)."
-    )
-
-
-def _resolve(model: nn.Module, model_type: str | None, what: str) -> CommonStructure | None:
-    """The first valid document a ``resolve_common_structure`` implementation returns, in pluggy's call order.
-
-    Each implementation is called on its own: one that raises or returns something that is not a valid mapping
-    is warned about once (naming its distribution) and skipped until the next ``reload()``; the next one is tried.
-    """
-    _ensure()
-    kwargs = {"model": model, "model_type": model_type}
-    impls = [i for i in plugins.pm.hook.resolve_common_structure.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
-    for impl in reversed(impls):  # pluggy calls the last registered (and tryfirst) first
-        name = impl.plugin_name
-        if name in _failed_resolvers:
-            continue
-        try:
-            document = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-            if document is None:
-                continue
-            return CommonStructure(document, source=f"resolve_common_structure for {what} from plugin {name!r}")
-        except plugins.PLUGIN_ERRORS as exc:
-            with _lock:
-                _failed_resolvers.add(name)
-            if isinstance(exc, StructureValidationError):
-                problem = f"returned an invalid mapping from resolve_common_structure for {what}: {exc}"
-            else:
-                problem = f"raised inside resolve_common_structure for {what} ({type(exc).__name__}: {exc})"
-            plugins.warn_plugin(name, f"{problem}; its resolver is skipped until opendelta.registry.reload()")
-    return None

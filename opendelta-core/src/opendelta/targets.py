@@ -18,8 +18,8 @@ from torch import nn
 from opendelta import file_patterns
 from opendelta.addressing import compile_patterns, find_matches, is_excluded
 from opendelta.errors import ModuleNotFoundInStructureError
-from opendelta.insertion import iter_delta_modules
-from opendelta.registry import structure_for_model
+from opendelta.markers import iter_delta_modules
+from opendelta.structure_registry import structure_for_model
 
 __all__ = ["Target", "backbone_module_names", "resolve_targets"]
 
