@@ -14,32 +14,46 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
+import opendelta.prefix
+import opendelta.prompt  # noqa: F401  (registers the "prompt" insertion kind)
 from opendelta.addressing import compile_patterns, is_excluded
 from opendelta.budget import DeltaMemoryBudget
 from opendelta.classic_api import ClassicDeltaApi
 from opendelta.concurrency import switching
 from opendelta.config import DeltaConfig
-from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
-from opendelta.freezing import freeze_module
+from opendelta.delta_protocols import wrapped_name
+from opendelta.errors import DeltaClassError, DeltaConfigError, DeltaStateError, UnsupportedTargetError
+from opendelta.freezing import (
+    freeze_module,
+    freeze_outside,
+    has_trainable_only_state_dict,
+    own_parameters,
+    trainable_only_state_dict,
+)
 from opendelta.insertion import (
     PLACERS,
-    WRAPPED_ATTR,
     Insertion,
     Kind,
     insert_parallel_module,
     insert_sequential_module,
+    placement_kinds,
     replace_module,
 )
+from opendelta.markers import WRAPPED_ATTR
+from opendelta.merge_steps import fold_in, forget_merged, mergeable, take_out, unmergeable_names
+from opendelta.method_class_checks import check_class_attributes, declare_names
 from opendelta.positional import bind_positionals, constructor_signature, positional_names
+from opendelta.save_options import check_save_options, positional_032
 from opendelta.shapes import module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
+from opendelta.visualization import log_model
 
-__all__ = ["DeltaConfig", "DeltaModel", "Target"]
+__all__ = ["DeltaConfig", "DeltaModel", "Placement", "Target"]
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound="DeltaModel")
@@ -80,21 +94,50 @@ def _switches(method: F) -> F:
     return switch  # type: ignore[return-value]
 
 
+class Placement(NamedTuple):
+    """One placed delta and the target it is on (see :meth:`DeltaModel.placements`)."""
+
+    target: Target
+    insertion: Insertion
+
+
 class DeltaModel(ClassicDeltaApi):
     """A set of delta modules attached to a backbone, built from a :class:`DeltaConfig`.
 
-    Subclasses set:
+    Writing a method (the whole contract is :mod:`opendelta.plugin_api`): subclass this, set class attributes, and
+    override the methods below. Everything else (addressing, checks, freezing, attach/detach, merging, routing,
+    saving) is core's and works for every method.
 
-    * ``config_class`` and ``delta_type``: the method's config dataclass and registered name;
-    * ``delta_name``: the child name a delta gets on the module it modifies (``"lora"``, ``"adapter"``);
+    Class attributes (checked when the class is defined; a wrong one raises :class:`~opendelta.errors.DeltaClassError`):
+
+    * ``config_class``: the method's :class:`DeltaConfig` dataclass. Its ``delta_type`` is the method's name, written
+      there once: this class's ``delta_type`` and ``delta_name`` default to it, and ``register(ModelClass)`` reads it;
+    * ``delta_name``: the child name a delta gets on the module it modifies (default: ``delta_type``);
     * ``default_modified_modules``: common names used when ``modified_modules`` is ``None``;
-    * ``insertion``: ``"after"``, ``"before"``, ``"parallel"`` or ``"replace"``;
-    * ``supported_layer_types``: module types a target must be (``None``: any), checked before anything changes;
+    * ``insertion``: how a delta is placed, one of :func:`~opendelta.insertion.placement_kinds`: ``"after"``,
+      ``"before"`` (sequential), ``"parallel"``, ``"replace"``, or a registered kind (``"prefix"``, ``"prompt"``);
+    * ``supported_layer_types``: module types a target must be (``None``: any), or a function returning them
+      (``linear_types``, so transformers is imported only when targets are checked); or override :meth:`supports`;
     * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
-    * ``positional_args``: the order the constructor takes hyper-parameters by position (the manual's);
+    * ``cover_common_scopes``, ``identity_at_init``, ``positional_args``: see each.
 
-    and implement :meth:`_build_delta`. The backbone is modified in place and is *not* registered as a submodule
-    of the delta model; the delta modules are (``delta_model.parameters()`` are the delta parameters).
+    Override points, in the order construction calls them. The naming rule: a name with a leading underscore is
+    called by core only (override it, never call it from outside); a name without one is also public API, which a
+    user may call:
+
+    1. ``_resolve_targets()`` -> the :class:`Target` list (default: name-based addressing through the mapping);
+    2. ``_expand_target(target)`` -> the modules to modify inside one match (default: itself);
+    3. :meth:`supports` -> whether a target module can be modified (default: ``supported_layer_types``);
+    4. ``_prepare(targets)`` -> nothing: state every delta shares (one network, offsets), set up before any is built;
+    5. ``_build_delta(target)`` -> the ``nn.Module`` for one target (required; size it with :meth:`features`);
+    6. ``placement_options(target)`` -> keyword arguments for a registered insertion kind's placer;
+    7. ``translate_legacy_config`` / ``translate_legacy_state_dict``: reading OpenDelta 0.3.x checkpoints.
+
+    A delta module may also declare optional behaviours, each a :mod:`opendelta.delta_protocols` ``Protocol``
+    (merging into its host's weights, adding to a spanned output, wrapping the module it replaces...).
+
+    The backbone is modified in place and is *not* registered as a submodule of the delta model; the delta modules
+    are (``delta_model.parameters()`` are the delta parameters).
     """
 
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
@@ -102,8 +145,14 @@ class DeltaModel(ClassicDeltaApi):
     delta_name: ClassVar[str] = "delta"
     default_modified_modules: ClassVar[tuple[str | tuple[str, str], ...]] = ()
     insertion: ClassVar[Kind] = "after"
-    supported_layer_types: ClassVar[tuple[type[nn.Module], ...] | None] = None
+    supported_layer_types: ClassVar[tuple[type[nn.Module], ...] | Callable[[], tuple[type[nn.Module], ...]] | None] = (
+        None
+    )
     supports_fused_targets: ClassVar[bool] = False
+    _delta_type_from_config: ClassVar[bool] = False
+    """Whether ``delta_type`` was read from ``config_class`` (see ``_declare_names``), not declared here."""
+    _delta_name_from_config: ClassVar[bool] = False
+    """Whether ``delta_name`` is ``delta_type`` by default (see ``_declare_names``), not declared here."""
     cover_common_scopes: ClassVar[bool] = False
     """Whether a common name also designates everything named under it (see ``resolve_targets(cover_scopes=)``)."""
     identity_at_init: ClassVar[bool] = True
@@ -116,6 +165,8 @@ class DeltaModel(ClassicDeltaApi):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        declare_names(cls)
+        check_class_attributes(cls)
         if cls.__init__ is not DeltaModel.__init__:  # a constructor of its own (0.3.2-style DeltaBase) tells the truth
             cls.__signature__ = None  # type: ignore[attr-defined]
             return
@@ -172,17 +223,19 @@ class DeltaModel(ClassicDeltaApi):
         self.targets = targets
         budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
         with self._building():
+            with budget:  # shared state (a prefix's network) is sized by the same settings
+                self._prepare(targets)
             for count, target in enumerate(targets, start=1):
                 with budget:
                     delta = self._build_delta(target)
                 budget.built(delta, count)
-                self._record(self._place(target, delta))
+                self._record(self._place(target, delta), target)
         self._record_backbone(config)
 
     def _init_state(self, backbone_model: nn.Module) -> None:
         """The bookkeeping every delta model starts with, before any delta is placed."""
         self.__dict__["backbone_model"] = backbone_model  # not a submodule: the backbone is the user's, not ours
-        self._insertions: list[Insertion] = []
+        self._placed: list[Placement] = []
         self._merged: list[Insertion] = []
         self._premerge_samples: dict[str, bytes | None] = {}
         self._unloaded = False
@@ -190,7 +243,6 @@ class DeltaModel(ClassicDeltaApi):
         self.targets: list[Target] = []
         self._features: dict[int, tuple[int, int]] = {}
         self._dummy_inputs: Any = None  # the constructor's dummy_inputs=, as a call (see opendelta.shapes.pseudo_call)
-        self._attention_parts: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def _building(self) -> Iterator[None]:
@@ -203,17 +255,28 @@ class DeltaModel(ClassicDeltaApi):
                     insertion.detach()
                 raise
 
-    def _record(self, insertion: Insertion, target: Target | None = None) -> None:
-        """Keep one placed delta (``target``: where it is, when not the target being built)."""
-        if target is not None:
+    def _record(self, insertion: Insertion, target: Target, *, discovered: bool = False) -> None:
+        """Keep one placed delta with the target it is on.
+
+        ``discovered``: a target found while building (by a 0.3.2-style ``update_module``), added to ``targets`` too.
+        """
+        if discovered:
             self.targets.append(target)
-        self._insertions.append(insertion)
+        self._placed.append(Placement(target, insertion))
         self.deltas.append(insertion.delta)
+
+    @property
+    def _insertions(self) -> list[Insertion]:
+        """The placed deltas, in placement order (read-only: :attr:`_placed` is the record)."""
+        return [p.insertion for p in self._placed]
+
+    def placements(self) -> Iterator[Placement]:
+        """Each placed delta with the target it is on: ``(target, insertion)`` pairs, in placement order."""
+        return iter(list(self._placed))
 
     def _record_backbone(self, config: DeltaConfig) -> None:
         """After building: forget measured sizes, and record the backbone's class and checkpoint in ``config``."""
         self._features.clear()  # measured for building; ids of modules must not outlive this call
-        self._attention_parts.clear()
         config.backbone_class = type(self.backbone_model).__name__
         config.backbone_checkpoint_name = (
             getattr(getattr(self.backbone_model, "config", None), "_name_or_path", None) or None
@@ -288,12 +351,12 @@ class DeltaModel(ClassicDeltaApi):
         """Refuse, before anything changes, targets the method cannot modify."""
         problems = []
         for t in (end for target in targets for end in (target, target.output) if end is not None):
-            if self.supported_layer_types is not None and not isinstance(t.module, self.supported_layer_types):
+            if not self.supports(t.module):
                 problems.append(f"{t.name} ({type(t.module).__name__})")
             elif t.parts is not None and not self.supports_fused_targets:
                 problems.append(f"{t.name} (fused {type(t.module).__name__}, parts {t.parts} of {t.num_parts})")
         if problems:
-            kinds = ", ".join(k.__name__ for k in self.supported_layer_types or ()) or "non-fused modules"
+            kinds = ", ".join(k.__name__ for k in self.layer_types() or ()) or "non-fused modules"
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
             raise UnsupportedTargetError(
                 f"{type(self).__name__} can modify {kinds} only, but modified_modules="
@@ -301,16 +364,27 @@ class DeltaModel(ClassicDeltaApi):
                 f"Point modified_modules at modules of a supported type (see Visualization(model).structure_graph())."
             )
 
-    def attention_parts(self, target: Target) -> Any:
-        """The key/value projections and hints of a self-attention target (prefix tuning), read once per target.
+    def _prepare(self, targets: Sequence[Target]) -> None:
+        """Set up what the deltas of this model share, once every target is known and before any delta is built.
 
-        See :func:`opendelta.prefix.attention_parts`.
+        The default does nothing. ``PrefixModel`` builds its shared reparameterisation network here (sized by every
+        target's keys and values) and reads each attention's projections once. State kept on ``self`` here is the
+        delta model's; a module kept in a plain attribute is not one of its registered submodules.
         """
-        from opendelta.prefix import attention_parts
 
-        if target.name not in self._attention_parts:
-            self._attention_parts[target.name] = attention_parts(self.backbone_model, target.name, type(self).__name__)
-        return self._attention_parts[target.name]
+    def supports(self, module: nn.Module) -> bool:
+        """Whether a target module is one this method can modify (default: an instance of ``supported_layer_types``).
+
+        Checked for every target before anything changes; override it for a test a type tuple cannot express.
+        """
+        types = self.layer_types()
+        return types is None or isinstance(module, types)
+
+    @classmethod
+    def layer_types(cls) -> tuple[type[nn.Module], ...] | None:
+        """``supported_layer_types`` as a tuple (called first when it is a function, such as ``linear_types``)."""
+        types = cls.supported_layer_types
+        return types() if callable(types) and not isinstance(types, (tuple, type)) else types
 
     def placement_options(self, target: Target) -> dict[str, Any]:
         """Method-specific options for a placement kind registered in :data:`opendelta.insertion.PLACERS`."""
@@ -324,11 +398,13 @@ class DeltaModel(ClassicDeltaApi):
             return insert_parallel_module(target.module, delta, self.delta_name, output_module=output)
         if self.insertion in ("before", "after"):
             return insert_sequential_module(target.module, delta, self.delta_name, position=self.insertion)
+        if self.insertion != "replace":  # declared valid, then changed on the class or the instance
+            raise DeltaClassError(
+                f"{type(self).__name__}.insertion is {self.insertion!r}, not one of {', '.join(placement_kinds())}"
+            )
         parent_name, child = target.parent_and_child_name
         parent = self.backbone_model.get_submodule(parent_name)
-        return replace_module(
-            parent, child, target.module, delta, self.delta_name, wrapped=getattr(delta, "wrapped_name", None)
-        )
+        return replace_module(parent, child, target.module, delta, self.delta_name, wrapped=wrapped_name(delta))
 
     # ------------------------------------------------------------------------------------------------ user API
     @classmethod
@@ -411,8 +487,6 @@ class DeltaModel(ClassicDeltaApi):
             DeltaStateError: a delta cannot come out (a later replacement of the same module is attached), or
                 ``module`` is not the backbone; the delta model is then left as it was.
         """
-        from opendelta.freezing import has_trainable_only_state_dict, trainable_only_state_dict
-
         self._check_not_unloaded("detach")
         self._check_module(module)
         if self.merged:
@@ -443,8 +517,6 @@ class DeltaModel(ClassicDeltaApi):
             DeltaStateError: it is merged, ``module`` is not the backbone, or attaching would silently change what
                 another delta model computes (see :meth:`~opendelta.insertion.Insertion.attach`); nothing changes then.
         """
-        from opendelta.freezing import trainable_only_state_dict
-
         self._check_not_unloaded("attach")
         self._check_module(module)
         if self.merged:
@@ -481,51 +553,19 @@ class DeltaModel(ClassicDeltaApi):
                 outputs, because a delta that is not an additive change of the same module's parameters (another
                 delta model's adapter) runs after that module before it. Nothing changes then.
         """
-        from opendelta.hashing import parameter_sample
-        from opendelta.insertion import SLOTS_ATTR
-        from opendelta.merging import MergeRecord, add_update, check_finite, is_mergeable, mark_merged, snapshot
-
         self._check_not_unloaded("merge")
         if self.merged:
             return 0
         if not self.attached:
             raise DeltaStateError(f"{type(self).__name__} is detached; attach() it before merging")
-        chosen = [i for i in self._insertions if is_mergeable(i.delta, i.host)]
-        if not chosen:
-            raise DeltaStateError(
-                f"{type(self).__name__} has no delta that can be folded into the weights (its math is not a change of "
-                f"the modified modules' parameters); it always runs as an extra step"
-            )
-        names = {id(m): n for n, m in self.backbone_model.named_modules()}
-        for insertion in chosen:
-            earlier = [
-                s.attr
-                for s in getattr(insertion.host, SLOTS_ATTR, ())
-                if s.kind == "after"
-                and s.seq < insertion.seq
-                and not is_mergeable(insertion.host._modules[s.attr], insertion.host)
-            ]
-            if earlier:
-                raise DeltaStateError(
-                    f"{type(self).__name__} cannot merge its delta on {names.get(id(insertion.host), '?')}: "
-                    f"{', '.join(earlier)} (added before it, not mergeable) runs on that module's output first, and a "
-                    f"merged delta would run before it; detach the delta model of {earlier[0]!r} first, or merge "
-                    f"before adding it. Nothing was merged."
-                )
-        updates = [(i.host, i.delta.merge_update(i.host)) for i in chosen]  # type: ignore[operator]
-        if safe_merge:
-            check_finite(updates, type(self).__name__)
-        for insertion, (host, update) in zip(chosen, updates, strict=True):
-            prefix = names[id(host)]
-            for name in update:
-                current = host._parameters.get(name)
-                full = f"{prefix}.{name}" if prefix else name
-                self._premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
-            record = MergeRecord(snapshot(insertion.delta))
-            insertion.detach()
-            record.created = add_update(host, update, 1)
-            insertion.merge_record = record
-            mark_merged(host, insertion.seq, True)
+        chosen = mergeable(self._insertions, type(self).__name__)
+        fold_in(
+            chosen,
+            self.backbone_model,
+            type(self).__name__,
+            safe_merge=safe_merge,
+            premerge_samples=self._premerge_samples,
+        )
         self._merged = chosen
         return len(chosen)
 
@@ -540,19 +580,10 @@ class DeltaModel(ClassicDeltaApi):
         Raises:
             DeltaStateError: nothing is merged.
         """
-        from opendelta.merging import add_update, mark_merged, remove_created, update_at_merge
-
         self._check_not_unloaded("unmerge")
         if not self.merged:
             raise DeltaStateError(f"{type(self).__name__} is not merged")
-        updates = [update_at_merge(i.delta, i.host, i.merge_record.snapshot) for i in self._merged]
-        for insertion, update in zip(self._merged, updates, strict=True):
-            created = insertion.merge_record.created
-            add_update(insertion.host, {k: v for k, v in update.items() if k not in created}, -1)
-            remove_created(insertion.host, created)
-            insertion.merge_record = None
-            mark_merged(insertion.host, insertion.seq, False)
-            insertion.attach()
+        take_out(self._merged)
         self._merged = []
         self._premerge_samples = {}
 
@@ -568,12 +599,9 @@ class DeltaModel(ClassicDeltaApi):
         Raises:
             DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
         """
-        from opendelta.freezing import trainable_only_state_dict
-        from opendelta.merging import is_mergeable, mark_merged
-
         self._check_not_unloaded("merge_and_unload")
         pending = [i for i in self._insertions if i not in self._merged]
-        unmergeable = [f"{type(i.host).__name__}.{i.attr}" for i in pending if not is_mergeable(i.delta, i.host)]
+        unmergeable = unmergeable_names(pending)
         if unmergeable:
             raise DeltaStateError(
                 f"{type(self).__name__} cannot be unloaded into plain weights: {', '.join(unmergeable[:5])} cannot be "
@@ -581,9 +609,8 @@ class DeltaModel(ClassicDeltaApi):
             )
         if pending:
             self.merge(safe_merge=safe_merge)
-        for insertion in self._merged:  # merged for good: no delta is waiting to be unmerged any more
-            mark_merged(insertion.host, insertion.seq, False)
-        self._insertions, self._merged, self._premerge_samples = [], [], {}
+        forget_merged(self._merged)
+        self._placed, self._merged, self._premerge_samples = [], [], {}
         self.deltas = nn.ModuleList()
         self._unloaded = True
         trainable_only_state_dict(self.backbone_model, enable=False)
@@ -626,8 +653,6 @@ class DeltaModel(ClassicDeltaApi):
             exclude: patterns of what stays trainable; ``"deltas"`` means this delta model's delta parameters.
             set_state_dict: make the backbone's ``state_dict()`` hold only trainable parameters.
         """
-        from opendelta.freezing import freeze_outside, own_parameters
-
         self._check_not_unloaded("freeze_module")
         target = self.backbone_model if module is None else module
         patterns = self.config.unfrozen_modules if exclude is None else exclude
@@ -649,8 +674,6 @@ class DeltaModel(ClassicDeltaApi):
         cuda_memory: bool = True,
     ) -> None:
         """Print the backbone's module tree with each delta's parameters, then the parameter ratios."""
-        from opendelta.visualization import log_model
-
         log_model(
             self.backbone_model if module is None else module,
             delta_ratio=delta_ratio,
@@ -669,7 +692,7 @@ class DeltaModel(ClassicDeltaApi):
         self._check_not_unloaded("delta_state_dict")
         state: dict[str, torch.Tensor] = {}
         used: dict[str, int] = {}
-        for target, insertion in zip(self.targets, self._insertions, strict=True):
+        for target, insertion in self._placed:
             if insertion.kind == "replace":
                 prefix = target.name
             else:  # a delta on the backbone's root module (a soft prompt on a BertModel) has no host name
@@ -746,7 +769,6 @@ class DeltaModel(ClassicDeltaApi):
                 apply the delta twice: ``unmerge()`` first, or freeze them); or called after ``merge_and_unload()``.
         """
         from opendelta.checkpoint import save_delta
-        from opendelta.save_options import check_save_options, positional_032
 
         self._check_not_unloaded("save_finetuned")
         push_to_hub, repo_id = positional_032(push_to_hub, repo_id, kwargs)  # save_function, push_to_dc in 0.3.2

@@ -28,7 +28,7 @@ from opendelta.insertion import Insertion
 from opendelta.insertion import insert_parallel_module as _insert_parallel
 from opendelta.insertion import insert_sequential_module as _insert_sequential
 from opendelta.insertion import replace_module as _replace
-from opendelta.legacy import strip_legacy_names
+from opendelta.legacy_names import strip_legacy_names
 from opendelta.pre_post_forward import has_pre_post, insert_pre_post_module
 from opendelta.targets import Target, resolve_targets
 
@@ -127,7 +127,7 @@ class DeltaBase(DeltaModel):
         with self._building():
             for target in targets:
                 self.update_module(backbone, target.name)
-            empty = [t.name for t, i in zip(self.targets, self._insertions, strict=True) if _has_no_tensors(i.delta)]
+            empty = [t.name for t, i in self.placements() if _has_no_tensors(i.delta)]
             if empty:
                 raise DeltaConfigError(
                     f"{type(self).__name__} placed deltas without parameters on {', '.join(empty[:3])}: 0.3.2 let a "
@@ -287,4 +287,4 @@ class DeltaBase(DeltaModel):
 
     def _keep(self, insertion: Insertion, module: nn.Module, name: str | None = None) -> None:
         name = self._name_of(module) if name is None else name
-        self._record(insertion, Target(name, module))
+        self._record(insertion, Target(name, module), discovered=True)
