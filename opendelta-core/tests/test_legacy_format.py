@@ -16,6 +16,7 @@ import pytest
 import torch
 from toy_method import ToyModel
 
+import opendelta
 from opendelta import AutoDeltaModel, CheckpointError, DeltaConfigError
 from opendelta.insertion import delta_parameter_names
 from opendelta.legacy import is_legacy_checkpoint, read_legacy_weights, strip_legacy_names
@@ -183,22 +184,46 @@ def test_a_damaged_file_is_reported(tmp_path):
         read_legacy_weights(folder)
 
 
-def test_a_peft_adapter_folder_goes_to_the_method_that_reads_peft(toy, tmp_path, monkeypatch):
-    folder = tmp_path / "peft"
+def test_a_folder_in_another_format_goes_to_the_plugin_that_reads_it(toy, tmp_path):
+    """Core knows no other library's format: a plugin's ``read_checkpoint`` hook reads it into a record."""
+    from toy_method import ToyConfig
+
+    from opendelta.checkpoint_record import CheckpointRecord
+    from opendelta.plugins import pm
+
+    folder = tmp_path / "foreign"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "TOY"}))
+    (folder / "their_config.json").write_text(json.dumps({"kind": "toy"}))
     model = tiny_model("bert")
-    with pytest.raises(
-        CheckpointError, match=r"PEFT 'TOY' adapter \(adapter_config\.json\), and ToyModel cannot read it"
-    ):
-        AutoDeltaModel.from_finetuned(folder, backbone_model=model)
-    calls = []
-    monkeypatch.setattr(
-        ToyModel, "from_peft", classmethod(lambda cls, path, backbone: calls.append(path) or cls), raising=False
-    )
-    assert AutoDeltaModel.from_finetuned(folder, backbone_model=model) is ToyModel and calls == [folder]
-    with pytest.raises(CheckpointError, match="pass no options"):
-        ToyModel.from_finetuned(folder, model, width=2)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match=r"PEFT 'IA3' adapter .*no installed delta method reads that type"):
-        AutoDeltaModel.from_finetuned(folder, backbone_model=model)
+    with pytest.raises(CheckpointError, match=r"holds no config\.json: not a delta checkpoint"):
+        AutoDeltaModel.from_finetuned(folder, backbone_model=model)  # no plugin reads it
+
+    class Reader:
+        @opendelta.hookimpl
+        def read_checkpoint(self, folder, backbone, delta_cls):
+            if not (folder / "their_config.json").is_file():
+                return None
+            built = ToyModel(tiny_model("bert"))
+            tensors = {n: torch.full_like(t, 0.5) for n, t in built.delta_state_dict().items()}
+            return CheckpointRecord(str(folder), str(folder), ToyModel, ToyConfig(), tensors, describe="a toy folder")
+
+    class Broken:
+        @opendelta.hookimpl(tryfirst=True)
+        def read_checkpoint(self, folder):
+            raise RuntimeError("cannot parse")
+
+    pm.register(Reader(), name="toy-reader")
+    pm.register(Broken(), name="broken-reader")
+    try:
+        with pytest.warns(opendelta.OpenDeltaPluginWarning, match="broken-reader.*raised inside read_checkpoint"):
+            loaded = AutoDeltaModel.from_finetuned(folder, backbone_model=model)
+        assert isinstance(loaded, ToyModel)
+        assert all(bool((t == 0.5).all()) for t in loaded.delta_state_dict().values())
+        loaded.detach()
+        pm.unregister(name="broken-reader")  # reported once above; the refusal of options is what is checked now
+        with pytest.raises(CheckpointError, match="a toy folder: its config and weights are its own; pass no options"):
+            ToyModel.from_finetuned(folder, model, width=2)
+    finally:
+        for name in ("toy-reader", "broken-reader"):
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)

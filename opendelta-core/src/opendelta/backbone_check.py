@@ -32,7 +32,7 @@ from torch import nn
 
 from opendelta.errors import BackboneMismatchError, BackboneUnverifiedError, CheckpointError, DeltaStateError
 from opendelta.hashing import REDUCED_PRECISIONS, backbone_hash, reduced_precision_hashes
-from opendelta.insertion import delta_parameter_names
+from opendelta.markers import delta_parameter_names
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel

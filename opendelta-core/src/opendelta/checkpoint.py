@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from opendelta import plugins
 from opendelta.backbone_check import (
     backbone_matches,
     backbone_record,
@@ -24,34 +26,28 @@ from opendelta.backbone_check import (
     check_not_loaded,
     mark_loaded,
 )
-from opendelta.compat import CORE_DISTRIBUTION, check_requirements, installed_version, method_for, version_record
-from opendelta.config import CONFIG_NAME, DeltaConfig
-from opendelta.errors import CheckpointError, DeltaStateError, UnknownArgumentError
-from opendelta.insertion import delta_parameter_names
-from opendelta.legacy import (
-    LEGACY_WEIGHTS_NAME,
-    is_legacy_checkpoint,
-    legacy_config,
-    legacy_size_limit,
-    legacy_state_dict,
-    read_legacy_weights,
-)
+from opendelta.checkpoint_record import CheckpointRecord
+from opendelta.compat import CORE_DISTRIBUTION, installed_version, method_and_config, version_record
+from opendelta.config import DeltaConfig
+from opendelta.errors import CheckpointError, DeltaStateError, OpenDeltaError, UnknownArgumentError
+from opendelta.legacy import is_legacy_checkpoint, read_legacy_checkpoint
+from opendelta.markers import delta_parameter_names
 from opendelta.saving import (
+    CONFIG_NAME,
     checkpoint_lock,
-    contained_file,
     load_weights,
     read_config_dict,
     resolve_checkpoint,
     weights_name,
     write_checkpoint,
 )
-from opendelta.tensor_checks import checked_tensors, plain_tensors
+from opendelta.tensor_checks import checked_tensors
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
     from opendelta.save_options import CardExtras
 
-__all__ = ["config_document", "load_delta", "save_delta", "versions"]
+__all__ = ["apply_checkpoint", "config_document", "load_delta", "read_foreign_checkpoint", "save_delta", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -169,6 +165,132 @@ def _check_backbone_tensors(backbone: nn.Module, tensors: dict[str, torch.Tensor
         raise CheckpointError(f"{source} does not fit this backbone; shape mismatch for {'; '.join(wrong[:5])}")
 
 
+def read_foreign_checkpoint(folder: Path, backbone: nn.Module, cls: type[DeltaModel]) -> CheckpointRecord | None:
+    """The record the first plugin's ``read_checkpoint`` returns for a folder in another library's format, or ``None``.
+
+    Each implementation is called on its own, in pluggy's order: one that returns ``None`` does not know the
+    format; one that raises an :class:`~opendelta.errors.OpenDeltaError` refuses the folder (the user sees why);
+    any other exception is reported as a plugin warning naming its distribution, and the next one is tried.
+    """
+    plugins.load_plugins()
+    kwargs = {"folder": folder, "backbone": backbone, "delta_cls": cls}
+    impls = [i for i in plugins.pm.hook.read_checkpoint.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+    for impl in reversed(impls):  # pluggy calls the last registered (and tryfirst) first
+        try:
+            record = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except OpenDeltaError:
+            raise
+        except plugins.PLUGIN_ERRORS as exc:
+            plugins.warn_plugin(impl.plugin_name, f"raised inside read_checkpoint ({type(exc).__name__}: {exc})")
+            continue
+        if record is None:
+            continue
+        if not isinstance(record, CheckpointRecord):
+            plugins.warn_plugin(
+                impl.plugin_name, f"returned {type(record).__name__} from read_checkpoint, not a record"
+            )
+            continue
+        return record
+    return None
+
+
+def _read_native(
+    folder: Path,
+    raw: dict[str, Any],
+    cls: type[DeltaModel],
+    backbone: nn.Module,
+    *,
+    delta_config: DeltaConfig | None,
+    state_dict: dict[str, torch.Tensor] | None,
+    check_hash: bool,
+    overrides: dict[str, Any],
+) -> CheckpointRecord:
+    """OpenDelta's own format: the config checked field by field, the tensors against the backbone record."""
+    model_cls, config = method_and_config(folder, raw, cls, delta_config, overrides)
+    tensors = state_dict if state_dict is not None else load_weights(folder, raw)
+    source = str(folder if state_dict is not None else folder / weights_name(raw))
+    tensors = checked_tensors(tensors, source, targets=dict(backbone.named_parameters()))
+    backbone_part = _backbone_part(backbone, tensors)
+    _check_backbone_tensors(backbone, backbone_part, str(folder))
+    if state_dict is None:  # tensors the caller passes are the caller's; a file's must be declared
+        check_declared_tensors(raw, backbone_part, str(folder))
+    check_backbone(raw, backbone, backbone_part, check_hash=check_hash, source=str(folder))
+    if state_dict is None:
+        check_not_loaded(raw, backbone, str(folder))
+    return CheckpointRecord(
+        str(folder), source, model_cls, config, tensors, saved=raw, checks={"caller_tensors": state_dict is not None}
+    )
+
+
+def _backbone_part(backbone: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors that are backbone parameters (a task head), not deltas."""
+    names = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
+    return {n: t for n, t in tensors.items() if n in names}
+
+
+def apply_checkpoint(
+    record: CheckpointRecord, backbone: nn.Module, *, check_hash: bool = True, dummy_inputs: Any = None
+) -> DeltaModel:
+    """Build ``record``'s delta on ``backbone`` and load its tensors: the one step every format's reader ends in.
+
+    Every tensor is checked against the built delta (names, shapes, dtypes, finite values) before any is copied;
+    on any error the delta is taken out again and the backbone is as it was. The backbone is left in eval mode.
+
+    Raises:
+        CheckpointError: the tensors do not fit the delta built from the record's config on this backbone.
+    """
+    options = {} if dummy_inputs is None else {"dummy_inputs": dummy_inputs}
+    delta_model = record.model_cls.from_config(record.config, backbone, **options)  # 0.3.2's DeltaBase builds its way
+    tensors = dict(record.tensors)
+    try:
+        if record.translate is not None:
+            tensors = record.translate(delta_model, tensors)
+        backbone_part = _backbone_part(backbone, tensors)
+        if record.translate is not None:  # names known only now
+            _check_backbone_tensors(backbone, backbone_part, record.source)
+        own = delta_model.delta_state_dict()
+        delta_part = {n: t for n, t in tensors.items() if n not in backbone_part}
+        missing, unexpected = sorted(set(own) - set(delta_part)), sorted(set(delta_part) - set(own))
+        misshaped = [
+            f"{n}: {tuple(delta_part[n].shape)} vs {tuple(own[n].shape)}"
+            for n in own
+            if n in delta_part and delta_part[n].shape != own[n].shape
+        ]
+        if missing or unexpected or misshaped:
+            what = record.describe or f"the {record.model_cls.delta_type!r} delta built from its own config"
+            raise CheckpointError(
+                f"{record.source} does not fit {what} on this backbone: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {misshaped[:5]}"
+            )
+        # checked here too, once the names are known to fit (a legacy file's wrong ones are named better), and
+        # against the dtype of the delta's own parameters, known now: 1e300 in float64 is inf in a float32 delta
+        params = dict(backbone.named_parameters())
+        delta_part = checked_tensors(delta_part, record.tensor_source, targets=own)
+        backbone_part = checked_tensors(backbone_part, record.tensor_source, targets=params)
+        with torch.no_grad():
+            for name, tensor in delta_part.items():
+                own[name].copy_(tensor)
+            for name, tensor in backbone_part.items():
+                params[name].copy_(tensor)
+    except BaseException:
+        delta_model.detach()
+        raise
+    saved = record.saved
+    if saved is not None:
+        expected = saved.get("backbone_hash")
+        if expected and not check_hash and not backbone_matches(saved, backbone, {}, record.source):
+            warnings.warn(
+                f"the delta in {record.source} was trained on another backbone (hash differs); loaded anyway "
+                f"(check_hash=False)",
+                stacklevel=4,
+            )
+        record.config.backbone_hash = expected
+        if not record.checks.get("caller_tensors", False):
+            mark_loaded(saved, backbone, record.source, delta_model)
+    backbone.eval()
+    return delta_model
+
+
 def load_delta(
     cls: type[DeltaModel],
     path: str | os.PathLike[str],
@@ -180,107 +302,31 @@ def load_delta(
     hub_kwargs: dict[str, Any],
     **overrides: Any,
 ) -> DeltaModel:
-    """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself."""
-    from opendelta.registry import list_methods, registered_name
+    """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself.
 
+    One reader per format returns a :class:`~opendelta.checkpoint_record.CheckpointRecord`, then
+    :func:`apply_checkpoint` loads it: a local folder without OpenDelta's ``config.json`` goes to the plugins'
+    ``read_checkpoint`` hook (PEFT's LoRA folders: ``opendelta-lora``); OpenDelta 0.3.x checkpoints to
+    :func:`opendelta.legacy.read_legacy_checkpoint`; everything else is this library's own format.
+    """
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
     dummy_inputs = overrides.pop("dummy_inputs", None)  # a constructor option for the pseudo pass, not a field
-    local, peft_config = Path(path), "adapter_config.json"
-    if (local / peft_config).is_file() and not (local / CONFIG_NAME).is_file():  # a PEFT adapter folder
-        peft_type = str(read_config_dict(contained_file(local, peft_config, "the PEFT config")).get("peft_type"))
-        spec = next((s for s in list_methods() if s.name == peft_type.lower()), None)
-        reader_cls = cls if cls.delta_type not in ("", None) else (spec.model_cls if spec else None)
-        reader = getattr(reader_cls, "from_peft", None)  # the method that reads PEFT's format of itself, if any
-        if reader is None or spec is None or getattr(reader_cls, "delta_type", None) != spec.name:
-            who = f"{reader_cls.__name__} cannot read it" if reader_cls else "no installed delta method reads that type"
-            raise CheckpointError(
-                f"{local} is a PEFT {peft_type!r} adapter ({peft_config}), and {who}; a PEFT LoRA adapter loads with "
-                f"opendelta_lora.load_peft_adapter(path, model)"
-            )
-        if delta_config is not None or state_dict is not None or overrides:
-            raise CheckpointError(f"{local} is a PEFT adapter: its config and weights are its own; pass no options")
-        loaded: DeltaModel = reader(local, backbone)
-        return loaded
+    local = Path(path)
+    if local.is_dir() and not (local / CONFIG_NAME).is_file():  # perhaps another library's format
+        record = read_foreign_checkpoint(local, backbone, cls)
+        if record is not None:
+            if delta_config is not None or state_dict is not None or overrides:
+                raise CheckpointError(
+                    f"{local} is {record.describe or 'not an OpenDelta checkpoint'}: its config and weights are its "
+                    f"own; pass no options"
+                )
+            return apply_checkpoint(record, backbone, check_hash=check_hash, dummy_inputs=dummy_inputs)
     folder = resolve_checkpoint(path, **hub_kwargs)
     with checkpoint_lock(folder, shared=True):  # a save running beside us finishes first (see opendelta.saving)
         raw = read_config_dict(folder)
-        legacy = is_legacy_checkpoint(folder, raw)  # saved by OpenDelta 0.3.x: see opendelta.legacy
-        if legacy:
-            raw = legacy_config(raw, cls, overrides, fields=delta_config is None)
-        delta_type = raw.get("delta_type")
-        if not isinstance(delta_type, str):
-            raise CheckpointError(f"{folder}/config.json has no delta_type: not an OpenDelta checkpoint")
-        model_cls = method_for(raw).model_cls if cls.delta_type in ("", None) else cls  # a missing plugin first
-        check_requirements(raw, str(folder))
-        if model_cls.delta_type != registered_name(delta_type):  # an alias an earlier release wrote is the same
-            raise CheckpointError(f"{folder} holds a {delta_type!r} delta, not one for {cls.__name__}")
-        config = delta_config or model_cls.config_class.from_saved(raw, str(folder / CONFIG_NAME), **overrides)
-        if delta_config is None:  # its patterns are the file's: checked now, matched with bounds
-            config.mark_read_from(folder / CONFIG_NAME, overridden=overrides)
-        if state_dict is not None:
-            tensors = state_dict
-        elif legacy:
-            tensors = read_legacy_weights(folder, max_bytes=legacy_size_limit(backbone))
+        options = {"delta_config": delta_config, "state_dict": state_dict, "overrides": overrides}
+        if is_legacy_checkpoint(folder, raw):  # saved by OpenDelta 0.3.x: see opendelta.legacy
+            record = read_legacy_checkpoint(folder, raw, cls, backbone, **options)
         else:
-            tensors = load_weights(folder, raw)
-    weights = LEGACY_WEIGHTS_NAME if legacy else weights_name(raw)
-    source = str(folder if state_dict is not None else folder / weights)  # what the tensor messages name
-    if legacy:  # a legacy file also holds buffers (GPT-2's boolean mask) that legacy_state_dict drops
-        tensors = plain_tensors(tensors, source)
-    else:
-        tensors = checked_tensors(tensors, source, targets=dict(backbone.named_parameters()))
-
-    backbone_params = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
-    backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
-    if not legacy:  # a legacy checkpoint's names are known once its delta is built (below); it has no hash
-        _check_backbone_tensors(backbone, backbone_part, str(folder))
-        if state_dict is None:  # tensors the caller passes are the caller's; a file's must be declared
-            check_declared_tensors(raw, backbone_part, str(folder))
-        check_backbone(raw, backbone, backbone_part, check_hash=check_hash, source=str(folder))
-    if state_dict is None:
-        check_not_loaded(raw, backbone, str(folder))
-    expected = raw.get("backbone_hash")
-
-    options = {} if dummy_inputs is None else {"dummy_inputs": dummy_inputs}
-    delta_model = model_cls.from_config(config, backbone, **options)  # a 0.3.2-style DeltaBase builds its own way
-    try:
-        if legacy:
-            tensors = legacy_state_dict(delta_model, tensors, str(folder))
-            backbone_part = {n: t for n, t in tensors.items() if n in backbone_params}
-            _check_backbone_tensors(backbone, backbone_part, str(folder))
-        own = delta_model.delta_state_dict()
-        delta_part = {n: t for n, t in tensors.items() if n not in backbone_part}
-        missing, unexpected = sorted(set(own) - set(delta_part)), sorted(set(delta_part) - set(own))
-        misshaped = [
-            f"{n}: {tuple(delta_part[n].shape)} vs {tuple(own[n].shape)}"
-            for n in own
-            if n in delta_part and delta_part[n].shape != own[n].shape
-        ]
-        if missing or unexpected or misshaped:
-            raise CheckpointError(
-                f"{folder} does not fit the {delta_type!r} delta built from its own config on this backbone: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {misshaped[:5]}"
-            )
-        # checked here too, once the names are known to fit (a legacy file's wrong ones are named better), and
-        # against the dtype of the delta's own parameters, known now: 1e300 in float64 is inf in a float32 delta
-        params = dict(backbone.named_parameters())
-        delta_part = checked_tensors(delta_part, source, targets=own)
-        backbone_part = checked_tensors(backbone_part, source, targets=params)
-        with torch.no_grad():
-            for name, tensor in delta_part.items():
-                own[name].copy_(tensor)
-            for name, tensor in backbone_part.items():
-                params[name].copy_(tensor)
-    except BaseException:
-        delta_model.detach()
-        raise
-    if expected and not check_hash and not backbone_matches(raw, backbone, {}, str(folder)):
-        warnings.warn(
-            f"the delta in {folder} was trained on another backbone (hash differs); loaded anyway (check_hash=False)",
-            stacklevel=3,
-        )
-    config.backbone_hash = expected
-    if state_dict is None:
-        mark_loaded(raw, backbone, str(folder), delta_model)
-    backbone.eval()
-    return delta_model
+            record = _read_native(folder, raw, cls, backbone, check_hash=check_hash, **options)
+    return apply_checkpoint(record, backbone, check_hash=check_hash, dummy_inputs=dummy_inputs)

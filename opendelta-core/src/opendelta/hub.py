@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opendelta.compat import installed_version
-from opendelta.config import CONFIG_NAME
 from opendelta.errors import HubError
 from opendelta.hub_cache import repo_id_problem
 from opendelta.install_hint import SHIPPED, install_command, wheelhouse_command
 from opendelta.ownership import is_content_named, is_own_card, seal_card
-from opendelta.saving import write_atomically
+from opendelta.saving import CONFIG_NAME, write_atomically
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel

@@ -7,7 +7,7 @@ their links. A cache is not written by us: another tool, a shared cache or a cra
 ``~/.cache`` may hold a ``refs/main`` of ``../../../../home/me/.ssh``, a ``blobs`` that is a link to ``/``, or
 snapshot links to any file. So the folder a repo id resolves to is checked against the layout: it must be
 ``snapshots/<40-hex>`` of that repo's own folder, with the real folders (not links) of the cache, and every file in
-it must lead into the repo's ``blobs`` or stay in the snapshot; :func:`opendelta.saving.link_stays_inside` is the
+it must lead into the repo's ``blobs`` or stay in the snapshot; :func:`opendelta.ownership.link_stays_inside` is the
 same rule that a local checkpoint's weights file follows.
 
 Repo ids are checked by our own rules (the Hub's: ``org/name``, letters, digits, ``-_.``, at most 96 characters a
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from opendelta.errors import CheckpointError
-from opendelta.saving import link_stays_inside
+from opendelta.ownership import link_stays_inside
 
 __all__ = ["COMMIT_RE", "check_hub_repo_id", "check_snapshot", "download_snapshot", "repo_id_problem"]
 

@@ -43,7 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opendelta.errors import CheckpointError
+from opendelta.backbone_check import check_not_loaded
+from opendelta.checkpoint_record import CheckpointRecord
+from opendelta.compat import method_and_config
+from opendelta.errors import CheckpointError, UnknownDeltaMethodError
+from opendelta.legacy_names import strip_legacy_names
+from opendelta.registry import get_method
 from opendelta.saving import contained_file
 from opendelta.tensor_checks import plain_tensors
 
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from opendelta.base import DeltaModel
+    from opendelta.config import DeltaConfig
 
 __all__ = [
     "LEGACY_WEIGHTS_NAME",
@@ -58,6 +64,7 @@ __all__ = [
     "legacy_config",
     "legacy_size_limit",
     "legacy_state_dict",
+    "read_legacy_checkpoint",
     "read_legacy_weights",
     "read_pickled_tensors",
     "strip_legacy_names",
@@ -184,28 +191,6 @@ def read_pickled_tensors(path: Path, *, max_bytes: int | None = None) -> dict[st
     return plain_tensors(loaded, str(path))
 
 
-def strip_legacy_names(patterns: list[str] | None, common_structure: Any, field: str) -> tuple[list[str] | None, bool]:
-    """Turn the original's module patterns into ours: ``(patterns, whether they are common names)``.
-
-    With ``common_structure`` the original matched common names written ``attn@.q@``; they become ``attn.q``. A
-    pattern without ``@`` then matched only modules outside the mapping, by real name: a list of only those is a
-    real-name list here; a list mixing both cannot be expressed and is refused.
-    """
-    if not patterns or not common_structure:
-        return patterns, bool(common_structure and not patterns)
-    marked = [p for p in patterns if isinstance(p, str) and "@" in p]
-    if not marked:
-        return patterns, False
-    if len(marked) != len(patterns):
-        plain = [p for p in patterns if p not in marked]
-        raise CheckpointError(
-            f"the OpenDelta 0.3.x config's {field}={patterns!r} mixes common names ({marked!r}) with real module names "
-            f"({plain!r}), which one list cannot express here; pass {field}=[...] (real names, or common names "
-            f"with common_structure=True) to from_finetuned"
-        )
-    return [p.replace("@", "") for p in patterns], True
-
-
 def _normalised(patterns: Any) -> Any:
     if isinstance(patterns, (list, tuple)):
         return [_normalised(p) for p in patterns]
@@ -228,9 +213,6 @@ def legacy_config(
         A config dict with ``delta_type`` set to the method's registered name (a name registered as an alias
         resolves to it), ready for ``config_class.from_saved``.
     """
-    from opendelta.errors import UnknownDeltaMethodError
-    from opendelta.registry import get_method
-
     config = dict(raw)
     delta_type = config.get("delta_type")
     try:
@@ -310,3 +292,40 @@ def legacy_state_dict(
             type(backbone).__name__,
         )
     return {n: t for n, t in translated.items() if n not in dropped}
+
+
+def read_legacy_checkpoint(
+    folder: Path,
+    raw: Mapping[str, Any],
+    cls: type[DeltaModel],
+    backbone: nn.Module,
+    *,
+    delta_config: DeltaConfig | None,
+    state_dict: dict[str, torch.Tensor] | None,
+    overrides: dict[str, Any],
+) -> CheckpointRecord:
+    """OpenDelta 0.3.x's format: its config translated, its pickled weights read safely, named once built.
+
+    The tensors' names (and the backbone part among them) are known only once the delta is built, so the record
+    carries :func:`legacy_state_dict` for the apply step; the file holds buffers too (GPT-2's boolean mask), which
+    that drops. There is no backbone hash in this format.
+    """
+    translated = legacy_config(raw, cls, overrides, fields=delta_config is None)
+    model_cls, config = method_and_config(folder, translated, cls, delta_config, overrides)
+    tensors = (
+        state_dict if state_dict is not None else read_legacy_weights(folder, max_bytes=legacy_size_limit(backbone))
+    )
+    source = str(folder if state_dict is not None else folder / LEGACY_WEIGHTS_NAME)
+    tensors = plain_tensors(tensors, source)
+    if state_dict is None:
+        check_not_loaded(translated, backbone, str(folder))
+    return CheckpointRecord(
+        str(folder),
+        source,
+        model_cls,
+        config,
+        tensors,
+        saved=translated,
+        translate=lambda delta_model, found: legacy_state_dict(delta_model, found, str(folder)),
+        checks={"caller_tensors": state_dict is not None},
+    )

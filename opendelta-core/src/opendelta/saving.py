@@ -45,7 +45,6 @@ try:
 except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent saves are not serialised
     fcntl = None  # type: ignore[assignment]
 
-from opendelta.config import CONFIG_NAME
 from opendelta.errors import CheckpointError
 from opendelta.ownership import (
     MAX_CONFIG_BYTES,
@@ -53,6 +52,7 @@ from opendelta.ownership import (
     file_sha256,
     is_own_temporary,
     is_own_weights_file,
+    link_stays_inside,
     own_config,
     refuse_foreign_config,
 )
@@ -73,6 +73,8 @@ __all__ = [
     "write_checkpoint",
 ]
 
+CONFIG_NAME = "config.json"
+"""A checkpoint's config file: hyper-parameters, backbone record, versions (replaced last by a save)."""
 WEIGHTS_PREFIX = "delta_model"
 WEIGHTS_SUFFIX = ".safetensors"
 TMP_PREFIX = OWN_TMP_PREFIX
@@ -262,21 +264,6 @@ def read_config_dict(path_or_repo: str | os.PathLike[str], **hub_kwargs: Any) ->
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def link_stays_inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` (links followed) stays in ``folder``, or in the blob store of the Hub repo it snapshots.
-
-    A Hub cache snapshot (``models--user--name/snapshots/<rev>``) links each file into ``models--user--name/blobs``;
-    that store counts only where it is the repo's own folder, not a link to somewhere else (``blobs -> /``).
-    """
-    target = path.resolve()
-    roots = [folder.resolve()]
-    if folder.parent.name == "snapshots":
-        repo = folder.parent.parent.resolve()
-        if (folder.parent.parent / "blobs").resolve() == repo / "blobs":
-            roots.append(repo / "blobs")
-    return any(target.is_relative_to(root) for root in roots)
 
 
 def contained_file(folder: Path, name: Any, field: str) -> Path:
