@@ -1,0 +1,239 @@
+"""The public contract for plugin authors: everything a delta method or a structure mapping may use from core.
+
+A plugin imports from this module only (``from opendelta.plugin_api import DeltaModel, DeltaConfig, hookimpl``);
+first-party plugins do, and a test fails if one reaches anywhere else in core. Every other core module is an
+implementation detail that may change in any release.
+
+Versioning promise: :data:`PLUGIN_API_VERSION` is ``MAJOR.MINOR``. Within one major version a name here is never
+removed or renamed, a function or hook never loses or renames an argument, and the override points of
+:class:`DeltaModel` keep their meaning; a minor version only adds (names, keyword arguments with defaults, hooks).
+A plugin states the core it needs with ``opendelta-core>=X.Y,<NEXT_MAJOR`` in its ``pyproject.toml``.
+
+The sections below are the contract, grouped by what a plugin does with them:
+
+* registering: :data:`hookimpl`, the ``register`` callbacks' types;
+* the model and its config: :class:`DeltaModel` (its docstring lists the override points), :class:`DeltaConfig`,
+  :class:`Target`, :data:`SHARED_POSITIONALS`;
+* building deltas: shape queries, initialisers and activations, reusable layers;
+* addressing: patterns, exclusions, the backbone's own module names;
+* placing deltas: the insertion primitives, soft prompts and prefixes;
+* reading and writing files: contained paths, atomic writes, checked tensors;
+* errors and warnings: every exception a plugin raises or catches.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opendelta import file_patterns
+    from opendelta.addressing import compile_patterns, is_excluded
+    from opendelta.base import DeltaModel, Placement
+    from opendelta.checkpoint import apply_checkpoint
+    from opendelta.checkpoint_record import CheckpointRecord
+    from opendelta.config import INT64_RANGE, DeltaConfig
+    from opendelta.delta_protocols import FusedParallel, Mergeable, PrefixSource, PromptSource, WrapsReplaced
+    from opendelta.errors import (
+        AddressingError,
+        CheckpointError,
+        DeltaClassError,
+        DeltaConfigError,
+        DeltaStateError,
+        ModuleNotFoundInStructureError,
+        OpenDeltaAddressingWarning,
+        OpenDeltaServingWarning,
+        UnsupportedTargetError,
+    )
+    from opendelta.hookspecs import RegisterCommonStructure, RegisterDeltaMethod, hookimpl
+    from opendelta.insertion import (
+        Insertion,
+        insert_parallel_module,
+        insert_sequential_module,
+        placement_kinds,
+        register_placement,
+        replace_module,
+    )
+    from opendelta.layers import (
+        ACTIVATIONS,
+        INITIALISERS,
+        BottleneckAdapter,
+        SamplerAdapter,
+        get_activation,
+        init_weight_,
+    )
+    from opendelta.legacy import legacy_size_limit, read_pickled_tensors
+    from opendelta.markers import DELTA_MARK, delta_parameter_names
+    from opendelta.positional import SHARED_POSITIONALS
+    from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
+    from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt
+    from opendelta.saving import (
+        contained_file,
+        move_into_place,
+        new_temporary,
+        read_config_dict,
+        read_safetensors,
+        write_atomically,
+    )
+    from opendelta.shapes import factory_kwargs, fused_output_index, is_linear, is_norm, linear_features, linear_types
+    from opendelta.targets import Target, backbone_module_names, resolve_targets
+    from opendelta.tensor_checks import checked_tensors
+
+PLUGIN_API_VERSION = "1.1"
+"""The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
+
+1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
+``delta_protocols``, ``register_placement``, ``DeltaClassError``, ``attention_parts``; the ``read_checkpoint``
+hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``."""
+
+_SOURCES: dict[str, str] = {
+    "write_atomically": "opendelta.saving",
+    "apply_checkpoint": "opendelta.checkpoint",
+    "CheckpointRecord": "opendelta.checkpoint_record",
+    "compile_patterns": "opendelta.addressing",
+    "is_excluded": "opendelta.addressing",
+    "DeltaModel": "opendelta.base",
+    "Placement": "opendelta.base",
+    "INT64_RANGE": "opendelta.config",
+    "DeltaConfig": "opendelta.config",
+    "FusedParallel": "opendelta.delta_protocols",
+    "Mergeable": "opendelta.delta_protocols",
+    "PrefixSource": "opendelta.delta_protocols",
+    "PromptSource": "opendelta.delta_protocols",
+    "WrapsReplaced": "opendelta.delta_protocols",
+    "AddressingError": "opendelta.errors",
+    "CheckpointError": "opendelta.errors",
+    "DeltaClassError": "opendelta.errors",
+    "DeltaConfigError": "opendelta.errors",
+    "DeltaStateError": "opendelta.errors",
+    "ModuleNotFoundInStructureError": "opendelta.errors",
+    "OpenDeltaAddressingWarning": "opendelta.errors",
+    "OpenDeltaServingWarning": "opendelta.errors",
+    "UnsupportedTargetError": "opendelta.errors",
+    "RegisterCommonStructure": "opendelta.hookspecs",
+    "RegisterDeltaMethod": "opendelta.hookspecs",
+    "hookimpl": "opendelta.hookspecs",
+    "Insertion": "opendelta.insertion",
+    "insert_parallel_module": "opendelta.insertion",
+    "insert_sequential_module": "opendelta.insertion",
+    "placement_kinds": "opendelta.insertion",
+    "register_placement": "opendelta.insertion",
+    "replace_module": "opendelta.insertion",
+    "ACTIVATIONS": "opendelta.layers",
+    "INITIALISERS": "opendelta.layers",
+    "BottleneckAdapter": "opendelta.layers",
+    "SamplerAdapter": "opendelta.layers",
+    "get_activation": "opendelta.layers",
+    "init_weight_": "opendelta.layers",
+    "legacy_size_limit": "opendelta.legacy",
+    "read_pickled_tensors": "opendelta.legacy",
+    "DELTA_MARK": "opendelta.markers",
+    "delta_parameter_names": "opendelta.markers",
+    "SHARED_POSITIONALS": "opendelta.positional",
+    "AttentionParts": "opendelta.prefix",
+    "attention_parts": "opendelta.prefix",
+    "insert_prefix": "opendelta.prefix",
+    "check_prompt_length": "opendelta.prompt",
+    "input_stack": "opendelta.prompt",
+    "insert_soft_prompt": "opendelta.prompt",
+    "contained_file": "opendelta.saving",
+    "move_into_place": "opendelta.saving",
+    "new_temporary": "opendelta.saving",
+    "read_config_dict": "opendelta.saving",
+    "read_safetensors": "opendelta.saving",
+    "factory_kwargs": "opendelta.shapes",
+    "fused_output_index": "opendelta.shapes",
+    "is_linear": "opendelta.shapes",
+    "is_norm": "opendelta.shapes",
+    "linear_features": "opendelta.shapes",
+    "linear_types": "opendelta.shapes",
+    "Target": "opendelta.targets",
+    "backbone_module_names": "opendelta.targets",
+    "resolve_targets": "opendelta.targets",
+    "checked_tensors": "opendelta.tensor_checks",
+    "file_patterns": "opendelta",
+}
+"""Where each name lives; imported on first use, so a plugin module that needs only ``hookimpl`` loads no torch."""
+
+__all__ = [
+    "ACTIVATIONS",
+    "DELTA_MARK",
+    "INITIALISERS",
+    "INT64_RANGE",
+    "PLUGIN_API_VERSION",
+    "SHARED_POSITIONALS",
+    "AddressingError",
+    "AttentionParts",
+    "BottleneckAdapter",
+    "CheckpointError",
+    "CheckpointRecord",
+    "DeltaClassError",
+    "DeltaConfig",
+    "DeltaConfigError",
+    "DeltaModel",
+    "DeltaStateError",
+    "FusedParallel",
+    "Insertion",
+    "Mergeable",
+    "ModuleNotFoundInStructureError",
+    "OpenDeltaAddressingWarning",
+    "OpenDeltaServingWarning",
+    "Placement",
+    "PrefixSource",
+    "PromptSource",
+    "RegisterCommonStructure",
+    "RegisterDeltaMethod",
+    "SamplerAdapter",
+    "Target",
+    "UnsupportedTargetError",
+    "WrapsReplaced",
+    "apply_checkpoint",
+    "attention_parts",
+    "backbone_module_names",
+    "check_prompt_length",
+    "checked_tensors",
+    "compile_patterns",
+    "contained_file",
+    "delta_parameter_names",
+    "factory_kwargs",
+    "file_patterns",
+    "fused_output_index",
+    "get_activation",
+    "hookimpl",
+    "init_weight_",
+    "input_stack",
+    "insert_parallel_module",
+    "insert_prefix",
+    "insert_sequential_module",
+    "insert_soft_prompt",
+    "is_excluded",
+    "is_linear",
+    "is_norm",
+    "legacy_size_limit",
+    "linear_features",
+    "linear_types",
+    "move_into_place",
+    "new_temporary",
+    "placement_kinds",
+    "read_config_dict",
+    "read_pickled_tensors",
+    "read_safetensors",
+    "register_placement",
+    "replace_module",
+    "resolve_targets",
+    "write_atomically",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """The contract's names, imported on first access (and then cached in this module)."""
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}: not part of the plugin contract")
+    value = getattr(import_module(source), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
