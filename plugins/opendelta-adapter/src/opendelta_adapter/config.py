@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opendelta import DeltaConfig, DeltaConfigError
-from opendelta.layers import ACTIVATIONS
+from opendelta.plugin_api import ACTIVATIONS, DeltaConfig, DeltaConfigError
 
 
 @dataclass(kw_only=True)

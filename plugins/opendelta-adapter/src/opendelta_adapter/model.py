@@ -6,10 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from opendelta import DeltaModel, Target
-from opendelta.layers import BottleneckAdapter
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import factory_kwargs
+from opendelta.plugin_api import SHARED_POSITIONALS, BottleneckAdapter, DeltaModel, Target, factory_kwargs
 from opendelta_adapter.config import AdapterConfig
 
 
@@ -23,8 +20,6 @@ class AdapterModel(DeltaModel):
     """
 
     config_class = AdapterConfig
-    delta_type = "adapter"
-    delta_name = "adapter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
     positional_args = (

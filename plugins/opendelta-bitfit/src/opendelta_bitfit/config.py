@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opendelta import DeltaConfig
+from opendelta.plugin_api import DeltaConfig
 
 
 @dataclass(kw_only=True)

@@ -19,17 +19,24 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from opendelta import CheckpointError, DeltaModel, Target
-from opendelta.insertion import DELTA_MARK
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import LINEAR_TYPES, factory_kwargs, fused_output_index, is_norm
+from opendelta.plugin_api import (
+    DELTA_MARK,
+    SHARED_POSITIONALS,
+    CheckpointError,
+    DeltaModel,
+    Target,
+    factory_kwargs,
+    fused_output_index,
+    is_linear,
+    is_norm,
+)
 from opendelta_bitfit.config import BitFitConfig
 from opendelta_bitfit.layer import BiasDelta
 
 
 def is_bias_site(module: nn.Module) -> bool:
     """Whether BitFit adds a bias to ``module``: a linear layer (``nn.Linear``, ``Conv1D``) or a layer norm."""
-    return isinstance(module, LINEAR_TYPES) or is_norm(module)
+    return is_linear(module) or is_norm(module)
 
 
 def _bias_sites(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -64,8 +71,6 @@ class BitFitModel(DeltaModel):
     """
 
     config_class = BitFitConfig
-    delta_type = "bitfit"
-    delta_name = "bitfit"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn", "ff", "layer_norm", "lm_head.proj")
     insertion = "after"
     positional_args = SHARED_POSITIONALS

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opendelta import DeltaConfig, DeltaConfigError
-from opendelta.layers import ACTIVATIONS
+from opendelta.plugin_api import ACTIVATIONS, DeltaConfig, DeltaConfigError
 
 RULE_INITIALISERS = ("normal", "uniform")
 """Accepted ``phm_c_init`` values: how the phm rule ``A`` starts (std / range 0.01, as in the original)."""

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from opendelta.layers import SamplerAdapter, init_weight_
+from opendelta.plugin_api import SamplerAdapter, init_weight_
 
 __all__ = ["HyperComplexAdapterLayer", "PHMFactors", "PHMLinear", "new_phm_rule", "new_phm_weight"]
 

@@ -9,9 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from opendelta import DeltaConfigError, DeltaModel, Target
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import factory_kwargs
+from opendelta.plugin_api import SHARED_POSITIONALS, DeltaConfigError, DeltaModel, Target, factory_kwargs
 from opendelta_compacter.config import CompacterConfig
 from opendelta_compacter.layer import HyperComplexAdapterLayer, PHMFactors, PHMLinear, new_phm_rule, new_phm_weight
 
@@ -53,8 +51,6 @@ class CompacterModel(DeltaModel):
     """
 
     config_class = CompacterConfig
-    delta_type = "compacter"
-    delta_name = "compacter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
     positional_args = (

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from opendelta import hookimpl
-from opendelta.hookspecs import RegisterDeltaMethod
+from opendelta.plugin_api import RegisterDeltaMethod, hookimpl
 
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register ``compacter``."""
-    from opendelta_compacter.config import CompacterConfig
     from opendelta_compacter.model import CompacterModel
 
-    register("compacter", CompacterConfig, CompacterModel)
+    register(CompacterModel)

@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from opendelta import DeltaModel, Target
-from opendelta.shapes import LINEAR_TYPES, fused_output_index, linear_features
+from opendelta.plugin_api import DeltaModel, Target, fused_output_index, linear_features, linear_types
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.layer import LoraLayer
 
@@ -24,8 +23,6 @@ class LoraModel(DeltaModel):
     """
 
     config_class = LoraConfig
-    delta_type = "lora"
-    delta_name = "lora"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
     insertion = "parallel"
     positional_args = (
@@ -40,7 +37,7 @@ class LoraModel(DeltaModel):
         "backend",
     )
     """The manual's positional order: ``LoraModel(model, x)`` binds x to ``lora_r``."""
-    supported_layer_types = LINEAR_TYPES
+    supported_layer_types = linear_types
     supports_fused_targets = True
     config: LoraConfig
 
@@ -57,16 +54,6 @@ class LoraModel(DeltaModel):
             device=weight.device,
             dtype=weight.dtype,
         )
-
-    @classmethod
-    def from_peft(cls, path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
-        """Load a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-        ``LoraModel.from_finetuned`` and ``AutoDeltaModel.from_finetuned`` call this for such a folder.
-        """
-        from opendelta_lora.peft_format import load_peft_adapter
-
-        return load_peft_adapter(path, backbone_model)
 
     def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Export in PEFT's format (see ``peft_format.save_peft_adapter``; warns when vLLM/TGI would refuse it)."""

@@ -13,8 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from opendelta import CheckpointError
-from opendelta.config import INT64_RANGE
+from opendelta.plugin_api import INT64_RANGE, CheckpointError
 
 __all__ = ["check_peft_fields"]
 

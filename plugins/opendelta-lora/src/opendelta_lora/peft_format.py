@@ -24,17 +24,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from opendelta import CheckpointError, file_patterns
-from opendelta.errors import AddressingError
-from opendelta.insertion import delta_parameter_names
-from opendelta.legacy import legacy_size_limit, read_pickled_tensors
-from opendelta.saving import contained_file, move_into_place, new_temporary, read_config_dict, read_safetensors
-from opendelta.shapes import LINEAR_TYPES
-from opendelta.targets import backbone_module_names
-from opendelta.tensor_checks import checked_tensors
+from opendelta.plugin_api import (
+    AddressingError,
+    CheckpointError,
+    CheckpointRecord,
+    DeltaModel,
+    apply_checkpoint,
+    backbone_module_names,
+    contained_file,
+    delta_parameter_names,
+    file_patterns,
+    is_linear,
+    legacy_size_limit,
+    read_config_dict,
+    read_pickled_tensors,
+    read_safetensors,
+    write_atomically,
+)
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.model import LoraModel
 from opendelta_lora.peft_fields import check_peft_fields
@@ -46,6 +55,7 @@ __all__ = [
     "load_peft_adapter",
     "lora_config_from_peft",
     "peft_target_names",
+    "read_peft_checkpoint",
     "save_peft_adapter",
 ]
 
@@ -183,7 +193,7 @@ def _check_supported(config: Mapping[str, Any], source: str) -> None:
 
 def _all_linear(model: nn.Module, task_type: str | None) -> set[str]:
     """PEFT's ``target_modules="all-linear"``: every linear layer but the output layer (or classification head)."""
-    names = {n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
+    names = {n for n, m in model.named_modules() if is_linear(m)}
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     if head is None and task_type == "SEQ_CLS":
         head = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
@@ -302,7 +312,7 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
             f"{type(model).__name__}; the adapter was made for another architecture"
         )
     modules = dict(model.named_modules())
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], LINEAR_TYPES)]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
     if wrong:
         raise CheckpointError(
             f"{source} puts LoRA on {', '.join(wrong[:5])}: LoraModel modifies linear layers (nn.Linear, Conv1D) only"
@@ -336,12 +346,59 @@ def _as_patterns(listed: Any, names: list[str], model: nn.Module) -> list[str]:
     return list(listed) if all(hits.values()) and chosen == set(names) else literal
 
 
+def read_peft_checkpoint(
+    folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel] = LoraModel, *, others: bool = False
+) -> CheckpointRecord | None:
+    """Read a PEFT LoRA adapter folder into a record for core's apply step; ``None`` when it is no PEFT LoRA folder.
+
+    This is the ``read_checkpoint`` hook's implementation (see ``plugin``): ``from_finetuned`` on such a folder comes
+    here. The config is translated (features this LoRA does not compute are refused by name), the weights are read
+    as OpenDelta's own are, and their names become ``delta_state_dict``'s (``<module>.lora.lora_A``...) and, for
+    the ``modules_to_save``, the backbone's.
+
+    ``others``: refuse another PEFT method's folder by name (``load_peft_adapter``) instead of returning ``None``
+    (the hook: another plugin may read it).
+
+    Raises:
+        CheckpointError: a PEFT LoRA folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
+    """
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        return None
+    raw = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
+    peft_type = raw.get("peft_type")
+    if isinstance(peft_type, str) and peft_type.upper() != "LORA" and not others:
+        return None  # another PEFT method: another plugin may read it
+    if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, LoraModel):
+        raise CheckpointError(
+            f"{folder} is a PEFT {peft_type!r} adapter ({ADAPTER_CONFIG_NAME}), and {delta_cls.__name__} cannot read "
+            f"it; load it with LoraModel.from_finetuned or AutoDeltaModel.from_finetuned"
+        )
+    source = str(folder)
+    config = _read_config(folder)
+    lora_config = lora_config_from_peft(config, backbone_model, source)
+    weights_file, tensors = _read_weights(folder, backbone_model)
+    if not all(name.startswith(_PREFIX) for name in tensors):
+        odd = [n for n in tensors if not n.startswith(_PREFIX)]
+        raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
+    ours = {_our_name(name[len(_PREFIX) :], LoraModel.delta_name): t for name, t in tensors.items()}
+    return CheckpointRecord(
+        source,
+        str(weights_file),
+        LoraModel,
+        lora_config,
+        ours,
+        describe=f"a PEFT LoRA adapter whose own config builds LoRA on this {type(backbone_model).__name__}",
+    )
+
+
 def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
     """Load a LoRA adapter saved by PEFT (``PeftModel.save_pretrained``) into a new :class:`LoraModel`.
 
     The backbone gets the adapter's LoRA layers with its weights, and the weights of its ``modules_to_save`` (a task
     head); outputs equal the PEFT model's. Everything is checked before the backbone changes; on an error it is
-    left as it was. The backbone is put in eval mode, as ``from_finetuned`` does.
+    left as it was (core's apply step, as for every format). The backbone is put in eval mode, as ``from_finetuned``
+    does.
 
     Args:
         path: the adapter folder (or a file in it).
@@ -354,43 +411,10 @@ def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -
     Raises:
         CheckpointError: not a PEFT LoRA folder, an unsupported feature, or weights that do not fit the backbone.
     """
-    folder = _adapter_folder(path)
-    source = str(folder)
-    config = _read_config(folder)
-    lora_config = lora_config_from_peft(config, backbone_model, source)
-    weights_file, tensors = _read_weights(folder, backbone_model)
-    if not all(name.startswith(_PREFIX) for name in tensors):
-        odd = [n for n in tensors if not n.startswith(_PREFIX)]
-        raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
-    params = {n: p for n, p in backbone_model.named_parameters() if n not in delta_parameter_names(backbone_model)}
-    delta_model = LoraModel(backbone_model, config=lora_config)
-    try:
-        own = delta_model.delta_state_dict()
-        ours = {_our_name(name[len(_PREFIX) :], delta_model.delta_name): t for name, t in tensors.items()}
-        heads = {n: t for n, t in ours.items() if n in params}
-        lora = {n: t for n, t in ours.items() if n not in heads}
-        missing, unexpected = sorted(set(own) - set(lora)), sorted(set(lora) - set(own))
-        shapes = {n: t.shape for n, t in [*own.items(), *params.items()]}
-        misshaped = [
-            f"{n}: {tuple(t.shape)} vs {tuple(shapes[n])}" for n, t in ours.items() if t.shape != shapes.get(n, t.shape)
-        ]
-        if missing or unexpected or misshaped:
-            raise CheckpointError(
-                f"{source} does not fit its own config on this {type(backbone_model).__name__}: missing LoRA "
-                f"tensors for {missing[:4]}, tensors that are neither LoRA nor backbone parameters {unexpected[:4]}, "
-                f"shape mismatch {misshaped[:4]}"
-            )
-        lora = checked_tensors(lora, str(weights_file), targets=own)  # values as the native format checks them
-        heads = checked_tensors(heads, str(weights_file), targets=params)
-        with torch.no_grad():
-            for name, tensor in lora.items():
-                own[name].copy_(tensor)
-            for name, tensor in heads.items():
-                params[name].copy_(tensor)
-    except BaseException:
-        delta_model.detach()
-        raise
-    backbone_model.eval()
+    record = read_peft_checkpoint(_adapter_folder(path), backbone_model, others=True)
+    assert record is not None  # the folder has the config (_adapter_folder), and any type is checked by name
+    delta_model = apply_checkpoint(record, backbone_model)
+    assert isinstance(delta_model, LoraModel)
     return delta_model
 
 
@@ -508,17 +532,9 @@ def save_peft_adapter(
 
 
 def _write(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write both files under temporary names and rename them into place (the weights first)."""
-    for name, write in (
-        (ADAPTER_WEIGHTS_NAME, lambda p: save_file(_contiguous(tensors), p, metadata={"format": "pt"})),
-        (ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")),
-    ):
-        tmp = new_temporary(folder)
-        try:
-            write(tmp)
-            move_into_place(tmp, folder / name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    """Write both files atomically and flushed to disk (core's ``write_atomically``), the weights first."""
+    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(_contiguous(tensors), metadata={"format": "pt"}))
+    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from opendelta import OpenDeltaServingWarning
+from opendelta.plugin_api import OpenDeltaServingWarning
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 """Class-name endings of the decoder-only language models that vLLM and TGI load (``LlamaForCausalLM``, GPT-2's

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opendelta import DeltaConfig, DeltaConfigError
-from opendelta.layers import ACTIVATIONS, INITIALISERS
+from opendelta.plugin_api import ACTIVATIONS, INITIALISERS, DeltaConfig, DeltaConfigError
 
 TRAINABLE_INITIALISERS: tuple[str, ...] = tuple(m for m in INITIALISERS if m != "zeros")
 """Core's initialisers minus ``"zeros"``: with every factor at zero no gradient reaches any factor (only the
@@ -30,6 +29,7 @@ class LowRankAdapterConfig(DeltaConfig):
     """
 
     delta_type: ClassVar[str] = "low_rank_adapter"  # what 0.3.2 wrote into config.json
+    delta_aliases: ClassVar[tuple[str, ...]] = ("lowrankadapter",)  # what earlier builds of this plugin wrote
 
     reduction_factor: int = 32
     non_linearity: str = "gelu_new"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from opendelta.layers import SamplerAdapter, init_weight_
+from opendelta.plugin_api import SamplerAdapter, init_weight_
 
 __all__ = ["LowRankAdapter", "LowRankLinear"]
 

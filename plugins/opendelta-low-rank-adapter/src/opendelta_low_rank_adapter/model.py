@@ -6,9 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from opendelta import DeltaConfigError, DeltaModel, Target
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import factory_kwargs
+from opendelta.plugin_api import SHARED_POSITIONALS, DeltaConfigError, DeltaModel, Target, factory_kwargs
 from opendelta_low_rank_adapter.config import LowRankAdapterConfig
 from opendelta_low_rank_adapter.layer import LowRankAdapter
 
@@ -26,8 +24,6 @@ class LowRankAdapterModel(DeltaModel):
     """
 
     config_class = LowRankAdapterConfig
-    delta_type = "low_rank_adapter"
-    delta_name = "low_rank_adapter"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.proj", "ff.w2")
     insertion = "after"
     positional_args = (

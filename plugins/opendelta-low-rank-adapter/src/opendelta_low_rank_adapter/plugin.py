@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from opendelta import hookimpl
-from opendelta.hookspecs import RegisterDeltaMethod
+from opendelta.plugin_api import RegisterDeltaMethod, hookimpl
 
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
-    """Register ``low_rank_adapter``, the ``delta_type`` 0.3.2 wrote, and keep ``lowrankadapter`` as an alias.
+    """Register ``low_rank_adapter``, the ``delta_type`` 0.3.2 wrote (with ``lowrankadapter``, its config's alias).
 
     Earlier builds of this plugin registered and wrote ``lowrankadapter`` (the name the 0.3.2 manual's text
     uses); the alias keeps the checkpoints they saved loading.
     """
-    from opendelta_low_rank_adapter.config import LowRankAdapterConfig
     from opendelta_low_rank_adapter.model import LowRankAdapterModel
 
-    register("low_rank_adapter", LowRankAdapterConfig, LowRankAdapterModel, aliases=("lowrankadapter",))
+    register(LowRankAdapterModel)  # with the alias its config declares

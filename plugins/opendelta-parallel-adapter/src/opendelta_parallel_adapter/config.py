@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from opendelta import DeltaConfig, DeltaConfigError
-from opendelta.layers import ACTIVATIONS
+from opendelta.plugin_api import ACTIVATIONS, DeltaConfig, DeltaConfigError
 
 
 def spans_from_flat_pairs(flat: Sequence[str]) -> list[str | list[str]] | None:

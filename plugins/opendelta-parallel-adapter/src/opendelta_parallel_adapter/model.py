@@ -7,10 +7,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from opendelta import CheckpointError, DeltaModel, Target, UnsupportedTargetError
-from opendelta.layers import BottleneckAdapter
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import factory_kwargs
+from opendelta.plugin_api import (
+    SHARED_POSITIONALS,
+    BottleneckAdapter,
+    CheckpointError,
+    DeltaModel,
+    Target,
+    UnsupportedTargetError,
+    factory_kwargs,
+)
 from opendelta_parallel_adapter.config import ParallelAdapterConfig, spans_from_flat_pairs
 from opendelta_parallel_adapter.spans import resolve_span_targets
 
@@ -34,8 +39,6 @@ class ParallelAdapterModel(DeltaModel):
     """
 
     config_class = ParallelAdapterConfig
-    delta_type = "parallel_adapter"
-    delta_name = "parallel_adapter"
     default_modified_modules: ClassVar[tuple[str | tuple[str, str], ...]] = ("attn", ("ff.w1", "ff.w2"))
     insertion = "parallel"
     positional_args = (

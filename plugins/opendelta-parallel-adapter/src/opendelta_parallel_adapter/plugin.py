@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from opendelta import hookimpl
-from opendelta.hookspecs import RegisterDeltaMethod
+from opendelta.plugin_api import RegisterDeltaMethod, hookimpl
 
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register ``parallel_adapter`` (the original OpenDelta mistakenly registered it as ``adapter``)."""
-    from opendelta_parallel_adapter.config import ParallelAdapterConfig
     from opendelta_parallel_adapter.model import ParallelAdapterModel
 
-    register("parallel_adapter", ParallelAdapterConfig, ParallelAdapterModel)
+    register(ParallelAdapterModel)

@@ -17,15 +17,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from opendelta import (
+from opendelta.plugin_api import (
     AddressingError,
     ModuleNotFoundInStructureError,
     OpenDeltaAddressingWarning,
     Target,
     UnsupportedTargetError,
+    compile_patterns,
+    is_excluded,
+    resolve_targets,
 )
-from opendelta.addressing import compile_patterns, is_excluded
-from opendelta.targets import resolve_targets
 
 __all__ = ["Entry", "pair_span", "resolve_span_targets"]
 

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from opendelta import CheckpointError, DeltaModel, DeltaStateError, Target
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.shapes import factory_kwargs
+from opendelta.plugin_api import (
+    SHARED_POSITIONALS,
+    CheckpointError,
+    DeltaModel,
+    DeltaStateError,
+    Target,
+    attention_parts,
+    factory_kwargs,
+)
 from opendelta_prefix.config import PrefixConfig
 from opendelta_prefix.layer import PrefixLayer, PrefixReparameterization
 
 LEGACY_PREFIX_ARCHITECTURES = frozenset({"gpt2"})
 """Where an OpenDelta 0.3.x prefix checkpoint gives the original's outputs here (checked against the original)."""
+
+
+@dataclass
+class _SharedNetwork:
+    """The reparameterisation network every block's prefix reads (``None``: plain prefixes).
+
+    Held in a plain object, so the network is a submodule of each :class:`PrefixLayer` (saved under each block's
+    name) and not a second time of the delta model.
+    """
+
+    network: PrefixReparameterization | None
 
 
 class PrefixModel(DeltaModel):
@@ -30,8 +49,6 @@ class PrefixModel(DeltaModel):
     """
 
     config_class = PrefixConfig
-    delta_type = "prefix"
-    delta_name = "prefix"
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn",)
     insertion = "prefix"
     positional_args = (
@@ -45,47 +62,40 @@ class PrefixModel(DeltaModel):
     identity_at_init = False
     config: PrefixConfig
 
+    def _prepare(self, targets: Sequence[Target]) -> None:
+        """Read every attention's projections once; with ``reparameterize``, build the network all blocks share.
+
+        Its output holds every block's keys and values side by side, so it is sized by all targets at once: each
+        target's first column in it is its offset.
+        """
+        self._parts = {t.name: attention_parts(self.backbone_model, t.name, type(self).__name__) for t in targets}
+        self._offsets: dict[str, int] = {}
+        total = 0
+        for target in targets:
+            self._offsets[target.name] = total
+            total += self._parts[target.name].key_features + self._parts[target.name].value_features
+        self._shared = _SharedNetwork(None)
+        if self.config.reparameterize:
+            config = self.config
+            self._shared.network = PrefixReparameterization(
+                config.prefix_token_num, config.embed_dim, config.mid_dim, total, **factory_kwargs(targets[0].module)
+            )
+
     def _build_delta(self, target: Target) -> nn.Module:
         """The prefix of one self-attention block, sized from its key and value projections."""
-        parts = self.attention_parts(target)
-        config = self.config
-        reparameterization = None
-        if config.reparameterize:
-            reparameterization = (self._network(), self._offsets()[target.name])
+        parts = self._parts[target.name]
+        network = self._shared.network
         return PrefixLayer(
-            config.prefix_token_num,
+            self.config.prefix_token_num,
             parts.key_features,
             parts.value_features,
-            reparameterization,
+            None if network is None else (network, self._offsets[target.name]),
             **factory_kwargs(target.module),
         )
 
-    def _offsets(self) -> dict[str, int]:
-        """Each target's first column in the shared network's output."""
-        if "_prefix_offsets" not in self.__dict__:
-            offsets, total = {}, 0
-            for target in self.targets:
-                parts = self.attention_parts(target)
-                offsets[target.name] = total
-                total += parts.key_features + parts.value_features
-            self.__dict__["_prefix_offsets"] = offsets
-            self.__dict__["_prefix_total"] = total
-        return dict(self.__dict__["_prefix_offsets"])
-
-    def _network(self) -> PrefixReparameterization:
-        """The reparameterisation network every layer shares (built with the first layer)."""
-        if "_prefix_network" not in self.__dict__:
-            self._offsets()
-            config, first = self.config, self.targets[0].module
-            self.__dict__["_prefix_network"] = PrefixReparameterization(
-                config.prefix_token_num,
-                config.embed_dim,
-                config.mid_dim,
-                self.__dict__["_prefix_total"],
-                **factory_kwargs(first),
-            )
-        network: PrefixReparameterization = self.__dict__["_prefix_network"]
-        return network
+    def placement_options(self, target: Target) -> dict[str, Any]:
+        """The attention's projections, read in :meth:`_prepare`, for core's prefix placer."""
+        return {"parts": self._parts[target.name]}
 
     def fold(self) -> None:
         """Turn the reparameterised prefixes into plain ones: identical outputs, only ``P`` keys/values to save.
@@ -99,7 +109,7 @@ class PrefixModel(DeltaModel):
             raise DeltaStateError("fold() needs the prefixes attached; call attach() first")
         for layer in self.deltas:
             layer.fold()
-        self.__dict__.pop("_prefix_network", None)
+        self._shared.network = None
         self.config.reparameterize = False
 
     def translate_legacy_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

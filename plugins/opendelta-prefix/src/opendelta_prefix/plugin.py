@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from opendelta import hookimpl
-from opendelta.hookspecs import RegisterDeltaMethod
+from opendelta.plugin_api import RegisterDeltaMethod, hookimpl
 
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register ``prefix``."""
-    from opendelta_prefix.config import PrefixConfig
     from opendelta_prefix.model import PrefixModel
 
-    register("prefix", PrefixConfig, PrefixModel)
+    register(PrefixModel)

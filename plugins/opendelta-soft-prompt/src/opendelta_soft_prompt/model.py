@@ -7,9 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from opendelta import DeltaModel, Target, UnsupportedTargetError
-from opendelta.positional import SHARED_POSITIONALS
-from opendelta.prompt import check_prompt_length, input_stack
+from opendelta.plugin_api import (
+    SHARED_POSITIONALS,
+    DeltaModel,
+    Target,
+    UnsupportedTargetError,
+    check_prompt_length,
+    input_stack,
+)
 from opendelta_soft_prompt.config import SoftPromptConfig
 from opendelta_soft_prompt.layer import SoftPromptLayer
 
@@ -29,8 +34,6 @@ class SoftPromptModel(DeltaModel):
     """
 
     config_class = SoftPromptConfig
-    delta_type = "soft_prompt"
-    delta_name = "soft_prompt"
     insertion = "prompt"
     positional_args = (
         "soft_token_num",

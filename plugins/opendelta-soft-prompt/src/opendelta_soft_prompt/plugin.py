@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from opendelta import hookimpl
-from opendelta.hookspecs import RegisterDeltaMethod
+from opendelta.plugin_api import RegisterDeltaMethod, hookimpl
 
 
 @hookimpl
 def register_delta_methods(register: RegisterDeltaMethod) -> None:
     """Register ``soft_prompt``."""
-    from opendelta_soft_prompt.config import SoftPromptConfig
     from opendelta_soft_prompt.model import SoftPromptModel
 
-    register("soft_prompt", SoftPromptConfig, SoftPromptModel)
+    register(SoftPromptModel)
