@@ -256,6 +256,7 @@ def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collectio
     nested = next((v for k, v in arguments.items() if isinstance(v, dict) and "cache_position" in v), None)
     position = arguments.get("cache_position", nested.get("cache_position") if nested else None)
     mask_name = next((n for n in masks if isinstance(arguments.get(n), torch.Tensor)), None)
+    position_ids = arguments.get("position_ids")
     new_tokens = None
     if isinstance(position, torch.Tensor) and position.numel():
         if int(position.reshape(-1)[0]) + count != length:
@@ -265,6 +266,12 @@ def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collectio
         new_tokens = arguments[mask_name].shape[-1] + count - length
         if new_tokens < 1:
             return False
+    elif isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        # No cache_position and no mask: transformers 5 drops an all-ones mask, and then counts positions without
+        # the added ones. Unpadded, every row's first position is the number of tokens generate() has seen.
+        if int(position_ids[..., 0].max()) + count != length:
+            return False
+        new_tokens = position_ids.shape[-1]
     else:
         return False
     if isinstance(position, torch.Tensor):

@@ -71,11 +71,12 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(arch):
 
 @pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
+@pytest.mark.parametrize("padding", ["left", "none"])
+def test_generate_with_the_cache_equals_generate_without(arch, num_beams, padding):
     model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = PrefixModel(backbone_model=model, prefix_token_num=4)
     perturb(delta_model, seed=2, scale=1.0)
-    inputs = generation_inputs(arch, model)
+    inputs = generation_inputs(arch, model, padding)
     options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, output_scores=True, return_dict_in_generate=True, **options)

@@ -89,11 +89,12 @@ def test_the_callers_tensors_are_never_modified(arch):
 
 @pytest.mark.parametrize("arch", sorted(GENERATION_HEADS))
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_with_the_cache_equals_generate_without(arch, num_beams):
+@pytest.mark.parametrize("padding", ["left", "none"])
+def test_generate_with_the_cache_equals_generate_without(arch, num_beams, padding):
     model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4)
     perturb(delta_model, seed=1, scale=0.5)
-    inputs = generation_inputs(arch, model)
+    inputs = generation_inputs(arch, model, padding)
     options = {"max_new_tokens": 6, "do_sample": False, "num_beams": num_beams}
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, output_scores=True, return_dict_in_generate=True, **options)

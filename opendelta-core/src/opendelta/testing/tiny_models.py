@@ -422,17 +422,24 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
     return inputs
 
 
-def generation_inputs(arch: str, model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def generation_inputs(arch: str, model: PreTrainedModel, padding: str = "left") -> dict[str, torch.Tensor]:
     """:func:`tiny_inputs` as ``generate()`` takes them: no decoder inputs, and decoder-only rows left-padded.
 
     Decoder-only models continue each row from its last position, so their tokenizers pad on the left for
-    generation; encoder-decoders keep the right-padded encoder input.
+    generation; encoder-decoders keep the right-padded encoder input. ``padding="none"`` gives rows of one length
+    with an all-ones mask instead (every row cut to the shortest), the case where transformers 5's ``generate()``
+    drops the mask and counts positions itself.
     """
+    if padding not in ("left", "none"):
+        raise ValueError(f"padding must be 'left' or 'none', not {padding!r}")
     inputs = tiny_inputs(arch)
     inputs.pop("decoder_input_ids", None)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if padding == "none":
+        shortest = int(mask.sum(1).min())
+        return {"input_ids": ids[:, :shortest].clone(), "attention_mask": torch.ones_like(mask[:, :shortest])}
     if model.config.is_encoder_decoder:
         return inputs
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     left_ids, left_mask = torch.full_like(ids, model.config.pad_token_id), torch.zeros_like(mask)
     for row, length in enumerate(mask.sum(1).tolist()):
         left_ids[row, -length:], left_mask[row, -length:] = ids[row, :length], 1
