@@ -323,3 +323,29 @@ def test_interactive_modify_refuses_conflicts_before_serving(toy, monkeypatch):
     with pytest.raises(DeltaConfigError, match="unknown field"):
         toy(model, interactive_modify=True, widht=3)
     assert not server_threads()
+
+
+def test_the_page_offers_the_layer_types_of_a_method_that_names_them_by_a_function(bert):
+    """``supported_layer_types = linear_types`` (a function, as LoRA's is) makes the linear rows clickable."""
+    from opendelta.interactive.selector import selectable_for
+    from opendelta.plugin_api import DeltaConfig, DeltaModel, linear_types
+
+    class _Config(DeltaConfig):
+        delta_type = "page_probe"
+
+    class _ByFunction(DeltaModel):
+        config_class = _Config
+        supported_layer_types = linear_types
+
+        def _build_delta(self, target):
+            return nn.Identity()
+
+    class _ByTuple:  # a 0.3.2-style class: a plain tuple and no layer_types()
+        supported_layer_types = (nn.LayerNorm,)
+
+    by_function, by_tuple = selectable_for(_ByFunction), selectable_for(_ByTuple)
+    query = bert.get_submodule("bert.encoder.layer.0.attention.self.query")
+    norm = bert.get_submodule("bert.encoder.layer.0.output.LayerNorm")
+    assert by_function(query) and not by_function(norm)
+    assert by_tuple(norm) and not by_tuple(query)
+    assert selectable_for(object) is None

@@ -20,7 +20,14 @@ from opendelta.interactive.server import SelectionServer
 from opendelta.interactive.tree import build_tree
 from opendelta.targets import backbone_module_names
 
-__all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "modified_modules_from_page", "resolve_timeout", "select_modules"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "TIMEOUT_ENV",
+    "modified_modules_from_page",
+    "resolve_timeout",
+    "select_modules",
+    "selectable_for",
+]
 
 TIMEOUT_ENV = "OPENDELTA_INTERACTIVE_TIMEOUT"
 """Environment variable: seconds to wait for a submission when no ``timeout`` is passed."""
@@ -127,7 +134,7 @@ def modified_modules_from_page(
     """The config entries ``interactive_modify`` sets for a delta model about to be built.
 
     Args:
-        delta_class: the :class:`~opendelta.DeltaModel` subclass; its ``supported_layer_types`` decide what can be
+        delta_class: the :class:`~opendelta.DeltaModel` subclass; its ``layer_types()`` decide what can be
             clicked.
         backbone_model: the backbone.
         interactive_modify: ``True`` for a free port, or the port number.
@@ -150,11 +157,17 @@ def modified_modules_from_page(
             f"{name} got modified_modules={given!r} and interactive_modify={interactive_modify!r}: the page's "
             f"selection would replace modified_modules; pass one of them"
         )
-    types = getattr(delta_class, "supported_layer_types", None)
-    names = select_modules(
-        backbone_model,
-        port=interactive_modify,
-        method=name,
-        selectable=None if types is None else (lambda module: isinstance(module, types)),
-    )
+    names = select_modules(backbone_model, port=interactive_modify, method=name, selectable=selectable_for(delta_class))
     return {"modified_modules": names, "common_structure": False}
+
+
+def selectable_for(delta_class: type) -> Callable[[nn.Module], bool] | None:
+    """Which rows of the page can be clicked for ``delta_class``: its layer types (``None``: every row).
+
+    ``layer_types()`` resolves a function such as ``linear_types``; a class without it holds a plain tuple.
+    """
+    layer_types = getattr(delta_class, "layer_types", None)
+    types = layer_types() if callable(layer_types) else getattr(delta_class, "supported_layer_types", None)
+    if types is None:
+        return None
+    return lambda module: isinstance(module, types)
