@@ -200,7 +200,7 @@ def interactive(session: nox.Session) -> None:
 
 @nox.session(tags=["ci"])
 def third_party(session: nox.Session) -> None:
-    """A third-party method and a third-party LLaMA mapping, each its own distribution: installing them is enough."""
+    """A third-party method and a third-party StableLM mapping, each its own distribution: installing them is enough."""
     dists = sorted(THIRD_PARTY.glob("opendelta-*"))
     install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"], PLUGINS["opendelta-adapter"], *dists)
     session.run("opendelta", "plugins")

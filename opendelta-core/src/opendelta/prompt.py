@@ -31,7 +31,7 @@ from opendelta.delta_protocols import PromptSource
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.insertion import SLOT_HANDLERS, Insertion, _insert, _Slot, register_placement
 from opendelta.sequence import align_with_cache, bound_arguments, extend_arguments, find_cache, strip_positions, unbind
-from opendelta.structures import find_config_model
+from opendelta.structures import base_model_of, find_config_model
 
 __all__ = ["PromptPlacement", "check_prompt_length", "input_stack", "insert_soft_prompt", "place_soft_prompt"]
 
@@ -65,7 +65,7 @@ def input_stack(backbone: nn.Module) -> tuple[str, nn.Module, str | None]:
             f"a soft prompt needs a transformers model inside {type(backbone).__name__} (a module with a config)"
         )
     _prefix, config_model = located
-    base = getattr(config_model, "base_model", config_model)
+    base = base_model_of(config_model)
     encoder_decoder = bool(getattr(config_model.config, "is_encoder_decoder", False))
     top = base.get_encoder() if encoder_decoder and hasattr(base, "get_encoder") else base
     stacks = [m for m in top.modules() if _embeds_tokens(m)]  # outermost first: the last is the innermost

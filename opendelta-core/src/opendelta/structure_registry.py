@@ -103,7 +103,7 @@ def structure_for_model(model: nn.Module) -> CommonStructure:
         f"no common-structure mapping for {type(model).__name__} (model_type={model_type!r}); mapped model types: "
         f"{known}. Pass modified_modules=[...] with real module names (list them with `opendelta show "
         f"<model folder>`, which reads no weights), or install a plugin that maps this architecture (a clone of "
-        f"OpenDelta has one for LLaMA in tests/third_party/opendelta-llama-structure)."
+        f"OpenDelta has one for StableLM in tests/third_party/opendelta-stablelm-structure)."
     )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from opendelta.errors import StructureValidationError
 
-__all__ = ["CommonName", "CommonStructure", "find_config_model", "get_schema", "validate_structure"]
+__all__ = ["CommonName", "CommonStructure", "base_model_of", "find_config_model", "get_schema", "validate_structure"]
 
 SCHEMA_FILE = "common-structure.schema.json"
 WILDCARD = "$"
@@ -76,6 +76,7 @@ class _Node:
     name: str | None  # None: the root; "": not part of the common structure; "$": keep the real component
     fused: tuple[str, ...] | None
     children: tuple[tuple[tuple[str, ...], _Node], ...]
+    aliases: tuple[str, ...] = ()  # further names of this module itself, relative to the same parent
 
     @classmethod
     def parse(cls, raw: dict[str, Any], name: str | None = None) -> _Node:
@@ -84,20 +85,24 @@ class _Node:
             for key, child in raw.get("children", {}).items()
         )
         fused = tuple(raw["fused"]) if "fused" in raw else None
-        return cls(name if name is not None else raw.get("name"), fused, children)
+        return cls(name if name is not None else raw.get("name"), fused, children, tuple(raw.get("aliases", ())))
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _names_under(node: _Node, parts: list[str], start: int, prefix: str) -> list[CommonName]:
-    """Common names of the module whose path (relative to ``node``'s module) is ``parts[start:]``."""
+def _names_under(node: _Node, parts: list[str], start: int, prefix: str, parent: str = "") -> list[CommonName]:
+    """Common names of the module whose path (relative to ``node``'s module) is ``parts[start:]``.
+
+    ``prefix`` is ``node``'s own common name and ``parent`` its parent's, which ``node``'s aliases extend.
+    """
     if start == len(parts):
         if node.fused:
             n = len(node.fused)
             return [CommonName(_join(prefix, p), i, n) for i, p in enumerate(node.fused)]
-        return [CommonName(prefix)] if prefix and node.name else []
+        own = [CommonName(prefix)] if prefix and node.name else []
+        return own + [CommonName(_join(parent, alias)) for alias in node.aliases]
     found: list[CommonName] = []
     for key, child in node.children:
         if key == (WILDCARD,):
@@ -107,7 +112,7 @@ def _names_under(node: _Node, parts: list[str], start: int, prefix: str) -> list
             consumed, own = len(key), child.name or ""
         else:
             continue
-        found += _names_under(child, parts, start + consumed, _join(prefix, own))
+        found += _names_under(child, parts, start + consumed, _join(prefix, own), prefix)
     return found
 
 
@@ -138,7 +143,7 @@ class CommonStructure:
         if located is None:
             return {}
         config_prefix, config_model = located
-        base = getattr(config_model, "base_model", config_model)
+        base = base_model_of(config_model)
         base_prefix = _join(config_prefix, _relative_name(config_model, base))
         mapping: dict[str, list[CommonName]] = {}
         for root, prefix, tree in ((base, base_prefix, self._tree), (config_model, config_prefix, self._heads)):
@@ -160,7 +165,7 @@ class CommonStructure:
         if located is None:
             return ["<no module with a transformers config>"], []
         config_model = located[1]
-        base = getattr(config_model, "base_model", config_model)
+        base = base_model_of(config_model)
         return _missing(self._tree, base, ""), _missing(self._heads, config_model, "")
 
 
@@ -202,3 +207,28 @@ def find_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
         if getattr(getattr(module, "config", None), "model_type", None):
             return name, module
     return None
+
+
+def base_model_of(config_model: nn.Module) -> nn.Module:
+    """The base model a mapping's tree is rooted at: ``config_model.base_model``, with one repair.
+
+    A task head whose ``base_model_prefix`` names no child (transformers 4.57's ``Gemma3ForCausalLM`` inherits
+    ``"language_model"`` from the multimodal class while its decoder is ``model``) reports itself as its own base
+    model. When a model does so although it has an output head, and exactly one child is a transformers model
+    sharing its config object, that child is the base model. Base models (no output head: ``OPTModel``, whose
+    ``decoder`` shares its config) and models that really are their own base (T5's, whose stacks hold copies of
+    the config) are left alone.
+    """
+    base = getattr(config_model, "base_model", config_model)
+    if base is not config_model or not callable(getattr(config_model, "get_output_embeddings", None)):
+        return base
+    if config_model.get_output_embeddings() is None:
+        return base
+    config = getattr(config_model, "config", None)
+    same = [m for m in config_model.children() if _is_pretrained(m) and getattr(m, "config", None) is config]
+    return same[0] if len(same) == 1 else base
+
+
+def _is_pretrained(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers model (checked by name, so structures needs no transformers import)."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__)

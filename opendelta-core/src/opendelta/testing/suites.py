@@ -7,8 +7,9 @@ A plugin's test file needs two lines::
     class TestLora(DeltaMethodSuite):
         method_name = "lora"
 
-and gets every check on tiny models of all seven mapped architectures (see ``tiny_models``). Set
-``config_kwargs`` for non-default hyper-parameters and ``architectures`` to narrow the set (say why in a comment).
+and gets every check on tiny models of the seven classic architectures (see ``tiny_models``). Set ``config_kwargs``
+for non-default hyper-parameters, and ``architectures`` to ``MODERN_ARCHITECTURES`` for the modern decoders and mT5,
+or to narrow the set (say why in a comment).
 """
 
 from __future__ import annotations

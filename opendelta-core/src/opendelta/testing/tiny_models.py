@@ -27,9 +27,11 @@ __all__ = [
     "GENERATION_HEADS",
     "HIDDEN_SIZE",
     "MAX_POSITIONS",
+    "MODERN_ARCHITECTURES",
     "NUM_HEADS",
     "NUM_LABELS",
     "NUM_LAYERS",
+    "SHIPPED_ARCHITECTURES",
     "SPECIAL_TOKEN_IDS",
     "TASK_HEADS",
     "VOCAB_SIZE",
@@ -43,7 +45,26 @@ __all__ = [
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "t5", "gpt2", "bart", "deberta-v2", "opt")
-"""HF ``model_type`` strings of the architectures the test-suite covers."""
+"""HF ``model_type`` strings of the seven classic architectures, which every plugin's conformance battery covers."""
+
+MODERN_ARCHITECTURES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "gptj",
+    "mt5",
+)
+"""The decoders (and mT5) people fine-tune today, mapped in ``common_structures`` too; the installed-plugin battery
+covers them (``tests/test_modern_architectures.py``), a plugin's own battery may narrow to :data:`ARCHITECTURES`."""
+
+SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES
+"""Every architecture ``common_structures`` ships a mapping for."""
 
 HIDDEN_SIZE = 32
 """Model width; divisible by :data:`NUM_HEADS` as every attention needs."""
@@ -82,6 +103,9 @@ SPECIAL_TOKEN_IDS: dict[str, dict[str, int]] = {
     "bart": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2},
     "deberta-v2": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
     "opt": {"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 2},
+    # The modern decoders' real ids (32000, 50279, 151643...) lie outside the tiny vocabulary; most have no pad token.
+    **{arch: {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} for arch in MODERN_ARCHITECTURES},
+    "mt5": {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1, "decoder_start_token_id": 0},
 }
 """Special token ids per architecture, all inside :data:`VOCAB_SIZE`."""
 
@@ -182,6 +206,50 @@ _ARCH_KWARGS: dict[str, dict[str, Any]] = {
     },
 }
 
+_DECODER_KWARGS: dict[str, Any] = {
+    "hidden_size": HIDDEN_SIZE,
+    "intermediate_size": FFN_SIZE,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    # Grouped-query attention: k_proj/v_proj are half as wide as q_proj, so a method assuming square projections fails.
+    "num_key_value_heads": NUM_HEADS // 2,
+    "head_dim": HIDDEN_SIZE // NUM_HEADS,
+    "max_position_embeddings": MAX_POSITIONS,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+}
+"""The LLaMA-family decoders' tiny config; the entries below add what each one has of its own."""
+
+_ARCH_KWARGS.update(
+    {
+        "llama": dict(_DECODER_KWARGS),
+        # A window shorter than the tiny inputs plus a prompt, so the sliding-window path really runs.
+        "mistral": {**_DECODER_KWARGS, "sliding_window": 5},
+        "qwen2": dict(_DECODER_KWARGS),
+        "qwen3": dict(_DECODER_KWARGS),
+        "gemma": dict(_DECODER_KWARGS),
+        # Alternating sliding (window 5) and global layers, attention-logit and final-logit soft-capping.
+        "gemma2": {**_DECODER_KWARGS, "sliding_window": 5, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 8},
+        "gemma3_text": {**_DECODER_KWARGS, "sliding_window": 5, "query_pre_attn_scalar": 8},
+        "olmo": dict(_DECODER_KWARGS),
+        "olmo2": dict(_DECODER_KWARGS),
+        "gptj": {
+            "n_embd": HIDDEN_SIZE,
+            "n_layer": NUM_LAYERS,
+            "n_head": NUM_HEADS,
+            "n_inner": FFN_SIZE,
+            "n_positions": MAX_POSITIONS,
+            "rotary_dim": 4,  # rotary on half of each 8-wide head (the default 64 is wider than the head)
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": False,
+        },
+        # T5's tiny config with mT5's gated-GELU feed-forward (wi_0, wi_1, wo).
+        "mt5": {**_ARCH_KWARGS["t5"], "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+    }
+)
+
 TASK_HEADS: dict[str, list[str]] = {
     "bert": ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"],
     "roberta": ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"],
@@ -190,6 +258,23 @@ TASK_HEADS: dict[str, list[str]] = {
     "bart": ["BartModel", "BartForConditionalGeneration", "BartForSequenceClassification"],
     "deberta-v2": ["DebertaV2Model", "DebertaV2ForSequenceClassification", "DebertaV2ForMaskedLM"],
     "opt": ["OPTModel", "OPTForCausalLM", "OPTForSequenceClassification"],
+    **{
+        arch: [f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification"]
+        for arch, prefix in [
+            ("llama", "Llama"),
+            ("mistral", "Mistral"),
+            ("qwen2", "Qwen2"),
+            ("qwen3", "Qwen3"),
+            ("gemma", "Gemma"),
+            ("gemma2", "Gemma2"),
+            ("gptj", "GPTJ"),
+        ]
+    },
+    "gemma3_text": ["Gemma3TextModel", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"],
+    # Their sequence-classification classes exist on transformers 5 only.
+    "olmo": ["OlmoModel", "OlmoForCausalLM"],
+    "olmo2": ["Olmo2Model", "Olmo2ForCausalLM"],
+    "mt5": ["MT5Model", "MT5ForConditionalGeneration"],
 }
 """Model classes per architecture that tests treat as derivative models.
 
@@ -203,10 +288,11 @@ GENERATION_HEADS: dict[str, str] = {
     "opt": "OPTForCausalLM",
     "t5": "T5ForConditionalGeneration",
     "bart": "BartForConditionalGeneration",
+    **{arch: TASK_HEADS[arch][1] for arch in MODERN_ARCHITECTURES},
 }
 """The class that ``generate()`` runs on, per architecture that generates text (decoders and encoder-decoders)."""
 
-_ENCODER_DECODERS = {"t5", "bart"}
+_ENCODER_DECODERS = {"t5", "bart", "mt5"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
 
 
@@ -228,8 +314,8 @@ def _check_arch(arch: str) -> None:
 
 
 def registered_architectures() -> tuple[str, ...]:
-    """The architectures :func:`tiny_model` can build: the seven of :data:`ARCHITECTURES`, then registered ones."""
-    return tuple(ARCHITECTURES) + tuple(sorted(set(_ARCH_KWARGS) - set(ARCHITECTURES)))
+    """The architectures :func:`tiny_model` can build: :data:`SHIPPED_ARCHITECTURES`, then registered ones."""
+    return SHIPPED_ARCHITECTURES + tuple(sorted(set(_ARCH_KWARGS) - set(SHIPPED_ARCHITECTURES)))
 
 
 def register_architecture(
@@ -244,7 +330,7 @@ def register_architecture(
 
     A distribution that maps a new architecture (say LLaMA) calls this in its tests, then runs the conformance
     battery there with ``architectures = ("llama",)``; core needs no change, and :data:`ARCHITECTURES` (what the
-    battery covers by default) stays the seven built-in ones. Registering an architecture again replaces it.
+    battery covers by default) stays the seven classic ones. Registering an architecture again replaces it.
 
     Args:
         arch: the HF ``model_type`` (``AutoConfig.for_model(arch)`` must know it).
@@ -257,9 +343,9 @@ def register_architecture(
         encoder_decoder: whether the model needs ``decoder_input_ids``.
 
     Raises:
-        ValueError: ``arch`` is one of the built-in seven, or a required id is missing or out of range.
+        ValueError: ``arch`` is built in (:data:`SHIPPED_ARCHITECTURES`), or a required id is missing or out of range.
     """
-    if arch in ARCHITECTURES:
+    if arch in SHIPPED_ARCHITECTURES:
         raise ValueError(f"{arch!r} is built in; its tiny model cannot be replaced (pick another model_type)")
     if not heads or not all(isinstance(h, str) for h in heads):
         raise ValueError(f"heads for {arch!r} must be a non-empty list of transformers class names, got {heads!r}")

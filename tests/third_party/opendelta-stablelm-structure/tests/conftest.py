@@ -1,7 +1,7 @@
-"""The conformance battery's fixtures, and the tiny LLaMA registered before tests are parametrized over it."""
+"""The conformance battery's fixtures, and the tiny StableLM registered before tests are parametrized over it."""
 
-from opendelta_llama_structure.testing import register_tiny_llama
+from opendelta_stablelm_structure.testing import register_tiny_stablelm
 
 pytest_plugins = ["opendelta.testing.fixtures"]
 
-register_tiny_llama()
+register_tiny_stablelm()

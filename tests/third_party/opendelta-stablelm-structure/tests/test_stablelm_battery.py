@@ -1,8 +1,8 @@
-"""Every installed delta method passes the conformance battery on LLaMA, whose mapping core never heard of."""
+"""Every installed delta method passes the conformance battery on StableLM, whose mapping core never heard of."""
 
 from opendelta.testing import DeltaMethodSuite
 
 
-class TestEveryInstalledMethodOnLlama(DeltaMethodSuite):
+class TestEveryInstalledMethodOnStableLm(DeltaMethodSuite):
     method_name = None  # parametrized over every installed method (the nox session installs LoRA and the adapter)
-    architectures = ("llama",)
+    architectures = ("stablelm",)

@@ -1,6 +1,6 @@
-"""A common-structure mapping for LLaMA, shipped as a third-party distribution: no change to OpenDelta's core.
+"""A common-structure mapping for StableLM, shipped as a third-party distribution: no change to OpenDelta's core.
 
-Installing it is all it takes: ``LoraModel(llama_model)`` then finds ``attn.q``/``attn.v`` (``q_proj``/``v_proj``).
+Installing it is all it takes: ``LoraModel(stablelm_model)`` then finds ``attn.q``/``attn.v`` (``q_proj``/``v_proj``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ __all__ = ["mapping"]
 
 
 def mapping() -> dict[str, Any]:
-    """The LLaMA common-structure document this distribution registers."""
-    document: dict[str, Any] = json.loads(resources.files(__name__).joinpath("llama.json").read_text(encoding="utf-8"))
+    """The StableLM common-structure document this distribution registers."""
+    text = resources.files(__name__).joinpath("stablelm.json").read_text(encoding="utf-8")
+    document: dict[str, Any] = json.loads(text)
     return document
