@@ -67,6 +67,7 @@ LAYERS: dict[int, set[str]] = {
     2: {"hookspecs", "plugins", "structure_registry", "versions"},
     3: {
         "config",
+        "all_linear",
         "targets",
         "prefix",
         "prompt",

@@ -50,3 +50,45 @@ def test_core_drops_excluded_submodules_of_a_broadcast_target(toy):
 def test_unknown_constructor_argument_is_named_with_the_known_ones(toy):
     with pytest.raises(DeltaConfigError, match=r"unknown field\(s\) \['bottleneck_dim'\].*width"):
         ToyModel(tiny_model("bert"), bottleneck_dim=8)
+
+
+def test_a_gated_feed_forward_answers_to_its_own_names_and_to_w1_w2():
+    model = tiny_model("llama")
+    by_alias = resolve_targets(model, ["ff.w1", "ff.w2"], None, (), True, "Test")
+    by_name = resolve_targets(model, ["ff.up", "ff.down"], None, (), True, "Test")
+    assert (
+        [t.name for t in by_alias]
+        == [t.name for t in by_name]
+        == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")]
+    )
+    gate = resolve_targets(model, ["ff.gate"], None, (), True, "Test")
+    assert [t.name for t in gate] == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
+    both = resolve_targets(model, ["ff.up", "ff.w1"], None, (), True, "Test")
+    assert len(both) == 2  # one module under two names is one target
+
+
+def test_a_mapping_that_fits_only_partly_names_what_it_could_not_place():
+    """A T5 config with the gated feed-forward has no DenseReluDense.wi, which the t5 mapping calls ff.w1."""
+    import transformers
+
+    from opendelta import OpenDeltaAddressingWarning
+    from opendelta.testing.tiny_models import tiny_config
+
+    model = transformers.T5ForConditionalGeneration(tiny_config("t5", feed_forward_proj="gated-gelu"))
+    with pytest.warns(OpenDeltaAddressingWarning, match=r"'t5' fits T5ForConditionalGeneration only partly") as seen:
+        targets = resolve_targets(model, ["ff.w1", "ff.w2"], None, (), True, "Test")
+    message = str(seen[0].message)
+    assert "encoder.block.N.ff.w1 (DenseReluDense.wi)" in message and "decoder.block.N.ff.w1" in message
+    assert "ff.w2" not in message.split("only partly:")[1].split("name no module")[0]
+    assert {t.name.rsplit(".", 1)[-1] for t in targets} == {"wo"}
+
+
+def test_a_mapping_that_fits_needs_no_word(recwarn):
+    import transformers
+
+    from opendelta.testing.tiny_models import tiny_config
+
+    gated = transformers.T5ForConditionalGeneration(tiny_config("t5", feed_forward_proj="gated-gelu"))
+    resolve_targets(gated, ["attn.q"], None, (), True, "Test")  # the unplaced ff.w1 was not asked for
+    resolve_targets(tiny_model("t5"), ["ff.w1"], None, (), True, "Test")
+    assert not recwarn.list

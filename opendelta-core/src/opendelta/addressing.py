@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from opendelta import file_patterns
@@ -43,6 +43,21 @@ class Pattern:
             return name == self.text or name.endswith("." + self.text)
         parts = name.split(".")
         return any(self.regex.fullmatch(".".join(parts[i:])) for i in range(len(parts)))
+
+
+ALL_LINEAR = "all-linear"
+"""``modified_modules="all-linear"``: every linear layer in the blocks (see :mod:`opendelta.all_linear`), as PEFT spells
+it (compared case-insensitively)."""
+
+
+def is_all_linear(modified_modules: object) -> bool:
+    """Whether ``modified_modules`` is the keyword: the string itself, or a one-entry list holding it (as saved)."""
+    if isinstance(modified_modules, str):
+        return modified_modules.lower() == ALL_LINEAR
+    if isinstance(modified_modules, (list, tuple)) and len(modified_modules) == 1:
+        entry = modified_modules[0]
+        return isinstance(entry, str) and entry.lower() == ALL_LINEAR
+    return False
 
 
 def compile_patterns(
@@ -122,6 +137,7 @@ def find_matches(
     require_each: bool = True,
     warn_unmatched: bool = False,
     describe: str = "the backbone",
+    explained: Collection[str] = (),
 ) -> list[str]:
     """The names that match any pattern and are not excluded, in the order given.
 
@@ -134,6 +150,8 @@ def find_matches(
             the patterns that matched nothing while others matched: a list written for several architectures
             (``["query", "q_proj"]``) is fine, but a typo among them should not pass unseen.
         describe: how to name the searched model in messages.
+        explained: pattern texts already warned about by the caller (say, a mapping that fits the model only partly),
+            left out of the unmatched warning so one cause gives one warning.
 
     Raises:
         ModuleNotFoundInStructureError: a pattern (or the whole list) matched nothing; the message echoes the
@@ -163,6 +181,7 @@ def find_matches(
             f"module(s) of {describe}, but exclude_modules="
             f"{file_patterns.shown(excluded) if from_file else repr(excluded)} excluded all of them."
         )
+    missing = [t for t in missing if t not in explained]
     if warn_unmatched and missing:
         warnings.warn(
             f"{_unmatched_message(patterns, missing, names, describe)} The other entries matched and are used; drop "

@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from opendelta.addressing import ALL_LINEAR, is_all_linear
 from opendelta.classic_config import classic_parameters
 from opendelta.errors import DeltaConfigError, OpenDeltaConfigWarning
 from opendelta.file_patterns import PATTERN_FIELDS, FilePatterns, check_limits
@@ -117,6 +118,8 @@ class DeltaConfig:
     backbone_hash: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.modified_modules, str) and is_all_linear(self.modified_modules):
+            self.modified_modules = [ALL_LINEAR]  # PEFT's spelling, kept as a list so the field keeps its type
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)

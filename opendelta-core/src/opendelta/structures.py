@@ -155,6 +155,18 @@ class CommonStructure:
                     mapping.setdefault(_join(prefix, rel), []).extend(names)
         return mapping
 
+    def unplaced_names(self, model: nn.Module) -> dict[str, str]:
+        """Common names of the tree that no module of ``model`` carries, each with the real path that is missing.
+
+        Empty for every architecture the mapping lists; a model of the same ``model_type`` built differently (a
+        T5 config with the gated feed-forward has no ``DenseReluDense.wi``) fits the mapping only partly. Block
+        indices are written ``N`` (``decoder.block.N.ff.w1``). Heads are not included: task classes have some.
+        """
+        located = find_config_model(model)
+        if located is None:
+            return {}
+        return _unplaced(self._tree, base_model_of(located[1]), "")
+
     def missing_paths(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """Paths of this mapping that do not exist on ``model``: ``(tree paths, head paths)``.
 
@@ -167,6 +179,37 @@ class CommonStructure:
         config_model = located[1]
         base = base_model_of(config_model)
         return _missing(self._tree, base, ""), _missing(self._heads, config_model, "")
+
+
+def _subtree_names(node: _Node, common: str, parent: str) -> list[str]:
+    """Every common name ``node`` (named ``common``, under ``parent``) and its descendants would give."""
+    if node.fused:
+        return [_join(common, part) for part in node.fused]
+    names = [common] if common and node.name else []
+    names += [_join(parent, alias) for alias in node.aliases]
+    for _key, child in node.children:
+        names += _subtree_names(child, _join(common, child.name if child.name != WILDCARD else "N"), common)
+    return names
+
+
+def _unplaced(node: _Node, module: nn.Module, common: str) -> dict[str, str]:
+    """Common names under ``node`` whose real module is missing from ``module``, each with the missing real path."""
+    found: dict[str, str] = {}
+    for key, child in node.children:
+        if key == (WILDCARD,):
+            for _name, sub in module.named_children():
+                found.update(_unplaced(child, sub, _join(common, "N" if child.name == WILDCARD else child.name or "")))
+            continue
+        path = ".".join(key)
+        own = _join(common, child.name or "")
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:
+            for name in _subtree_names(child, own, common):
+                found.setdefault(name, path)
+            continue
+        found.update(_unplaced(child, sub, own))
+    return found
 
 
 def _missing(node: _Node, module: nn.Module, prefix: str) -> list[str]:

@@ -10,16 +10,19 @@ for several architectures (``["query", "q_proj"]``) works on each: the entries t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from opendelta import file_patterns
-from opendelta.addressing import compile_patterns, find_matches, is_excluded
-from opendelta.errors import ModuleNotFoundInStructureError
+from opendelta.addressing import Pattern, compile_patterns, find_matches, is_all_linear, is_excluded
+from opendelta.all_linear import all_linear_names
+from opendelta.errors import ModuleNotFoundInStructureError, OpenDeltaAddressingWarning
 from opendelta.markers import iter_delta_modules
 from opendelta.structure_registry import structure_for_model
+from opendelta.structures import CommonStructure
 
 __all__ = ["Target", "backbone_module_names", "resolve_targets"]
 
@@ -97,6 +100,8 @@ def resolve_targets(
         StructureNotFoundError: common names were needed but no mapping covers the model.
     """
     use_defaults = modified_modules is None
+    if not use_defaults and is_all_linear(modified_modules):
+        return _all_linear_targets(model, exclude_modules, method)
     patterns = compile_patterns(default_modified_modules if use_defaults else modified_modules)
     exclude = compile_patterns(exclude_modules, argument="exclude_modules")
     if not patterns:  # [] designates nothing: falling back to the defaults would modify modules nobody named
@@ -118,12 +123,21 @@ def resolve_targets(
         return [Target(n, modules[n]) for n in chosen]
 
     structure = structure_for_model(model)
+    explained = _warn_unplaced(structure, model, patterns)
     allowed = set(names)
     common = {real: cn for real, cn in structure.common_names(model).items() if real in allowed}
     scopes = {s: None for cns in common.values() for c in cns for s in [*_ancestors(c.name, cover_scopes), c.name]}
     describe = f"{describe} (common structure {structure.model_type!r}, names like 'encoder.block.0.attn.q')"
     matched = set(
-        find_matches(list(scopes), patterns, (), require_each=False, warn_unmatched=not use_defaults, describe=describe)
+        find_matches(
+            list(scopes),
+            patterns,
+            (),
+            require_each=False,
+            warn_unmatched=not use_defaults,
+            describe=describe,
+            explained=explained,
+        )
     )
     targets = []
     for real, cns in common.items():
@@ -149,3 +163,41 @@ def resolve_targets(
             f"exclude_modules={unlisted} excluded all of them"
         )
     return targets
+
+
+def _warn_unplaced(structure: CommonStructure, model: nn.Module, patterns: Sequence[Pattern]) -> set[str]:
+    """Say which requested common names the mapping could not place on this model, instead of dropping them.
+
+    A model of a mapped ``model_type`` may be built differently from the classes the mapping was checked on (a T5
+    config with the gated feed-forward has no ``DenseReluDense.wi``, which the ``t5`` mapping names ``ff.w1``).
+
+    Returns:
+        The texts of the patterns that asked for an unplaced name (warned about here, so not again as unmatched).
+    """
+    unplaced = structure.unplaced_names(model)
+    wanted = {name: path for name, path in unplaced.items() if any(p.matches(name) for p in patterns)}
+    if not wanted:
+        return set()
+    listed = ", ".join(f"{name} ({path})" for name, path in sorted(wanted.items()))
+    warnings.warn(
+        f"the common-structure mapping {structure.model_type!r} fits {type(model).__name__} only partly: {listed} "
+        f"name no module of this model, so nothing is placed there. Name real modules with modified_modules=[...] "
+        f"(list them with `opendelta show <model folder>`), or install a mapping for this variant.",
+        OpenDeltaAddressingWarning,
+        stacklevel=4,
+    )
+    return {p.text for p in patterns if any(p.matches(name) for name in wanted)}
+
+
+def _all_linear_targets(model: nn.Module, exclude_modules: Sequence[str] | None, method: str) -> list[Target]:
+    """``modified_modules="all-linear"``: the linear layers inside the blocks, less the excluded ones."""
+    exclude = compile_patterns(exclude_modules, argument="exclude_modules")
+    chosen = all_linear_names(model, backbone_module_names(model), method)
+    kept = [name for name in chosen if not is_excluded(name, exclude)]
+    if not kept:
+        raise ModuleNotFoundInStructureError(
+            f"{method}: modified_modules='all-linear' matched {len(chosen)} linear layer(s) of "
+            f"{type(model).__name__}, but exclude_modules={list(exclude_modules or [])!r} excluded all of them"
+        )
+    modules = dict(model.named_modules())
+    return [Target(name, modules[name]) for name in kept]

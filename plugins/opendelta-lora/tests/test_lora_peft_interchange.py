@@ -247,3 +247,16 @@ def test_from_finetuned_reads_a_peft_folder_and_save_peft_writes_one(tmp_path):
     again = tiny_model("bert")
     LoraModel.from_finetuned(tmp_path / "b", again)
     torch.testing.assert_close(run(again, "bert"), expected, atol=ATOL, rtol=0)
+
+
+def test_our_all_linear_is_peft_s_on_a_decoder_and_leaves_bert_s_pooler_and_head_out():
+    """On a causal LM both take every linear layer but the LM head; on BERT PEFT also takes the pooler (and the
+    classifier unless task_type is SEQ_CLS), which sit outside the blocks ours is limited to."""
+    for arch, head in (("llama", "LlamaForCausalLM"), ("bert", None)):
+        ours = {t.name for t in LoraModel(tiny_model(arch, head), modified_modules="all-linear").targets}
+        wrapped = peft.get_peft_model(tiny_model(arch, head), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+        if arch == "llama":
+            assert ours == theirs and len(ours) == 14
+        else:
+            assert ours < theirs and theirs - ours == {"bert.pooler.dense", "classifier"}
