@@ -28,3 +28,14 @@ def toy_checkpoint_dir(toy, tmp_path):
     perturb(delta_model)
     delta_model.freeze_module(exclude=["deltas", "classifier"])
     return delta_model.save_finetuned(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def no_inference(monkeypatch):
+    """Core's mapping inference switched off (``OPENDELTA_DISABLE_PLUGINS=structure_inference``), for tests of what
+    a user meets when nothing maps a model; the registry is reloaded on both sides."""
+    monkeypatch.setenv("OPENDELTA_DISABLE_PLUGINS", "structure_inference")
+    reload()
+    yield
+    monkeypatch.delenv("OPENDELTA_DISABLE_PLUGINS")
+    reload()

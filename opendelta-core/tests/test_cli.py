@@ -255,7 +255,7 @@ def test_show_errors_are_one_line_and_status_1(args, message, bert_dir, tmp_path
     assert err.startswith("opendelta show: error: ") and message in err and err.count("\n") == 1
 
 
-def test_show_common_without_a_mapping_says_how_to_proceed(tmp_path, capsys):
+def test_show_common_without_a_mapping_says_how_to_proceed(no_inference, tmp_path, capsys):
     transformers.AutoConfig.for_model("electra", hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path)
     assert main(["show", str(tmp_path), "--common"]) == 1
     err = capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_version_specifiers_are_quoted_in_both_forms():
     assert "pip install -U --find-links wheelhouse 'opendelta-lora>=1.2'" in hint
 
 
-def test_an_unmapped_architecture_points_to_opendelta_show():
+def test_an_unmapped_architecture_points_to_opendelta_show(no_inference):
     reload()
     config = AutoConfig.for_model("distilbert", dim=32, hidden_dim=37, n_layers=2, n_heads=4, vocab_size=99)
     with pytest.raises(StructureNotFoundError, match="opendelta show <model folder>") as caught:

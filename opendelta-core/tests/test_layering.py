@@ -64,7 +64,7 @@ LAYERS: dict[int, set[str]] = {
         "hashing",
         "visualization",
     },
-    2: {"hookspecs", "plugins", "structure_registry", "versions"},
+    2: {"hookspecs", "plugins", "structure_registry", "structure_inference", "versions"},
     3: {
         "config",
         "all_linear",

@@ -116,7 +116,7 @@ def test_unmapped_model_is_resolved_by_the_hook(toy):
     ]
 
 
-def test_unmapped_model_without_resolver_says_to_pass_modified_modules(toy):
+def test_unmapped_model_without_resolver_says_to_pass_modified_modules(no_inference, toy):
     reload()
     with pytest.raises(StructureNotFoundError, match="modified_modules"):
         structure_for_model(distilbert())

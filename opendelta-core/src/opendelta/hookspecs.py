@@ -88,7 +88,10 @@ def resolve_common_structure(model: nn.Module, model_type: str | None) -> dict[s
     Called only when no mapping is registered for ``model_type``. The first implementation that returns a
     document wins; return ``None`` to let the next plugin try. The document is validated like a registered one.
     An implementation that raises or returns an invalid document is reported once, naming its distribution, and
-    skipped until ``opendelta.registry.reload()``; the next implementation is tried.
+    skipped until ``opendelta.registry.reload()``; the next implementation is tried. One that looked at the model and
+    must refuse it raises :class:`~opendelta.errors.StructureNotFoundError`: no warning, the next one is tried, and
+    the reason joins the error the user gets if none maps it. Core's own inference
+    (:mod:`opendelta.structure_inference`) runs last.
 
     Args:
         model: the backbone (or the part of it that carries the ``config``).

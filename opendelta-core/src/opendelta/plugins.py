@@ -34,8 +34,11 @@ from opendelta.errors import OpenDeltaPluginWarning
 from opendelta.install_hint import SHIPPED
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
-DEFAULT_PLUGINS: tuple[str, ...] = ()
-"""Modules registered before the entry points (none: every method and mapping comes from a distribution)."""
+DEFAULT_PLUGINS: dict[str, str] = {"structure_inference": "opendelta.structure_inference"}
+"""Core's own hook implementations (name -> module), registered before the entry points: only the last-resort
+mapping inference, since every method and every mapping comes from a distribution. ``OPENDELTA_DISABLE_PLUGINS``
+turns one off by name (``structure_inference``: a model no mapping covers is then refused); they are core, not
+entry points, so :func:`list_plugins` and ``opendelta plugins`` leave them out."""
 
 PLUGIN_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
 """What a plugin may raise without taking the program down (a ``sys.exit()`` at import time included)."""
@@ -234,12 +237,13 @@ def load_plugins() -> None:
         if _truthy("OPENDELTA_TRACE_PLUGINS"):
             pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
             pm.enable_tracing()
-        for module_name in DEFAULT_PLUGINS:
-            module: ModuleType = __import__(module_name, fromlist=["_"])
-            _register(module, module_name)
+        allow, deny = _env_list("OPENDELTA_LOAD_PLUGINS"), _env_list(_DISABLE_ENV)
+        for name, module_name in DEFAULT_PLUGINS.items():
+            if name not in deny:
+                module: ModuleType = __import__(module_name, fromlist=["_"])
+                _register(module, name)
         if _truthy("OPENDELTA_DISABLE_PLUGIN_AUTOLOAD"):
             return
-        allow, deny = _env_list("OPENDELTA_LOAD_PLUGINS"), _env_list(_DISABLE_ENV)
         groups: dict[str, list[metadata.EntryPoint]] = {}
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             if not ((allow and ep.name not in allow) or ep.name in deny):
@@ -278,7 +282,7 @@ def list_plugins() -> list[PluginInfo]:
     load_plugins()
     infos = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
-        if plugin is None:  # a name blocked with pm.set_blocked
+        if plugin is None or name in DEFAULT_PLUGINS:  # a name blocked with pm.set_blocked; core's own
             continue
         callers = pm.get_hookcallers(plugin) or []
         dist, version = _state.distributions.get(name, (None, None))

@@ -95,23 +95,26 @@ def structure_for_model(model: nn.Module) -> CommonStructure:
     if structure is not None:
         return structure
     owner = located[1] if located else model
-    structure = _resolve(owner, model_type, model_type or type(model).__name__)
+    refusals: list[str] = []
+    structure = _resolve(owner, model_type, model_type or type(model).__name__, refusals)
     if structure is not None:
         return structure
     known = ", ".join(s.model_type for s in list_structures()) or "none"
+    why = "".join(f" {reason[0].upper()}{reason[1:]}." for reason in refusals)
     raise StructureNotFoundError(
         f"no common-structure mapping for {type(model).__name__} (model_type={model_type!r}); mapped model types: "
-        f"{known}. Pass modified_modules=[...] with real module names (list them with `opendelta show "
+        f"{known}.{why} Pass modified_modules=[...] with real module names (list them with `opendelta show "
         f"<model folder>`, which reads no weights), or install a plugin that maps this architecture (a clone of "
         f"OpenDelta has one for StableLM in tests/third_party/opendelta-stablelm-structure)."
     )
 
 
-def _resolve(model: nn.Module, model_type: str | None, what: str) -> CommonStructure | None:
+def _resolve(model: nn.Module, model_type: str | None, what: str, refusals: list[str]) -> CommonStructure | None:
     """The first valid document a ``resolve_common_structure`` implementation returns, in pluggy's call order.
 
     Each implementation is called on its own: one that raises or returns something that is not a valid mapping
     is warned about once (naming its distribution) and skipped until the next ``reload()``; the next one is tried.
+    One that refuses the model (:class:`StructureNotFoundError`) adds its reason to ``refusals``, for the message.
     """
     _ensure()
     kwargs = {"model": model, "model_type": model_type}
@@ -125,6 +128,8 @@ def _resolve(model: nn.Module, model_type: str | None, what: str) -> CommonStruc
             if document is None:
                 continue
             return CommonStructure(document, source=f"resolve_common_structure for {what} from plugin {name!r}")
+        except StructureNotFoundError as exc:  # a resolver that looked at the model and refuses it, saying why
+            refusals.append(str(exc).rstrip("."))
         except plugins.PLUGIN_ERRORS as exc:
             with _lock:
                 _failed_resolvers.add(name)

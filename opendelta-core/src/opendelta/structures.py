@@ -139,10 +139,7 @@ class CommonStructure:
         ``model`` is the backbone as the user holds it: a transformers model of this architecture, a derivative
         with a task head, or any module that wraps one. Real names are relative to ``model``.
         """
-        located = find_config_model(model)
-        if located is None:
-            return {}
-        config_prefix, config_model = located
+        config_prefix, config_model = find_config_model(model) or ("", model)  # a plain module maps from its root
         base = base_model_of(config_model)
         base_prefix = _join(config_prefix, _relative_name(config_model, base))
         mapping: dict[str, list[CommonName]] = {}
@@ -162,10 +159,8 @@ class CommonStructure:
         T5 config with the gated feed-forward has no ``DenseReluDense.wi``) fits the mapping only partly. Block
         indices are written ``N`` (``decoder.block.N.ff.w1``). Heads are not included: task classes have some.
         """
-        located = find_config_model(model)
-        if located is None:
-            return {}
-        return _unplaced(self._tree, base_model_of(located[1]), "")
+        config_model = (find_config_model(model) or ("", model))[1]
+        return _unplaced(self._tree, base_model_of(config_model), "")
 
     def missing_paths(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """Paths of this mapping that do not exist on ``model``: ``(tree paths, head paths)``.
@@ -173,10 +168,7 @@ class CommonStructure:
         Tree paths are relative to the base model, with ``$`` expanded over the real children; a model of a listed
         architecture must have them all. Head paths are relative to the config model; task classes have some.
         """
-        located = find_config_model(model)
-        if located is None:
-            return ["<no module with a transformers config>"], []
-        config_model = located[1]
+        config_model = (find_config_model(model) or ("", model))[1]
         base = base_model_of(config_model)
         return _missing(self._tree, base, ""), _missing(self._heads, config_model, "")
 
