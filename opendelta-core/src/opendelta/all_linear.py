@@ -16,6 +16,7 @@ from torch import nn
 
 from opendelta.errors import ModuleNotFoundInStructureError, StructureNotFoundError
 from opendelta.shapes import linear_types
+from opendelta.structure_inference import layer_stacks
 from opendelta.structure_registry import structure_for_model
 from opendelta.structures import find_config_model
 
@@ -34,16 +35,6 @@ def _mapped_blocks(model: nn.Module) -> list[str] | None:
     return [real for real, names in common.items() if any(_BLOCK.fullmatch(c.name) for c in names)]
 
 
-def _repeated_blocks(model: nn.Module) -> list[str]:
-    """Children of every ``nn.ModuleList`` whose entries share one class: the layer stacks of an unmapped model."""
-    blocks = []
-    for name, module in model.named_modules():
-        children = list(module.named_children()) if isinstance(module, nn.ModuleList) else []
-        if children and len({type(child) for _, child in children}) == 1:
-            blocks += [f"{name}.{child}" if name else child for child, _ in children]
-    return blocks
-
-
 def all_linear_names(model: nn.Module, names: Sequence[str], method: str) -> list[str]:
     """The names among ``names`` (the backbone's candidates, in module order) that ``"all-linear"`` designates.
 
@@ -52,7 +43,7 @@ def all_linear_names(model: nn.Module, names: Sequence[str], method: str) -> lis
     """
     blocks = _mapped_blocks(model)
     if blocks is None:
-        blocks = _repeated_blocks(model)
+        blocks = [f"{path}.{i}" if path else str(i) for path, stack in layer_stacks(model) for i in range(len(stack))]
     if not blocks:
         raise ModuleNotFoundInStructureError(
             f"{method}: modified_modules='all-linear' found no repeated blocks in {type(model).__name__} (no "

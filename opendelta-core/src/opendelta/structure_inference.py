@@ -33,7 +33,7 @@ from opendelta.hookspecs import hookimpl
 from opendelta.shapes import linear_types
 from opendelta.structures import base_model_of, find_config_model
 
-__all__ = ["infer_structure", "resolve_common_structure"]
+__all__ = ["infer_structure", "layer_stacks", "resolve_common_structure"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,11 @@ class _Block:
         return chosen
 
 
-def _stacks(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The outermost ``nn.ModuleList``s of two or more modules of one class (or one, if it is all there is)."""
+def layer_stacks(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost ``nn.ModuleList``s whose entries share one class: the layer stacks of any transformer.
+
+    Also what ``modified_modules="all-linear"`` takes as the blocks of a model no mapping names.
+    """
     found: list[tuple[str, nn.ModuleList]] = []
     for path, module in base.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0 or len({type(m) for m in module}) != 1:
@@ -250,7 +253,7 @@ def infer_structure(model: nn.Module, model_type: str | None = None) -> dict[str
     base = base_model_of(config_model) if located else model
     config = getattr(config_model, "config", None)
     what = type(config_model).__name__
-    stacks = _stacks(base)
+    stacks = layer_stacks(base)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     stacks = [(p, m) for p, m in stacks if p]  # a model that is itself the list has no path to map it by
     if not stacks:
