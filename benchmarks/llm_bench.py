@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -85,16 +84,29 @@ def generation(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> Ca
     return call
 
 
+def high_water_mb() -> float:
+    """This process's peak resident set in MB: ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that across ``exec`` from the forking parent, so a child of a
+    benchmark already holding three models would report the parent's size. ``VmHWM`` belongs to the new image.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the peak-memory probe needs Linux")
+
+
 def peak_rss(variant: str, scenario: str, batch: int, seq: int, new_tokens: int) -> dict[str, float]:
     """In this process: MB resident after loading the variant, and the peak after running the scenario 3 times."""
     folder = smollm2_folder(announce=lambda _: None)
     model = build(variant, folder, train=scenario == "train")
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = high_water_mb()
     ids = token_batch(batch, seq)
     run = training_step(model, ids) if scenario == "train" else generation(model, ids[:, : seq // 2], new_tokens)
     for _ in range(3):
         run()
-    return {"loaded_mb": loaded, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"loaded_mb": loaded, "peak_mb": high_water_mb()}
 
 
 def measure_peaks(scenario: str, batch: int, seq: int, new_tokens: int, threads: int) -> dict[str, float]:
