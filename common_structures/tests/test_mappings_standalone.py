@@ -75,6 +75,8 @@ def _common_names(children: dict[str, Any], prefix: str = "") -> Iterator[str]:
         if "fused" in node:
             for part in node["fused"]:
                 yield _join(prefix, part)
+                for alias in node.get("part_aliases", {}).get(part, ()):
+                    yield _join(prefix, alias)
             continue
         name = node["name"]
         own = _join(prefix, key if name == WILDCARD else name)
@@ -109,7 +111,8 @@ def _resolve(
             path = _join(real, component)
             if "fused" in node:
                 for i, part in enumerate(node["fused"]):
-                    yield path, f"{_join(common, part)}[{i}/{len(node['fused'])}]", ""
+                    for name in (part, *node.get("part_aliases", {}).get(part, ())):
+                        yield path, f"{_join(common, name)}[{i}/{len(node['fused'])}]", ""
                 continue
             name = node["name"]
             own = _join(common, component if name == WILDCARD else name)
@@ -168,6 +171,44 @@ def test_tree_resolves_on_base_model(path: Path, cls_name: str) -> None:
     for real, common, _ in resolved:
         if common:
             assert owners.setdefault(common, real) == real, f"{common!r} names {owners[common]} and {real}"
+
+
+def _fused_modules(
+    module: torch.nn.Module, children: dict[str, Any], real: str = ""
+) -> Iterator[tuple[str, dict[str, Any], torch.nn.Module]]:
+    """Every fused node of ``children`` with its real path and module on ``module`` (``$`` expanded)."""
+    for key, node in children.items():
+        subs = module.named_children() if key == WILDCARD else [(key, module.get_submodule(key))]
+        for component, sub in subs:
+            if "fused" in node:
+                yield _join(real, component), node, sub
+            else:
+                yield from _fused_modules(sub, node.get("children", {}), _join(real, component))
+
+
+def _split_variant(split: Any, config: Any) -> dict[str, Any]:
+    """The variant of a fused node's split that ``config`` selects (first whose ``when`` all match)."""
+    variants = split if isinstance(split, list) else [split]
+    matching = [v for v in variants if all(getattr(config, k, None) == w for k, w in v.get("when", {}).items())]
+    assert matching, f"no variant of {split!r} fits {type(config).__name__}"
+    return matching[0]
+
+
+@pytest.mark.parametrize(("path", "cls_name"), _architectures(), ids=lambda x: getattr(x, "stem", x))
+def test_fused_splits_fit_the_tiny_model(path: Path, cls_name: str) -> None:
+    """A fused node's split names config counts the model has, and its output divides into them."""
+    doc = _load(path)
+    model = tiny_models.tiny_model(doc["model_type"], cls_name)
+    for real, node, module in _fused_modules(_base_model(model), doc["tree"]["children"]):
+        variant = _split_variant(node.get("split", {}), model.config)
+        if "refuse" in variant:
+            continue
+        counts = [variant.get("groups", 1), *variant.get("sizes", [1] * len(node["fused"]))]
+        values = [c if isinstance(c, int) else getattr(model.config, c, None) for c in counts]
+        assert all(isinstance(v, int) and v > 0 for v in values), f"{real}: {counts} on the config gives {values}"
+        assert len(values) == len(node["fused"]) + 1, f"{real}: one size per part of {node['fused']}"
+        out_features = module.weight.shape[0] if isinstance(module, torch.nn.Linear) else module.weight.shape[1]
+        assert out_features % (values[0] * sum(values[1:])) == 0, f"{real}: {out_features} features, split {values}"
 
 
 @pytest.mark.parametrize("path", [p for p in MAPPING_FILES if "heads" in _load(p)], ids=lambda p: p.stem)

@@ -453,7 +453,9 @@ def _projection(
                 out = linear_features(module)[1]
                 index = None
                 if name.part is not None:
-                    index = fused_output_index(out, (name.part,), name.num_parts, device=module.weight.device)
+                    index = fused_output_index(
+                        out, (name.part,), name.num_parts, module.weight.device, name.split, f"{real} ({name.name})"
+                    )
                 return module, index, out if index is None else int(index.numel())
     return None
 
