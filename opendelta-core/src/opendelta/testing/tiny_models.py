@@ -24,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 __all__ = [
     "ARCHITECTURES",
     "FFN_SIZE",
+    "FUSED_ARCHITECTURES",
     "GENERATION_HEADS",
     "HIDDEN_SIZE",
     "MAX_POSITIONS",
@@ -62,6 +63,16 @@ MODERN_ARCHITECTURES: tuple[str, ...] = (
 )
 """The decoders (and mT5) people fine-tune today, mapped in ``common_structures`` too; the installed-plugin battery
 covers them (``tests/test_modern_architectures.py``), a plugin's own battery may narrow to :data:`ARCHITECTURES`."""
+
+# ---- fused projections (issue 16): Phi-3, GPT-NeoX, Falcon, ModernBERT, T5Gemma. Kept in blocks of their own
+# ---- (here, after _ARCH_KWARGS, after GENERATION_HEADS) so concurrent additions to this file merge cleanly.
+FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3",)
+"""Architectures whose projections are fused in ways GPT-2's equal ``c_attn`` thirds do not describe: Phi-3's
+unequal ``qkv_proj`` and fused ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``, Falcon's
+grouped one, ModernBERT's ``Wqkv`` and ``Wi`` (an encoder); T5Gemma (Gemma 2 layers in an encoder-decoder) with
+them. Part of :data:`MODERN_ARCHITECTURES`."""
+MODERN_ARCHITECTURES += FUSED_ARCHITECTURES
+# ---- end of the fused-projections block
 
 SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES
 """Every architecture ``common_structures`` ships a mapping for."""
@@ -250,6 +261,15 @@ _ARCH_KWARGS.update(
     }
 )
 
+# ---- fused projections (issue 16): the tiny configs of FUSED_ARCHITECTURES
+_ARCH_KWARGS.update(
+    {
+        # Grouped-query attention makes qkv_proj's parts unequal: q is 32 features wide, k and v 16 each.
+        "phi3": {**_DECODER_KWARGS, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+    }
+)
+# ---- end of the fused-projections block
+
 TASK_HEADS: dict[str, list[str]] = {
     "bert": ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"],
     "roberta": ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"],
@@ -282,6 +302,17 @@ Names, not classes, so importing this module stays cheap and does not fail
 on a transformers version that lacks one class; resolve a name with
 ``getattr(transformers, name)``.
 """
+
+# ---- fused projections (issue 16): the task heads of FUSED_ARCHITECTURES, on transformers 4.57 and 5 alike
+TASK_HEADS.update(
+    {
+        **{
+            arch: [f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification"]
+            for arch, prefix in [("phi3", "Phi3")]
+        },
+    }
+)
+# ---- end of the fused-projections block
 
 GENERATION_HEADS: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel",

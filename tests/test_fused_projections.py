@@ -1,0 +1,115 @@
+"""LoRA on one part of a fused projection updates exactly that part's rows, whatever the layout, and merges exactly.
+
+The expected rows are written here from each model's own forward (how it views the fused output), not from the
+mapping's ``split``, so a wrong split fails: Phi-3's ``qkv_proj`` is ``[q | k | v]`` with narrower k and v,
+GPT-NeoX's ``query_key_value`` is ``[heads, 3, head_dim]``, Falcon's has three layouts chosen by its config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import resources
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from opendelta import LoraModel, UnsupportedTargetError
+from opendelta.structures import CommonStructure
+from opendelta.testing import Pristine, perturb, tiny_inputs
+from opendelta.testing.tiny_models import NUM_HEADS, TASK_HEADS, tiny_config
+
+HEAD_DIM = 8
+
+
+def contiguous(*widths: int) -> Callable[[int], torch.Tensor]:
+    """Part ``i`` of ``[p0 | p1 | ...]`` with the given widths in heads."""
+
+    def rows(part: int) -> torch.Tensor:
+        start = sum(widths[:part]) * HEAD_DIM
+        return torch.arange(start, start + widths[part] * HEAD_DIM)
+
+    return rows
+
+
+def per_group(groups: int, widths: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
+    """Part ``i`` of ``[groups, sum(widths) heads, head_dim]``, part ``i`` taking ``widths[i]`` heads of each group."""
+
+    def rows(part: int) -> torch.Tensor:
+        layout = torch.arange(groups * sum(widths) * HEAD_DIM).view(groups, sum(widths), HEAD_DIM)
+        start = sum(widths[:part])
+        return layout[:, start : start + widths[part]].reshape(-1)
+
+    return rows
+
+
+CASES = {
+    # name: (arch, config overrides, fused module name suffix, common name of each part, expected rows of a part)
+    "phi3-qkv": ("phi3", {}, "self_attn.qkv_proj", ("attn.q", "attn.k", "attn.v"), contiguous(4, 2, 2)),
+    "phi3-gate-up": ("phi3", {}, "mlp.gate_up_proj", ("ff.gate", "ff.up"), lambda part: torch.arange(37) + 37 * part),
+}
+
+
+def build(arch: str, overrides: dict) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(transformers, TASK_HEADS[arch][0])(tiny_config(arch, **overrides)).eval()
+
+
+def fused_output(model: nn.Module, arch: str, suffix: str) -> torch.Tensor:
+    """The first block's fused projection's output on the tiny inputs."""
+    module = next(m for name, m in model.named_modules() if name.endswith(suffix) and ".0." in name)
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _args, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(**tiny_inputs(arch))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lora_on_one_part_changes_only_that_parts_rows_and_merges_exactly(case):
+    arch, overrides, suffix, common_names, expected = CASES[case]
+    for part, common_name in enumerate(common_names):
+        model = build(arch, overrides)
+        bare = fused_output(model, arch, suffix)
+        delta_model = LoraModel(model, modified_modules=[common_name], common_structure=True)
+        perturb(delta_model, scale=1.0)
+        unmerged = fused_output(model, arch, suffix)
+        changed = ((unmerged - bare).abs() > 1e-6).flatten(0, -2).any(0).nonzero().flatten()
+        assert changed.tolist() == sorted(expected(part).tolist()), common_name
+        delta_model.merge()
+        torch.testing.assert_close(fused_output(model, arch, suffix), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def refusing(arch: str, path: list[str], reason: str) -> CommonStructure:
+    """The shipped mapping of ``arch`` with the fused node at ``path`` (keys under the tree) refusing to split."""
+    document = json.loads(resources.files("opendelta_common_structures").joinpath(f"{arch}.json").read_text())
+    node = document["tree"]
+    for key in path:
+        node = node["children"][key]
+    node["split"] = {"refuse": reason}
+    return CommonStructure(document)
+
+
+def test_a_layout_the_mapping_refuses_is_refused_by_name_and_the_whole_module_stays_addressable(monkeypatch):
+    structure = refusing("phi3", ["layers", "$", "self_attn", "qkv_proj"], "the checkpoint permutes its heads")
+    monkeypatch.setattr("opendelta.targets.structure_for_model", lambda _model: structure)
+    model = build("phi3", {})
+    pristine = Pristine.of(model)
+    with pytest.raises(UnsupportedTargetError, match=r"qkv_proj \(common name '.*attn\.q'\).*permutes its heads"):
+        LoraModel(model)
+    assert pristine.differences(model) == []
+    assert len(LoraModel(model, modified_modules=["qkv_proj"]).targets) == 2
+
+
+def test_unequal_parts_give_the_prefix_key_and_value_of_their_own_width():
+    from opendelta import PrefixModel
+
+    model = build("phi3", {})
+    delta_model = PrefixModel(model, prefix_token_num=3, reparameterize=False)
+    key, value = delta_model.deltas[0].key_value()
+    assert key.shape == value.shape == (3, NUM_HEADS // 2 * HEAD_DIM)  # k and v of 2 heads, not a third of qkv
