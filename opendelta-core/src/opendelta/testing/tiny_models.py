@@ -66,7 +66,7 @@ covers them (``tests/test_modern_architectures.py``), a plugin's own battery may
 
 # ---- fused projections (issue 16): Phi-3, GPT-NeoX, Falcon, ModernBERT, T5Gemma. Kept in blocks of their own
 # ---- (here, after _ARCH_KWARGS, after GENERATION_HEADS) so concurrent additions to this file merge cleanly.
-FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3",)
+FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3", "gpt_neox", "falcon")
 """Architectures whose projections are fused in ways GPT-2's equal ``c_attn`` thirds do not describe: Phi-3's
 unequal ``qkv_proj`` and fused ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``, Falcon's
 grouped one, ModernBERT's ``Wqkv`` and ``Wi`` (an encoder); T5Gemma (Gemma 2 layers in an encoder-decoder) with
@@ -266,6 +266,32 @@ _ARCH_KWARGS.update(
     {
         # Grouped-query attention makes qkv_proj's parts unequal: q is 32 features wide, k and v 16 each.
         "phi3": {**_DECODER_KWARGS, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        # query_key_value is [heads, 3, head_dim]: q, k and v interleaved per head.
+        "gpt_neox": {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "classifier_dropout": 0.0,
+            "tie_word_embeddings": False,
+        },
+        # Falcon-40B's layout: the new decoder architecture with grouped key/value heads (query_key_value is, per
+        # key/value group, the group's query heads, then one key and one value head) and two layer norms per block.
+        "falcon": {
+            "hidden_size": HIDDEN_SIZE,
+            "ffn_hidden_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "num_kv_heads": NUM_HEADS // 2,
+            "new_decoder_architecture": True,
+            "max_position_embeddings": MAX_POSITIONS,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": False,
+        },
     }
 )
 # ---- end of the fused-projections block
@@ -308,7 +334,7 @@ TASK_HEADS.update(
     {
         **{
             arch: [f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification"]
-            for arch, prefix in [("phi3", "Phi3")]
+            for arch, prefix in [("phi3", "Phi3"), ("gpt_neox", "GPTNeoX"), ("falcon", "Falcon")]
         },
     }
 )
