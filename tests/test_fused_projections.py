@@ -19,7 +19,7 @@ from torch import nn
 from opendelta import LoraModel, UnsupportedTargetError
 from opendelta.structures import CommonStructure
 from opendelta.testing import Pristine, perturb, tiny_inputs
-from opendelta.testing.tiny_models import NUM_HEADS, TASK_HEADS, tiny_config
+from opendelta.testing.tiny_models import NUM_HEADS, TASK_HEADS, model_output_tensor, tiny_config
 
 HEAD_DIM = 8
 
@@ -46,11 +46,22 @@ def per_group(groups: int, widths: tuple[int, ...]) -> Callable[[int], torch.Ten
 
 
 QKV = ("attn.q", "attn.k", "attn.v")
+# The other two layouts of Falcon's query_key_value (the tiny Falcon is Falcon-40B's). Their blocks have one layer
+# norm, which the mapping does not name: LoRA on q, k or v does not ask for it, so nothing warns.
+FALCON_7B = {"new_decoder_architecture": False, "multi_query": True}
+FALCON_RW = {"new_decoder_architecture": False, "multi_query": False, "num_kv_heads": NUM_HEADS}
 CASES = {
     # name: (arch, config overrides, fused module name suffix, common name of each part, expected rows of a part)
     "phi3-qkv": ("phi3", {}, "self_attn.qkv_proj", QKV, contiguous(4, 2, 2)),
     "phi3-gate-up": ("phi3", {}, "mlp.gate_up_proj", ("ff.gate", "ff.up"), lambda part: torch.arange(37) + 37 * part),
     "gpt_neox": ("gpt_neox", {}, "attention.query_key_value", QKV, per_group(NUM_HEADS, (1, 1, 1))),
+    # Falcon's _split_heads: [kv_heads, heads / kv_heads + 2, head_dim], [heads + 2, head_dim], [heads, 3, head_dim]
+    "falcon-new-decoder": ("falcon", {}, "self_attention.query_key_value", QKV, per_group(2, (2, 1, 1))),
+    "falcon-multi-query": ("falcon", FALCON_7B, "self_attention.query_key_value", QKV, contiguous(NUM_HEADS, 1, 1)),
+    "falcon-multi-head": ("falcon", FALCON_RW, "self_attention.query_key_value", QKV, per_group(NUM_HEADS, (1, 1, 1))),
+    # ModernBERT's attention: qkv.view(..., 3, heads, head_dim); its MLP: Wi(x).chunk(2) is (input, gate)
+    "modernbert-qkv": ("modernbert", {}, "attn.Wqkv", QKV, contiguous(NUM_HEADS, NUM_HEADS, NUM_HEADS)),
+    "modernbert-wi": ("modernbert", {}, "mlp.Wi", ("ff.gate", "ff.up"), lambda part: torch.arange(37) + 37 * part),
 }
 
 
@@ -132,3 +143,23 @@ def test_the_prefix_placed_through_the_fused_rows_equals_the_prefix_at_the_atten
         with torch.no_grad():
             outputs[backend] = model(**tiny_inputs(arch)).last_hidden_state
     torch.testing.assert_close(outputs["interface"], outputs["rows"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "soft_prompt"])
+def test_on_modernbert_a_padded_batch_gives_each_row_what_it_gives_alone(method):
+    """Local (sliding-window) and global layers alike: the added positions and the padding do not leak across rows."""
+    from opendelta import PrefixModel, SoftPromptModel
+
+    for head in ("ModernBertModel", "ModernBertForSequenceClassification"):
+        torch.manual_seed(0)
+        model = getattr(transformers, head)(tiny_config("modernbert")).eval()
+        delta_cls, size = (PrefixModel, {"prefix_token_num": 3}) if method == "prefix" else (SoftPromptModel, {})
+        perturb(delta_cls(model, **size), seed=1, scale=1.0)
+        inputs = tiny_inputs("modernbert", batch=3)
+        with torch.no_grad():
+            batch = model_output_tensor(model(**inputs))
+            for row in range(3):
+                length = int(inputs["attention_mask"][row].sum())
+                alone = model_output_tensor(model(**{k: v[row : row + 1, :length] for k, v in inputs.items()}))
+                expected = batch[row : row + 1, :length] if batch.dim() == 3 else batch[row : row + 1]
+                torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-5)

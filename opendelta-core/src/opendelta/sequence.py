@@ -15,6 +15,8 @@ name and shape, with rules that hold for the transformers models we map:
 * ``position_embeddings``, the rotary ``(cos, sin)`` a decoder computes once for its layers, gains ``P`` leading rows
   of the identity rotation (cos 1, sin 0): the new positions are not rotated, as the prefix keys that transformers'
   attention interface receives are not;
+* ``seq_len``, an integer a task head hands its base model (transformers 4.57's ModernBERT, which sizes its masks and
+  positions by it), grows by ``P`` when it is the call's length;
 * arguments an architecture declares as relative positions (DeBERTa's ``relative_pos``) are dropped, so that the
   module rebuilds them for the longer sequence.
 
@@ -46,6 +48,7 @@ __all__ = [
 POSITION_ARGUMENTS = ("cache_position", "position_ids")
 BIAS_ARGUMENTS = ("position_bias",)
 ROTARY_ARGUMENTS = ("position_embeddings",)
+LENGTH_ARGUMENTS = ("seq_len",)
 
 
 @cache
@@ -136,6 +139,8 @@ def _unrotated_rows(value: Any, count: int, length: int) -> Any:
 def _extend_one(name: str, value: Any, count: int, length: int, where: str) -> Any:
     if name in ROTARY_ARGUMENTS:
         return _unrotated_rows(value, count, length)
+    if name in LENGTH_ARGUMENTS and isinstance(value, int) and not isinstance(value, bool):
+        return value + count if value == length else value
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if name in POSITION_ARGUMENTS and not value.is_floating_point():

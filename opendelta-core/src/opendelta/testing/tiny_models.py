@@ -66,7 +66,7 @@ covers them (``tests/test_modern_architectures.py``), a plugin's own battery may
 
 # ---- fused projections (issue 16): Phi-3, GPT-NeoX, Falcon, ModernBERT, T5Gemma. Kept in blocks of their own
 # ---- (here, after _ARCH_KWARGS, after GENERATION_HEADS) so concurrent additions to this file merge cleanly.
-FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3", "gpt_neox", "falcon")
+FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3", "gpt_neox", "falcon", "modernbert")
 """Architectures whose projections are fused in ways GPT-2's equal ``c_attn`` thirds do not describe: Phi-3's
 unequal ``qkv_proj`` and fused ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``, Falcon's
 grouped one, ModernBERT's ``Wqkv`` and ``Wi`` (an encoder); T5Gemma (Gemma 2 layers in an encoder-decoder) with
@@ -262,6 +262,12 @@ _ARCH_KWARGS.update(
 )
 
 # ---- fused projections (issue 16): the tiny configs of FUSED_ARCHITECTURES
+SPECIAL_TOKEN_IDS.update(
+    {
+        # ModernBERT's [CLS]/[SEP] (50281, 50282) lie outside the tiny vocabulary like the rest.
+        "modernbert": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
+    }
+)
 _ARCH_KWARGS.update(
     {
         # Grouped-query attention makes qkv_proj's parts unequal: q is 32 features wide, k and v 16 each.
@@ -291,6 +297,22 @@ _ARCH_KWARGS.update(
             "hidden_dropout": 0.0,
             "attention_dropout": 0.0,
             "tie_word_embeddings": False,
+        },
+        # Layer 0 global, layer 1 local attention with a window shorter than the tiny inputs plus a prompt; no
+        # torch.compile of the MLP (4.57's reference_compile), no biases (ModernBERT's default).
+        "modernbert": {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+            "global_attn_every_n_layers": 2,
+            "local_attention": 4,
+            "embedding_dropout": 0.0,
+            "mlp_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "classifier_dropout": 0.0,
+            "reference_compile": False,
         },
     }
 )
@@ -336,6 +358,7 @@ TASK_HEADS.update(
             arch: [f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification"]
             for arch, prefix in [("phi3", "Phi3"), ("gpt_neox", "GPTNeoX"), ("falcon", "Falcon")]
         },
+        "modernbert": ["ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"],
     }
 )
 # ---- end of the fused-projections block
@@ -348,6 +371,8 @@ GENERATION_HEADS: dict[str, str] = {
     **{arch: TASK_HEADS[arch][1] for arch in MODERN_ARCHITECTURES},
 }
 """The class that ``generate()`` runs on, per architecture that generates text (decoders and encoder-decoders)."""
+
+del GENERATION_HEADS["modernbert"]  # fused projections (issue 16): an encoder, nothing to generate
 
 _ENCODER_DECODERS = {"t5", "bart", "mt5"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
