@@ -75,6 +75,8 @@ def _common_names(children: dict[str, Any], prefix: str = "") -> Iterator[str]:
         if "fused" in node:
             for part in node["fused"]:
                 yield _join(prefix, part)
+                for alias in node.get("part_aliases", {}).get(part, ()):
+                    yield _join(prefix, alias)
             continue
         name = node["name"]
         own = _join(prefix, key if name == WILDCARD else name)
@@ -109,7 +111,8 @@ def _resolve(
             path = _join(real, component)
             if "fused" in node:
                 for i, part in enumerate(node["fused"]):
-                    yield path, f"{_join(common, part)}[{i}/{len(node['fused'])}]", ""
+                    for name in (part, *node.get("part_aliases", {}).get(part, ())):
+                        yield path, f"{_join(common, name)}[{i}/{len(node['fused'])}]", ""
                 continue
             name = node["name"]
             own = _join(common, component if name == WILDCARD else name)
@@ -170,21 +173,67 @@ def test_tree_resolves_on_base_model(path: Path, cls_name: str) -> None:
             assert owners.setdefault(common, real) == real, f"{common!r} names {owners[common]} and {real}"
 
 
+def _fused_modules(
+    module: torch.nn.Module, children: dict[str, Any], real: str = ""
+) -> Iterator[tuple[str, dict[str, Any], torch.nn.Module]]:
+    """Every fused node of ``children`` with its real path and module on ``module`` (``$`` expanded)."""
+    for key, node in children.items():
+        subs = module.named_children() if key == WILDCARD else [(key, module.get_submodule(key))]
+        for component, sub in subs:
+            if "fused" in node:
+                yield _join(real, component), node, sub
+            else:
+                yield from _fused_modules(sub, node.get("children", {}), _join(real, component))
+
+
+def _split_variant(split: Any, config: Any) -> dict[str, Any]:
+    """The variant of a fused node's split that ``config`` selects (first whose ``when`` all match)."""
+    variants = split if isinstance(split, list) else [split]
+    matching = [v for v in variants if all(getattr(config, k, None) == w for k, w in v.get("when", {}).items())]
+    assert matching, f"no variant of {split!r} fits {type(config).__name__}"
+    return matching[0]
+
+
+@pytest.mark.parametrize(("path", "cls_name"), _architectures(), ids=lambda x: getattr(x, "stem", x))
+def test_fused_splits_fit_the_tiny_model(path: Path, cls_name: str) -> None:
+    """A fused node's split names config counts the model has, and its output divides into them."""
+    doc = _load(path)
+    model = tiny_models.tiny_model(doc["model_type"], cls_name)
+    for real, node, module in _fused_modules(_base_model(model), doc["tree"]["children"]):
+        variant = _split_variant(node.get("split", {}), model.config)
+        if "refuse" in variant:
+            continue
+        counts = [variant.get("groups", 1), *variant.get("sizes", [1] * len(node["fused"]))]
+        values = [c if isinstance(c, int) else getattr(model.config, c, None) for c in counts]
+        assert all(isinstance(v, int) and v > 0 for v in values), f"{real}: {counts} on the config gives {values}"
+        assert len(values) == len(node["fused"]) + 1, f"{real}: one size per part of {node['fused']}"
+        out_features = module.weight.shape[0] if isinstance(module, torch.nn.Linear) else module.weight.shape[1]
+        assert out_features % (values[0] * sum(values[1:])) == 0, f"{real}: {out_features} features, split {values}"
+
+
 @pytest.mark.parametrize("path", [p for p in MAPPING_FILES if "heads" in _load(p)], ids=lambda p: p.stem)
 def test_heads_resolve_on_some_architecture(path: Path) -> None:
+    """Every head exists on some listed class; heads of one common name are one head renamed between transformers
+    lines (GPT-NeoX's ``embed_out`` on 4.57 is ``lm_head`` on 5), so one of them must exist, never two at once."""
     doc = _load(path)
     models = [tiny_models.tiny_model(doc["model_type"], cls) for cls in doc["architectures"]]
+    by_name: dict[str, list[str]] = {}
     for head, node in doc["heads"].items():
-        carriers = []
-        for model in models:
-            try:
-                carriers.append(model.get_submodule(head))
-            except AttributeError:
-                continue
-        assert carriers, f"head {head!r} exists on none of {doc['architectures']}"
-        for carrier in carriers:
-            errors = [f"{head}.{real}: {e}" for real, _, e in _resolve(carrier, node.get("children", {})) if e]
-            assert not errors, "\n".join(errors)
+        by_name.setdefault(node.get("name", head), []).append(head)
+    for common, heads in by_name.items():
+        found = []
+        for head in heads:
+            node = doc["heads"][head]
+            for model in models:
+                try:
+                    carrier = model.get_submodule(head)
+                except AttributeError:
+                    continue
+                found.append((head, model))
+                errors = [f"{head}.{real}: {e}" for real, _, e in _resolve(carrier, node.get("children", {})) if e]
+                assert not errors, "\n".join(errors)
+        assert found, f"heads {heads} ({common!r}) exist on none of {doc['architectures']}"
+        assert len({h for h, _ in found}) == 1, f"{common!r} names several heads of one model: {sorted(found)}"
 
 
 def test_invalid_documents_exist() -> None:

@@ -41,6 +41,7 @@ LAYERS: dict[int, set[str]] = {
         "addressing",
         "file_patterns",
         "structures",
+        "fused_split",
         "sequence",
         "layers",
         "budget",

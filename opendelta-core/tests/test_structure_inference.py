@@ -65,8 +65,8 @@ def test_a_gated_feed_forward_is_inferred_with_its_aliases():
 
 
 def test_a_fused_qkv_is_left_unmapped_and_said_so(caplog):
-    """GPT-NeoX's query_key_value interleaves heads: splitting it in three equal parts would be wrong."""
-    model = build("gpt_neox", "GPTNeoXForCausalLM", **TINY)
+    """BLOOM's query_key_value interleaves heads (as GPT-NeoX's, which is mapped): three equal parts would be wrong."""
+    model = build("bloom", "BloomForCausalLM", **TINY)
     with caplog.at_level(logging.WARNING, logger="opendelta.structure_inference"):
         names = names_of(model)
     assert "decoder.block.0.ff.w2" in names and not any(n.endswith("attn.q") for n in names)

@@ -49,7 +49,7 @@ from opendelta.merge_steps import fold_in, forget_merged, mergeable, take_out, u
 from opendelta.method_class_checks import check_class_attributes, declare_names
 from opendelta.positional import bind_positionals, constructor_signature, positional_names
 from opendelta.save_options import check_save_options, positional_032
-from opendelta.shapes import module_features, pseudo_call
+from opendelta.shapes import known_features, module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
 from opendelta.visualization import log_model
 
@@ -355,6 +355,10 @@ class DeltaModel(ClassicDeltaApi):
                 problems.append(f"{t.name} ({type(t.module).__name__})")
             elif t.parts is not None and not self.supports_fused_targets:
                 problems.append(f"{t.name} (fused {type(t.module).__name__}, parts {t.parts} of {t.num_parts})")
+        for t in targets:  # a part the mapping cannot slice on this model is refused by name, before anything changes
+            features = known_features(t.module) if t.parts is not None and self.supports_fused_targets else None
+            if features is not None:
+                t.output_index(features[1])
         if problems:
             kinds = ", ".join(k.__name__ for k in self.layer_types() or ()) or "non-fused modules"
             shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")

@@ -79,12 +79,17 @@ if TYPE_CHECKING:
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
 ``delta_protocols``, ``register_placement``, ``DeltaClassError``, ``attention_parts``; the ``read_checkpoint``
-hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``."""
+hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``.
+
+1.2: fused parts of unequal or interleaved layout: ``Target.split`` and ``Target.output_index(out_features)``
+(what a method with ``supports_fused_targets`` slices with), ``fused_output_index(..., split=, where=)``. A method
+that still calls ``fused_output_index(out, parts, num_parts)`` without ``split`` slices equal contiguous parts,
+which is wrong for such targets: pass ``split=target.split`` or use ``target.output_index``."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",

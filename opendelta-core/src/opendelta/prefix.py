@@ -357,7 +357,8 @@ class _RootHandler:
             return None
         encoder_decoder = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         masks = ("decoder_attention_mask",) if encoder_decoder else ("attention_mask",)
-        return unbind(bound) if align_with_cache(bound, getattr(slot.ref, "num_tokens", 0), masks) else None
+        count = getattr(slot.ref, "num_tokens", 0)
+        return unbind(bound) if align_with_cache(bound, count, masks, positional=False) else None
 
     def after(self, module: nn.Module, slot: _Slot, args: Any, kwargs: Any, output: Any) -> Any:
         return None
@@ -453,7 +454,9 @@ def _projection(
                 out = linear_features(module)[1]
                 index = None
                 if name.part is not None:
-                    index = fused_output_index(out, (name.part,), name.num_parts, device=module.weight.device)
+                    index = fused_output_index(
+                        out, (name.part,), name.num_parts, module.weight.device, name.split, f"{real} ({name.name})"
+                    )
                 return module, index, out if index is None else int(index.numel())
     return None
 

@@ -12,6 +12,11 @@ name and shape, with rules that hold for the transformers models we map:
 * ``position_bias`` (T5's relative attention bias) is extended the same way with zeros: the new positions carry no
   position bias;
 * ``cache_position`` and ``position_ids`` gain ``P`` leading positions and the real ones move up by ``P``;
+* ``position_embeddings``, the rotary ``(cos, sin)`` a decoder computes once for its layers, gains ``P`` leading rows
+  of the identity rotation (cos 1, sin 0): the new positions are not rotated, as the prefix keys that transformers'
+  attention interface receives are not;
+* ``seq_len``, an integer a task head hands its base model (transformers 4.57's ModernBERT, which sizes its masks and
+  positions by it), grows by ``P`` when it is the call's length;
 * arguments an architecture declares as relative positions (DeBERTa's ``relative_pos``) are dropped, so that the
   module rebuilds them for the longer sequence.
 
@@ -42,6 +47,8 @@ __all__ = [
 
 POSITION_ARGUMENTS = ("cache_position", "position_ids")
 BIAS_ARGUMENTS = ("position_bias",)
+ROTARY_ARGUMENTS = ("position_embeddings",)
+LENGTH_ARGUMENTS = ("seq_len",)
 
 
 @cache
@@ -119,7 +126,21 @@ def _extend_positions(tensor: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([leading, tensor + count], dim=-1)
 
 
+def _unrotated_rows(value: Any, count: int, length: int) -> Any:
+    """Rotary ``(cos, sin)`` of ``length`` positions with ``count`` leading identity rotations; other values as is."""
+    if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value)):
+        return value
+    cos, sin = value
+    if cos.dim() < 2 or cos.shape != sin.shape or cos.shape[-2] != length:
+        return value
+    return _pad(cos, -2, count, 1.0), _pad(sin, -2, count, 0.0)
+
+
 def _extend_one(name: str, value: Any, count: int, length: int, where: str) -> Any:
+    if name in ROTARY_ARGUMENTS:
+        return _unrotated_rows(value, count, length)
+    if name in LENGTH_ARGUMENTS and isinstance(value, int) and not isinstance(value, bool):
+        return value + count if value == length else value
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if name in POSITION_ARGUMENTS and not value.is_floating_point():
@@ -236,7 +257,9 @@ def layer_index(module: nn.Module) -> int | None:
     return None
 
 
-def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collection[str]) -> bool:
+def align_with_cache(
+    bound: inspect.BoundArguments, count: int, masks: Collection[str], *, positional: bool = True
+) -> bool:
     """After the first step of a cached ``generate()``, account for ``count`` positions the cache holds extra.
 
     When added positions (a soft prompt, a prefix through placeholder rows) entered the key/value cache with the
@@ -244,6 +267,10 @@ def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collectio
     ``position_ids`` move up by ``count`` and the 2-d masks named in ``masks`` gain ``count`` leading "attend"
     columns, so that positions and masks inside the model agree with the cache. Detected by comparing the cache
     length with the call's positions or mask; a call that already agrees is left alone.
+
+    ``positional=False`` is for added positions that carry no position (a prefix): ``position_ids``, which rotary
+    positions are computed from, stay those of the bare model, and where the call gives none but the model's
+    forward takes them, they are set to the unshifted ``cache_position`` (what the model would derive itself).
 
     Returns:
         Whether the call was changed (in place).
@@ -280,7 +307,10 @@ def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collectio
         else:
             arguments["cache_position"] = position + count
     if isinstance(arguments.get("position_ids"), torch.Tensor):
-        arguments["position_ids"] = arguments["position_ids"] + count
+        if positional:
+            arguments["position_ids"] = arguments["position_ids"] + count
+    elif not positional and isinstance(position, torch.Tensor) and "position_ids" in bound.signature.parameters:
+        arguments["position_ids"] = position.unsqueeze(0)
     for name in masks:
         mask = arguments.get(name)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] + count == length + new_tokens:

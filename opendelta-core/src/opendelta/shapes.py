@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import DeltaConfigError, DeltaStateError, ShapeInferenceError
+from opendelta.fused_split import FusedSplit, equal_split
 from opendelta.module_io import main_input, main_output
 
 __all__ = [
@@ -100,17 +101,27 @@ def fused_output_index(
     parts: tuple[int, ...] | None,
     num_parts: int | None,
     device: torch.device | str | None = None,
+    split: FusedSplit | None = None,
+    where: str = "",
 ) -> torch.Tensor | None:
-    """Indices of the output features of the selected equal slices of a fused module (``None``: all of them).
+    """Indices of the output features of the selected parts of a fused module (``None``: all of them).
 
     Example: GPT-2's ``c_attn`` computes ``[q | k | v]``; parts ``(0, 2)`` of 3 select the q and v features.
+    ``split`` is where the parts lie when not in equal contiguous slices (a target's ``split``: Phi-3's
+    ``qkv_proj`` under grouped-query attention, GPT-NeoX's per-head interleaving; see :mod:`opendelta.fused_split`);
+    pass it, or call :meth:`opendelta.targets.Target.output_index`, which does. ``where`` names the module in errors.
+
+    Raises:
+        ValueError: without ``split``, ``out_features`` does not divide into ``num_parts`` equal slices.
+        UnsupportedTargetError: the ``split`` refuses slicing this module, or ``out_features`` does not fit it.
     """
     if parts is None or num_parts is None:
         return None
-    if out_features % num_parts:
-        raise ValueError(f"{out_features} output features do not split into {num_parts} equal parts")
-    size = out_features // num_parts
-    return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in parts])
+    if split is None:
+        if out_features % num_parts:
+            raise ValueError(f"{out_features} output features do not split into {num_parts} equal parts")
+        split = equal_split(num_parts)
+    return split.index(out_features, parts, device=device, where=where)
 
 
 def _norm_types() -> tuple[type[nn.Module], ...]:

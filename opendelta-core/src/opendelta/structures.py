@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from opendelta.errors import StructureValidationError
+from opendelta.fused_split import FusedSplit, check_split_spec, resolve_split
 
 __all__ = ["CommonName", "CommonStructure", "base_model_of", "find_config_model", "get_schema", "validate_structure"]
 
@@ -69,6 +70,9 @@ class CommonName:
     name: str
     part: int | None = None
     num_parts: int | None = None
+    split: FusedSplit | None = None
+    """For a part: where the parts lie in the fused output on this model (sizes, per-head interleaving); see
+    :mod:`opendelta.fused_split`. Equal contiguous slices when the mapping says nothing."""
 
 
 @dataclass(frozen=True)
@@ -77,30 +81,53 @@ class _Node:
     fused: tuple[str, ...] | None
     children: tuple[tuple[tuple[str, ...], _Node], ...]
     aliases: tuple[str, ...] = ()  # further names of this module itself, relative to the same parent
+    split: Any = None  # a fused node's raw `split` (resolved per model's config by fused_split.resolve_split)
+    part_aliases: tuple[tuple[str, ...], ...] = ()  # a fused node's further names of each part, in `fused` order
 
     @classmethod
-    def parse(cls, raw: dict[str, Any], name: str | None = None) -> _Node:
+    def parse(cls, raw: dict[str, Any], name: str | None = None, where: str = "tree") -> _Node:
         children = tuple(
-            (tuple(key.split(".")), cls.parse(child, child.get("name", "")))
+            (tuple(key.split(".")), cls.parse(child, child.get("name", ""), f"{where}/children/{key}"))
             for key, child in raw.get("children", {}).items()
         )
         fused = tuple(raw["fused"]) if "fused" in raw else None
-        return cls(name if name is not None else raw.get("name"), fused, children, tuple(raw.get("aliases", ())))
+        part_aliases: tuple[tuple[str, ...], ...] = ()
+        if fused:
+            check_split_spec(raw.get("split"), len(fused), where)
+            extra = raw.get("part_aliases", {})
+            unknown = sorted(set(extra) - set(fused))
+            if unknown:
+                raise StructureValidationError(
+                    f"{where}: part_aliases names {unknown}, which are not among the fused parts {list(fused)}"
+                )
+            part_aliases = tuple(tuple(extra.get(part, ())) for part in fused)
+        own = name if name is not None else raw.get("name")
+        return cls(own, fused, children, tuple(raw.get("aliases", ())), raw.get("split"), part_aliases)
+
+    def part_names(self, prefix: str) -> list[tuple[int, str]]:
+        """A fused node's common names under ``prefix``: each part's, then its aliases, with the part's index."""
+        assert self.fused is not None
+        names = [(i, _join(prefix, part)) for i, part in enumerate(self.fused)]
+        return names + [(i, _join(prefix, a)) for i, aliases in enumerate(self.part_aliases) for a in aliases]
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _names_under(node: _Node, parts: list[str], start: int, prefix: str, parent: str = "") -> list[CommonName]:
+def _names_under(
+    node: _Node, parts: list[str], start: int, prefix: str, parent: str = "", config: Any = None
+) -> list[CommonName]:
     """Common names of the module whose path (relative to ``node``'s module) is ``parts[start:]``.
 
-    ``prefix`` is ``node``'s own common name and ``parent`` its parent's, which ``node``'s aliases extend.
+    ``prefix`` is ``node``'s own common name and ``parent`` its parent's, which ``node``'s aliases extend;
+    ``config`` is the model's, from which a fused node's split is read.
     """
     if start == len(parts):
         if node.fused:
             n = len(node.fused)
-            return [CommonName(_join(prefix, p), i, n) for i, p in enumerate(node.fused)]
+            split = resolve_split(node.split, n, config)
+            return [CommonName(name, i, n, split) for i, name in node.part_names(prefix)]
         own = [CommonName(prefix)] if prefix and node.name else []
         return own + [CommonName(_join(parent, alias)) for alias in node.aliases]
     found: list[CommonName] = []
@@ -112,7 +139,7 @@ def _names_under(node: _Node, parts: list[str], start: int, prefix: str, parent:
             consumed, own = len(key), child.name or ""
         else:
             continue
-        found += _names_under(child, parts, start + consumed, _join(prefix, own), prefix)
+        found += _names_under(child, parts, start + consumed, _join(prefix, own), prefix, config)
     return found
 
 
@@ -125,8 +152,9 @@ class CommonStructure:
         self.source = source
         self.model_type: str = document["model_type"]
         self.architectures: tuple[str, ...] = tuple(document["architectures"])
-        self._tree = _Node.parse(document["tree"], name=None)
-        self._heads = _Node.parse({"children": document.get("heads", {})}, name=None)
+        where = source or self.model_type
+        self._tree = _Node.parse(document["tree"], name=None, where=f"{where}: /tree")
+        self._heads = _Node.parse({"children": document.get("heads", {})}, name=None, where=f"{where}: /heads")
         self.attention: dict[str, Any] = dict(document.get("attention", {}))
         """The optional hints for mechanisms that add positions inside attention (see the schema)."""
 
@@ -147,7 +175,7 @@ class CommonStructure:
             for rel, _module in root.named_modules():
                 if not rel:
                     continue
-                names = _names_under(tree, rel.split("."), 0, "")
+                names = _names_under(tree, rel.split("."), 0, "", config=getattr(config_model, "config", None))
                 if names:
                     mapping.setdefault(_join(prefix, rel), []).extend(names)
         return mapping
@@ -176,7 +204,7 @@ class CommonStructure:
 def _subtree_names(node: _Node, common: str, parent: str) -> list[str]:
     """Every common name ``node`` (named ``common``, under ``parent``) and its descendants would give."""
     if node.fused:
-        return [_join(common, part) for part in node.fused]
+        return [name for _i, name in node.part_names(common)]
     names = [common] if common and node.name else []
     names += [_join(parent, alias) for alias in node.aliases]
     for _key, child in node.children:

@@ -14,13 +14,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from opendelta import file_patterns
 from opendelta.addressing import Pattern, compile_patterns, find_matches, is_all_linear, is_excluded
 from opendelta.all_linear import all_linear_names
 from opendelta.errors import ModuleNotFoundInStructureError, OpenDeltaAddressingWarning
+from opendelta.fused_split import FusedSplit
 from opendelta.markers import iter_delta_modules
+from opendelta.shapes import fused_output_index
 from opendelta.structure_registry import structure_for_model
 from opendelta.structures import CommonStructure
 
@@ -37,11 +40,28 @@ class Target:
     common_name: str | None = None
     """Its common name when addressed through a mapping (``encoder.block.0.attn.q``)."""
     parts: tuple[int, ...] | None = None
-    """For a fused module (GPT-2 ``c_attn``): which of its ``num_parts`` equal output slices are targeted."""
+    """For a fused module (GPT-2 ``c_attn``): which of its ``num_parts`` parts are targeted (see ``split``)."""
     num_parts: int | None = None
     output: Target | None = None
     """For a delta spanning two modules (a parallel adapter from a feed-forward block's first linear layer to its
     second): the module whose output it adds to; ``module`` is then the one whose input feeds it."""
+
+    split: FusedSplit | None = None
+    """For a fused module's parts: where they lie in its output, read from the mapping and the model's config
+    (Phi-3's unequal q/k/v, GPT-NeoX's per-head interleaving); ``None`` means ``num_parts`` equal contiguous slices."""
+
+    def output_index(self, out_features: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """Indices of the output features this target covers, ``None`` for a whole module.
+
+        What a method that supports fused targets sizes and places its delta with, so it slices every layout the
+        mapping describes (see :mod:`opendelta.fused_split`).
+
+        Raises:
+            UnsupportedTargetError: the mapping refuses to slice this module on this model, or its output does not
+                divide as the mapping says; the message names the module and its common name.
+        """
+        where = f"{self.name} (common name {self.common_name!r})" if self.common_name else self.name
+        return fused_output_index(out_features, self.parts, self.num_parts, device, self.split, where)
 
     @property
     def host_name(self) -> str:
@@ -146,12 +166,11 @@ def resolve_targets(
         whole = any(c.part is None and c.name in matched for c in cns) or any(
             a in matched for c in cns for a in _ancestors(c.name, cover_scopes)
         )
-        parts = tuple(sorted(c.part for c in cns if c.part is not None and c.name in matched))
+        parts = tuple(sorted({c.part for c in cns if c.part is not None and c.name in matched}))  # aliases: once
         if whole or parts:
             hit = next((c for c in cns if c.name in matched), cns[0])
-            targets.append(
-                Target(real, modules[real], hit.name, None if whole else parts, None if whole else hit.num_parts)
-            )
+            sliced = {"parts": parts, "num_parts": hit.num_parts, "split": hit.split} if not whole else {}
+            targets.append(Target(real, modules[real], hit.name, **sliced))
     if not targets:
         texts, excluded = [p.text for p in patterns], [p.text for p in exclude]
         if any(p.source for p in [*patterns, *exclude]):  # a file's lists may be long: show their start

@@ -24,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 __all__ = [
     "ARCHITECTURES",
     "FFN_SIZE",
+    "FUSED_ARCHITECTURES",
     "GENERATION_HEADS",
     "HIDDEN_SIZE",
     "MAX_POSITIONS",
@@ -62,6 +63,16 @@ MODERN_ARCHITECTURES: tuple[str, ...] = (
 )
 """The decoders (and mT5) people fine-tune today, mapped in ``common_structures`` too; the installed-plugin battery
 covers them (``tests/test_modern_architectures.py``), a plugin's own battery may narrow to :data:`ARCHITECTURES`."""
+
+# ---- fused projections (issue 16): Phi-3, GPT-NeoX, Falcon, ModernBERT, T5Gemma. Kept in blocks of their own
+# ---- (here, after _ARCH_KWARGS, after GENERATION_HEADS) so concurrent additions to this file merge cleanly.
+FUSED_ARCHITECTURES: tuple[str, ...] = ("phi3", "gpt_neox", "falcon", "modernbert")
+"""Architectures whose projections are fused in ways GPT-2's equal ``c_attn`` thirds do not describe: Phi-3's
+unequal ``qkv_proj`` and fused ``gate_up_proj``, GPT-NeoX's per-head interleaved ``query_key_value``, Falcon's
+grouped one, ModernBERT's ``Wqkv`` and ``Wi`` (an encoder); T5Gemma (Gemma 2 layers in an encoder-decoder) with
+them. Part of :data:`MODERN_ARCHITECTURES`."""
+MODERN_ARCHITECTURES += FUSED_ARCHITECTURES
+# ---- end of the fused-projections block
 
 SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES
 """Every architecture ``common_structures`` ships a mapping for."""
@@ -250,6 +261,63 @@ _ARCH_KWARGS.update(
     }
 )
 
+# ---- fused projections (issue 16): the tiny configs of FUSED_ARCHITECTURES
+SPECIAL_TOKEN_IDS.update(
+    {
+        # ModernBERT's [CLS]/[SEP] (50281, 50282) lie outside the tiny vocabulary like the rest.
+        "modernbert": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2},
+    }
+)
+_ARCH_KWARGS.update(
+    {
+        # Grouped-query attention makes qkv_proj's parts unequal: q is 32 features wide, k and v 16 each.
+        "phi3": {**_DECODER_KWARGS, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        # query_key_value is [heads, 3, head_dim]: q, k and v interleaved per head.
+        "gpt_neox": {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "classifier_dropout": 0.0,
+            "tie_word_embeddings": False,
+        },
+        # Falcon-40B's layout: the new decoder architecture with grouped key/value heads (query_key_value is, per
+        # key/value group, the group's query heads, then one key and one value head) and two layer norms per block.
+        "falcon": {
+            "hidden_size": HIDDEN_SIZE,
+            "ffn_hidden_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "num_kv_heads": NUM_HEADS // 2,
+            "new_decoder_architecture": True,
+            "max_position_embeddings": MAX_POSITIONS,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": False,
+        },
+        # Layer 0 global, layer 1 local attention with a window shorter than the tiny inputs plus a prompt; no
+        # torch.compile of the MLP (4.57's reference_compile), no biases (ModernBERT's default).
+        "modernbert": {
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": FFN_SIZE,
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": NUM_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+            "global_attn_every_n_layers": 2,
+            "local_attention": 4,
+            "embedding_dropout": 0.0,
+            "mlp_dropout": 0.0,
+            "attention_dropout": 0.0,
+            "classifier_dropout": 0.0,
+            "reference_compile": False,
+        },
+    }
+)
+# ---- end of the fused-projections block
+
 TASK_HEADS: dict[str, list[str]] = {
     "bert": ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"],
     "roberta": ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"],
@@ -283,6 +351,18 @@ on a transformers version that lacks one class; resolve a name with
 ``getattr(transformers, name)``.
 """
 
+# ---- fused projections (issue 16): the task heads of FUSED_ARCHITECTURES, on transformers 4.57 and 5 alike
+TASK_HEADS.update(
+    {
+        **{
+            arch: [f"{prefix}Model", f"{prefix}ForCausalLM", f"{prefix}ForSequenceClassification"]
+            for arch, prefix in [("phi3", "Phi3"), ("gpt_neox", "GPTNeoX"), ("falcon", "Falcon")]
+        },
+        "modernbert": ["ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"],
+    }
+)
+# ---- end of the fused-projections block
+
 GENERATION_HEADS: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel",
     "opt": "OPTForCausalLM",
@@ -291,6 +371,8 @@ GENERATION_HEADS: dict[str, str] = {
     **{arch: TASK_HEADS[arch][1] for arch in MODERN_ARCHITECTURES},
 }
 """The class that ``generate()`` runs on, per architecture that generates text (decoders and encoder-decoders)."""
+
+del GENERATION_HEADS["modernbert"]  # fused projections (issue 16): an encoder, nothing to generate
 
 _ENCODER_DECODERS = {"t5", "bart", "mt5"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")

@@ -26,7 +26,6 @@ from opendelta.plugin_api import (
     DeltaModel,
     Target,
     factory_kwargs,
-    fused_output_index,
     is_linear,
     is_norm,
 )
@@ -91,7 +90,7 @@ class BitFitModel(DeltaModel):
         _in, out_features = self.features(target.module)
         return BiasDelta(
             out_features,
-            fused_output_index(out_features, target.parts, target.num_parts),
+            target.output_index(out_features),
             **factory_kwargs(target.module),
         )
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from opendelta.plugin_api import DeltaModel, Target, fused_output_index, linear_features, linear_types
+from opendelta.plugin_api import DeltaModel, Target, linear_features, linear_types
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.layer import LoraLayer
 
@@ -18,8 +18,9 @@ class LoraModel(DeltaModel):
 
     ``LoraModel(backbone_model=model, modified_modules=["key"], lora_r=1)`` adds ``(alpha/r) B A x`` beside each
     matched linear layer (``nn.Linear`` or GPT-2's ``Conv1D``). With ``modified_modules=None`` it modifies the
-    attention's query and value projections (common names ``attn.q``, ``attn.v``), as the paper does; on GPT-2,
-    whose fused ``c_attn`` computes q, k and v at once, only the q and v output slices get an update.
+    attention's query and value projections (common names ``attn.q``, ``attn.v``), as the paper does; on a fused
+    projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``, GPT-NeoX's per-head interleaved ``query_key_value``) only
+    the q and v output rows get an update, wherever the mapping's split says they lie.
     """
 
     config_class = LoraConfig
@@ -50,7 +51,7 @@ class LoraModel(DeltaModel):
             r=self.config.lora_r,
             alpha=self.config.lora_alpha,
             dropout=self.config.lora_dropout,
-            out_index=fused_output_index(out_features, target.parts, target.num_parts, device=weight.device),
+            out_index=target.output_index(out_features, device=weight.device),
             device=weight.device,
             dtype=weight.dtype,
         )

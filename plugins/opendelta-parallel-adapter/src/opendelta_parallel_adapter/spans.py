@@ -81,7 +81,10 @@ def pair_span(
                 f"module matching {span[1]!r} after it and before the next {span[0]!r} module; in module order, "
                 f"each start must be followed by its end"
             )
-        paired.append(start if end.module is start.module else dataclasses.replace(start, output=end))
+        if end.module is start.module:
+            paired.append(start)
+        else:  # the span reads only its start's input: the part of a fused start that was named is irrelevant
+            paired.append(dataclasses.replace(start, output=end, parts=None, num_parts=None, split=None))
     return paired
 
 
