@@ -52,6 +52,7 @@ LAYERS: dict[int, set[str]] = {
         "classic_config",
         "dynamo_guard",
         "legacy_names",
+        "expert_stacks",
     },
     1: {
         "concurrency",
@@ -59,6 +60,7 @@ LAYERS: dict[int, set[str]] = {
         "merging",
         "merge_steps",
         "insertion",
+        "parameter_insertion",
         "pre_post_forward",
         "freezing",
         "hashing",
@@ -69,6 +71,7 @@ LAYERS: dict[int, set[str]] = {
         "config",
         "all_linear",
         "targets",
+        "expert_targets",
         "prefix",
         "prompt",
         "classic_api",

@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from opendelta.checkpoint import apply_checkpoint
     from opendelta.checkpoint_record import CheckpointRecord
     from opendelta.config import INT64_RANGE, DeltaConfig
-    from opendelta.delta_protocols import FusedParallel, Mergeable, PrefixSource, PromptSource, WrapsReplaced
+    from opendelta.delta_protocols import (
+        FusedParallel,
+        Mergeable,
+        ParameterUpdate,
+        PrefixSource,
+        PromptSource,
+        WrapsReplaced,
+    )
     from opendelta.errors import (
         AddressingError,
         CheckpointError,
@@ -45,6 +52,8 @@ if TYPE_CHECKING:
         OpenDeltaServingWarning,
         UnsupportedTargetError,
     )
+    from opendelta.expert_stacks import StackLayout, is_expert_list, stack_layout, stacked_parameters
+    from opendelta.expert_targets import expert_targets
     from opendelta.hookspecs import RegisterCommonStructure, RegisterDeltaMethod, hookimpl
     from opendelta.insertion import (
         Insertion,
@@ -63,7 +72,8 @@ if TYPE_CHECKING:
         init_weight_,
     )
     from opendelta.legacy import legacy_size_limit, read_pickled_tensors
-    from opendelta.markers import DELTA_MARK, delta_parameter_names
+    from opendelta.markers import DELTA_MARK, backbone_submodules, delta_parameter_names
+    from opendelta.parameter_insertion import insert_parameter_delta
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
     from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt
@@ -79,12 +89,16 @@ if TYPE_CHECKING:
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
 ``delta_protocols``, ``register_placement``, ``DeltaClassError``, ``attention_parts``; the ``read_checkpoint``
-hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``."""
+hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``.
+
+1.2: deltas on stacked expert weights (transformers 5's experts): ``Target.parameter``, ``ParameterUpdate``,
+``insert_parameter_delta``, ``expert_targets``, ``stacked_parameters``, ``stack_layout`` and ``StackLayout``;
+``backbone_submodules``, ``is_expert_list``."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -101,6 +115,13 @@ _SOURCES: dict[str, str] = {
     "PrefixSource": "opendelta.delta_protocols",
     "PromptSource": "opendelta.delta_protocols",
     "WrapsReplaced": "opendelta.delta_protocols",
+    "ParameterUpdate": "opendelta.delta_protocols",
+    "StackLayout": "opendelta.expert_stacks",
+    "stack_layout": "opendelta.expert_stacks",
+    "is_expert_list": "opendelta.expert_stacks",
+    "stacked_parameters": "opendelta.expert_stacks",
+    "expert_targets": "opendelta.expert_targets",
+    "insert_parameter_delta": "opendelta.parameter_insertion",
     "AddressingError": "opendelta.errors",
     "CheckpointError": "opendelta.errors",
     "DeltaClassError": "opendelta.errors",
@@ -129,6 +150,7 @@ _SOURCES: dict[str, str] = {
     "read_pickled_tensors": "opendelta.legacy",
     "DELTA_MARK": "opendelta.markers",
     "delta_parameter_names": "opendelta.markers",
+    "backbone_submodules": "opendelta.markers",
     "SHARED_POSITIONALS": "opendelta.positional",
     "AttentionParts": "opendelta.prefix",
     "attention_parts": "opendelta.prefix",
@@ -178,23 +200,27 @@ __all__ = [
     "ModuleNotFoundInStructureError",
     "OpenDeltaAddressingWarning",
     "OpenDeltaServingWarning",
+    "ParameterUpdate",
     "Placement",
     "PrefixSource",
     "PromptSource",
     "RegisterCommonStructure",
     "RegisterDeltaMethod",
     "SamplerAdapter",
+    "StackLayout",
     "Target",
     "UnsupportedTargetError",
     "WrapsReplaced",
     "apply_checkpoint",
     "attention_parts",
     "backbone_module_names",
+    "backbone_submodules",
     "check_prompt_length",
     "checked_tensors",
     "compile_patterns",
     "contained_file",
     "delta_parameter_names",
+    "expert_targets",
     "factory_kwargs",
     "file_patterns",
     "fused_output_index",
@@ -203,10 +229,12 @@ __all__ = [
     "init_weight_",
     "input_stack",
     "insert_parallel_module",
+    "insert_parameter_delta",
     "insert_prefix",
     "insert_sequential_module",
     "insert_soft_prompt",
     "is_excluded",
+    "is_expert_list",
     "is_linear",
     "is_norm",
     "legacy_size_limit",
@@ -221,6 +249,8 @@ __all__ = [
     "register_placement",
     "replace_module",
     "resolve_targets",
+    "stack_layout",
+    "stacked_parameters",
     "write_atomically",
 ]
 
