@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from opendelta import AutoDeltaModel, LoraModel
-from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
+from opendelta.errors import CheckpointError, DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.plugin_api import stacked_parameters
 from opendelta.routing import route_rows
 from opendelta.testing import perturb
@@ -172,3 +172,13 @@ def test_rows_are_not_routed_through_an_update_of_the_weights_every_row_shares()
     delta_model = LoraModel(model, **EXPERTS)
     with pytest.raises(DeltaStateError, match="stacked expert weights"), route_rows(model, [delta_model, None]):
         pass
+
+
+def test_save_peft_refuses_stacked_expert_weights_by_name(tmp_path):
+    model = _causal_lm("qwen3_moe")
+    if not _stores_stacked_experts(model):
+        pytest.skip("transformers 4.57's experts are linear layers, which save_peft exports")
+    delta_model = LoraModel(model, **EXPERTS)
+    with pytest.raises(CheckpointError, match=r"stacked expert weights \(model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        delta_model.save_peft(tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
