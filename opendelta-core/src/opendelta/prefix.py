@@ -357,7 +357,8 @@ class _RootHandler:
             return None
         encoder_decoder = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         masks = ("decoder_attention_mask",) if encoder_decoder else ("attention_mask",)
-        return unbind(bound) if align_with_cache(bound, getattr(slot.ref, "num_tokens", 0), masks) else None
+        count = getattr(slot.ref, "num_tokens", 0)  # placeholder rows: no positions of their own
+        return unbind(bound) if align_with_cache(bound, count, masks, positioned=False) else None
 
     def after(self, module: nn.Module, slot: _Slot, args: Any, kwargs: Any, output: Any) -> Any:
         return None

@@ -12,6 +12,9 @@ name and shape, with rules that hold for the transformers models we map:
 * ``position_bias`` (T5's relative attention bias) is extended the same way with zeros: the new positions carry no
   position bias;
 * ``cache_position`` and ``position_ids`` gain ``P`` leading positions and the real ones move up by ``P``;
+* ``position_embeddings`` (the rotary ``(cos, sin)`` a decoder computes once for every layer) gains ``P`` leading
+  rows of the identity rotation (``cos`` 1, ``sin`` 0): the new positions carry no position, and the real ones keep
+  theirs, as prefix keys do where they join at transformers' attention interface, after the rotation;
 * arguments an architecture declares as relative positions (DeBERTa's ``relative_pos``) are dropped, so that the
   module rebuilds them for the longer sequence.
 
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 POSITION_ARGUMENTS = ("cache_position", "position_ids")
+ROTARY_ARGUMENTS = ("position_embeddings",)
 BIAS_ARGUMENTS = ("position_bias",)
 
 
@@ -119,7 +123,19 @@ def _extend_positions(tensor: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([leading, tensor + count], dim=-1)
 
 
+def _extend_rotary(value: Any, count: int, length: int) -> Any:
+    """``(cos, sin)`` with ``count`` leading rows of the identity rotation, when its rows are the sequence's."""
+    if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(t, torch.Tensor) for t in value)):
+        return value
+    cos, sin = value
+    if cos.dim() < 2 or cos.shape[-2] != length or sin.shape != cos.shape:
+        return value
+    return _pad(cos, -2, count, 1.0), _pad(sin, -2, count, 0.0)
+
+
 def _extend_one(name: str, value: Any, count: int, length: int, where: str) -> Any:
+    if name in ROTARY_ARGUMENTS:
+        return _extend_rotary(value, count, length)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if name in POSITION_ARGUMENTS and not value.is_floating_point():
@@ -236,14 +252,19 @@ def layer_index(module: nn.Module) -> int | None:
     return None
 
 
-def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collection[str]) -> bool:
+def align_with_cache(
+    bound: inspect.BoundArguments, count: int, masks: Collection[str], *, positioned: bool = True
+) -> bool:
     """After the first step of a cached ``generate()``, account for ``count`` positions the cache holds extra.
 
     When added positions (a soft prompt, a prefix through placeholder rows) entered the key/value cache with the
-    first step, the cache is ``count`` longer than the tokens ``generate()`` counted. Then ``cache_position`` and
-    ``position_ids`` move up by ``count`` and the 2-d masks named in ``masks`` gain ``count`` leading "attend"
-    columns, so that positions and masks inside the model agree with the cache. Detected by comparing the cache
-    length with the call's positions or mask; a call that already agrees is left alone.
+    first step, the cache is ``count`` longer than the tokens ``generate()`` counted. Then ``cache_position`` moves
+    up by ``count`` and the 2-d masks named in ``masks`` gain ``count`` leading "attend" columns, so that cache
+    slots and masks inside the model agree with the cache. ``position_ids`` move up too when the added positions
+    are ``positioned`` (a soft prompt's tokens come first in the sequence); a prefix's placeholder rows carry no
+    position (``positioned=False``), so the real tokens keep the positions the bare model gives them, as without the
+    cache, where a rotary decoder rotates them by those. Detected by comparing the cache length with the call's
+    positions or mask; a call that already agrees is left alone.
 
     Returns:
         Whether the call was changed (in place).
@@ -279,7 +300,7 @@ def align_with_cache(bound: inspect.BoundArguments, count: int, masks: Collectio
             nested["cache_position"] = position + count
         else:
             arguments["cache_position"] = position + count
-    if isinstance(arguments.get("position_ids"), torch.Tensor):
+    if positioned and isinstance(arguments.get("position_ids"), torch.Tensor):
         arguments["position_ids"] = arguments["position_ids"] + count
     for name in masks:
         mask = arguments.get(name)
