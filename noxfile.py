@@ -138,7 +138,7 @@ def tests_plugin(session: nox.Session, plugin: str) -> None:
 @nox.session(tags=["ci"])
 @nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
 def tests_all(session: nox.Session, transformers: str) -> None:
-    """Everything installed together: the root tests (installed-plugin battery, both demos); on 4.57 core's and plugins' too.
+    """Everything installed together: the root tests (plugin battery, both demos); on 4.57 core's and plugins' too.
 
     On transformers 5 the core and plugin tests already ran in ``tests_core`` and ``tests_plugin-*``; running them
     again here doubled that work (the longest part of `nox -t ci`) and checked nothing the isolated sessions do not.

@@ -87,6 +87,16 @@ def _common_names(children: dict[str, Any], prefix: str = "") -> Iterator[str]:
         yield from _common_names(node.get("children", {}), own)
 
 
+def _first_present(module: torch.nn.Module, paths: list[str]) -> list[tuple[str, torch.nn.Module]]:
+    """``[(path, submodule)]`` for the first of ``paths`` (a key, then its ``other_paths``) on ``module``, or ``[]``."""
+    for path in paths:
+        try:
+            return [(path, module.get_submodule(path))]
+        except AttributeError:
+            continue
+    return []
+
+
 def _resolve(
     module: torch.nn.Module, children: dict[str, Any], real: str = "", common: str = ""
 ) -> Iterator[tuple[str, str, str]]:
@@ -102,10 +112,13 @@ def _resolve(
                 yield _join(real, key), common, f"{WILDCARD} matched no child of {type(module).__name__}"
                 continue
         else:
-            try:
-                matches = [(key, module.get_submodule(key))]
-            except AttributeError as exc:
-                yield _join(real, key), common, str(exc)
+            matches = _first_present(module, [key, *node.get("other_paths", ())])
+            if not matches:
+                yield (
+                    _join(real, key),
+                    common,
+                    f"{type(module).__name__} has none of {key!r}, {node.get('other_paths')}",
+                )
                 continue
         for component, sub in matches:
             path = _join(real, component)

@@ -4,11 +4,12 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 
 0. foundation: errors, marker names and delta-module queries, a call's main input and output, the optional
    behaviours' Protocols, shapes, addressing, file patterns, structures and their schema, sequences, reusable layers,
-   the memory budget, tensor checks, ownership, install hints, positional arguments, save options;
-1. engine: switching gates, routing, merging (primitives and steps), insertion, freezing, hashing, visualization;
+   the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks;
+1. engine: switching gates, routing, merging (primitives and steps), insertion (the parameter placement included),
+   freezing, hashing, visualization;
 2. plugins: the hook specifications, the plugin loader, the structure lookup;
-3. model: the config value object, targets, the prefix and prompt mechanisms, ``DeltaModel`` and its 0.3.2 face,
-   the methods registry and the method classes it serves;
+3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
+   ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
    checkpoint readers and the apply step, the Auto classes;
 5. faces: the package ``__init__``, the CLI, the interactive page, integrations, testing, the scaffold, 0.3.2's
@@ -53,6 +54,7 @@ LAYERS: dict[int, set[str]] = {
         "classic_config",
         "dynamo_guard",
         "legacy_names",
+        "expert_stacks",
     },
     1: {
         "concurrency",
@@ -60,6 +62,7 @@ LAYERS: dict[int, set[str]] = {
         "merging",
         "merge_steps",
         "insertion",
+        "parameter_insertion",
         "pre_post_forward",
         "freezing",
         "hashing",
@@ -70,6 +73,7 @@ LAYERS: dict[int, set[str]] = {
         "config",
         "all_linear",
         "targets",
+        "expert_targets",
         "prefix",
         "prompt",
         "classic_api",

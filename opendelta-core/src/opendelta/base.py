@@ -47,6 +47,7 @@ from opendelta.insertion import (
 from opendelta.markers import WRAPPED_ATTR
 from opendelta.merge_steps import fold_in, forget_merged, mergeable, take_out, unmergeable_names
 from opendelta.method_class_checks import check_class_attributes, declare_names
+from opendelta.parameter_insertion import insert_parameter_delta
 from opendelta.positional import bind_positionals, constructor_signature, positional_names
 from opendelta.save_options import check_save_options, positional_032
 from opendelta.shapes import known_features, module_features, pseudo_call
@@ -329,13 +330,14 @@ class DeltaModel(ClassicDeltaApi):
 
     def _expand_all(self, targets: Sequence[Target]) -> list[Target]:
         expanded: list[Target] = []
-        seen: set[tuple[int, int | None, tuple[int, ...] | None]] = set()
+        seen: set[tuple[int, int | None, tuple[int, ...] | None, str | None]] = set()
         exclude = compile_patterns(self.config.exclude_modules, argument="exclude_modules")
         for target in targets:
             for leaf in self._expand_target(target):
                 if leaf is not target and is_excluded(leaf.name, exclude):
                     continue  # a submodule a broadcasting method found inside an allowed target
-                key = (id(leaf.module), id(leaf.output.module) if leaf.output is not None else None, leaf.parts)
+                output = id(leaf.output.module) if leaf.output is not None else None
+                key = (id(leaf.module), output, leaf.parts, leaf.parameter)
                 if key not in seen:
                     seen.add(key)
                     expanded.append(leaf)
@@ -395,6 +397,10 @@ class DeltaModel(ClassicDeltaApi):
         return {}
 
     def _place(self, target: Target, delta: nn.Module) -> Insertion:
+        if target.parameter is not None:  # a stacked expert weight: whatever the method's kind, it changes the weight
+            return insert_parameter_delta(
+                target.module, target.parameter, delta, f"{self.delta_name}_{target.parameter}"
+            )
         if self.insertion in PLACERS:
             return PLACERS[self.insertion](self, target, delta, **self.placement_options(target))
         if self.insertion == "parallel":

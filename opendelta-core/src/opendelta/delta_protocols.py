@@ -9,7 +9,9 @@ it implements none, some or all of these:
 * :class:`WrapsReplaced`: a replacement that keeps the module it replaced as a child (``wrapped_name``), so the
   backbone's own parameters keep their names inside it;
 * :class:`PrefixSource`: keys and values placed in front of an attention's (the ``"prefix"`` insertion kind);
-* :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind).
+* :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind);
+* :class:`ParameterUpdate`: a change of one parameter of its host as the host's forward reads it (a low-rank update
+  of a stack of expert weights), placed on a target whose ``parameter`` is set.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 __all__ = [
     "FusedParallel",
     "Mergeable",
+    "ParameterUpdate",
     "PrefixSource",
     "PromptSource",
     "WrapsReplaced",
@@ -87,6 +90,23 @@ class PromptSource(Protocol):
 
     def prompt(self) -> torch.Tensor:
         """``[P, hidden]`` embeddings, placed in front of the input's."""
+        ...
+
+
+@runtime_checkable
+class ParameterUpdate(Protocol):
+    """A delta that changes one parameter of its host for the host's forward, leaving the stored parameter alone.
+
+    For weights no submodule computes with alone: transformers 5's experts index a 3-D parameter per expert inside
+    their own forward, so a delta can only act by changing what that forward reads (see
+    :mod:`opendelta.parameter_insertion`).
+    """
+
+    def updated(self, weight: torch.Tensor) -> torch.Tensor:
+        """The parameter as the host's forward should see it, computed from the stored ``weight``.
+
+        Autograd flows through it to the delta's own parameters; the stored ``weight`` is never written.
+        """
         ...
 
 

@@ -93,7 +93,8 @@ class SlotHandler(Protocol):
 
     ``before`` runs in the module's forward pre-hook, before the "before" deltas, and may return new
     ``(args, kwargs)``; ``after`` runs in its forward hook after the "after"/"parallel" deltas and may return a new
-    output. Either returns ``None`` to change nothing.
+    output. Either returns ``None`` to change nothing. A handler may also have ``released(module, option)``, called
+    when a delta of its kind is detached from ``module``, to take away what its hooks may have left there.
     """
 
     def before(self, module: nn.Module, slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
@@ -365,6 +366,9 @@ class Insertion:
         del self.host._modules[self.attr]
         self.placement = _placement(self.host)
         _remove_slot(self.host, lambda s: s.seq == self.seq)
+        release = getattr(SLOT_HANDLERS.get(self.kind), "released", None)
+        if release is not None:
+            release(self.host, self.option)
         for module in {id(m): m for m, _kind, _option in self.satellites}.values():  # one module may hold two
             _remove_slot(module, lambda s: s.seq == self.seq)
         self.delta.__dict__.pop(CAPTURED_ATTR, None)

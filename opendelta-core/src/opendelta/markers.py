@@ -6,7 +6,7 @@ visualization need not import the insertion machinery that sets the marks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -16,6 +16,7 @@ __all__ = [
     "HANDLES_ATTR",
     "SLOTS_ATTR",
     "WRAPPED_ATTR",
+    "backbone_submodules",
     "bare_parameter_names",
     "delta_parameter_names",
     "iter_delta_modules",
@@ -51,6 +52,27 @@ def iter_delta_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if getattr(module, DELTA_MARK, False) and not any(name.startswith(s + ".") for s in seen):
             seen.add(name)
             yield name, module
+
+
+def backbone_submodules(
+    module: nn.Module,
+    prefix: str,
+    where: Callable[[nn.Module], bool],
+    enter: Callable[[str, nn.Module], bool] | None = None,
+) -> Iterator[tuple[str, nn.Module]]:
+    """Every submodule strictly inside ``module`` for which ``where`` holds, with its dotted name under ``prefix``.
+
+    In module order; deltas already attached (an adapter's projections, a LoRA branch) are not part of the backbone,
+    so the walk does not enter them, nor a child for which ``enter(name, child)`` is false. For methods that
+    broadcast a target to the layers inside it (BitFit's bias sites, LoRA's linear layers of a list of experts).
+    """
+    for name, child in module.named_children():
+        full_name = f"{prefix}.{name}"
+        if getattr(child, DELTA_MARK, False) or (enter is not None and not enter(full_name, child)):
+            continue
+        if where(child):
+            yield full_name, child
+        yield from backbone_submodules(child, full_name, where, enter)
 
 
 def delta_parameter_names(model: nn.Module) -> set[str]:

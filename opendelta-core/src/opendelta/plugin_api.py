@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from opendelta.checkpoint import apply_checkpoint
     from opendelta.checkpoint_record import CheckpointRecord
     from opendelta.config import INT64_RANGE, DeltaConfig
-    from opendelta.delta_protocols import FusedParallel, Mergeable, PrefixSource, PromptSource, WrapsReplaced
+    from opendelta.delta_protocols import (
+        FusedParallel,
+        Mergeable,
+        ParameterUpdate,
+        PrefixSource,
+        PromptSource,
+        WrapsReplaced,
+    )
     from opendelta.errors import (
         AddressingError,
         CheckpointError,
@@ -45,6 +52,8 @@ if TYPE_CHECKING:
         OpenDeltaServingWarning,
         UnsupportedTargetError,
     )
+    from opendelta.expert_stacks import StackLayout, is_expert_list, stack_layout, stacked_parameters
+    from opendelta.expert_targets import expert_targets
     from opendelta.hookspecs import RegisterCommonStructure, RegisterDeltaMethod, hookimpl
     from opendelta.insertion import (
         Insertion,
@@ -63,7 +72,8 @@ if TYPE_CHECKING:
         init_weight_,
     )
     from opendelta.legacy import legacy_size_limit, read_pickled_tensors
-    from opendelta.markers import DELTA_MARK, delta_parameter_names
+    from opendelta.markers import DELTA_MARK, backbone_submodules, delta_parameter_names
+    from opendelta.parameter_insertion import insert_parameter_delta
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
     from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt
@@ -89,7 +99,11 @@ hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``.
 1.2: fused parts of unequal or interleaved layout: ``Target.split`` and ``Target.output_index(out_features)``
 (what a method with ``supports_fused_targets`` slices with), ``fused_output_index(..., split=, where=)``. A method
 that still calls ``fused_output_index(out, parts, num_parts)`` without ``split`` slices equal contiguous parts,
-which is wrong for such targets: pass ``split=target.split`` or use ``target.output_index``."""
+which is wrong for such targets: pass ``split=target.split`` or use ``target.output_index``.
+
+Also 1.2: deltas on stacked expert weights (transformers 5's experts): ``Target.parameter``, ``ParameterUpdate``,
+``insert_parameter_delta``, ``expert_targets``, ``stacked_parameters``, ``stack_layout`` and ``StackLayout``;
+``backbone_submodules``, ``is_expert_list``."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -106,6 +120,13 @@ _SOURCES: dict[str, str] = {
     "PrefixSource": "opendelta.delta_protocols",
     "PromptSource": "opendelta.delta_protocols",
     "WrapsReplaced": "opendelta.delta_protocols",
+    "ParameterUpdate": "opendelta.delta_protocols",
+    "StackLayout": "opendelta.expert_stacks",
+    "stack_layout": "opendelta.expert_stacks",
+    "is_expert_list": "opendelta.expert_stacks",
+    "stacked_parameters": "opendelta.expert_stacks",
+    "expert_targets": "opendelta.expert_targets",
+    "insert_parameter_delta": "opendelta.parameter_insertion",
     "AddressingError": "opendelta.errors",
     "CheckpointError": "opendelta.errors",
     "DeltaClassError": "opendelta.errors",
@@ -134,6 +155,7 @@ _SOURCES: dict[str, str] = {
     "read_pickled_tensors": "opendelta.legacy",
     "DELTA_MARK": "opendelta.markers",
     "delta_parameter_names": "opendelta.markers",
+    "backbone_submodules": "opendelta.markers",
     "SHARED_POSITIONALS": "opendelta.positional",
     "AttentionParts": "opendelta.prefix",
     "attention_parts": "opendelta.prefix",
@@ -183,23 +205,27 @@ __all__ = [
     "ModuleNotFoundInStructureError",
     "OpenDeltaAddressingWarning",
     "OpenDeltaServingWarning",
+    "ParameterUpdate",
     "Placement",
     "PrefixSource",
     "PromptSource",
     "RegisterCommonStructure",
     "RegisterDeltaMethod",
     "SamplerAdapter",
+    "StackLayout",
     "Target",
     "UnsupportedTargetError",
     "WrapsReplaced",
     "apply_checkpoint",
     "attention_parts",
     "backbone_module_names",
+    "backbone_submodules",
     "check_prompt_length",
     "checked_tensors",
     "compile_patterns",
     "contained_file",
     "delta_parameter_names",
+    "expert_targets",
     "factory_kwargs",
     "file_patterns",
     "fused_output_index",
@@ -208,10 +234,12 @@ __all__ = [
     "init_weight_",
     "input_stack",
     "insert_parallel_module",
+    "insert_parameter_delta",
     "insert_prefix",
     "insert_sequential_module",
     "insert_soft_prompt",
     "is_excluded",
+    "is_expert_list",
     "is_linear",
     "is_norm",
     "legacy_size_limit",
@@ -226,6 +254,8 @@ __all__ = [
     "register_placement",
     "replace_module",
     "resolve_targets",
+    "stack_layout",
+    "stacked_parameters",
     "write_atomically",
 ]
 

@@ -123,6 +123,12 @@ def _check_routable(model: DeltaModel, backbone: nn.Module) -> None:
         state = "merged into the weights" if model.merged else "detached"
         raise DeltaStateError(f"{name} is {state}; route_rows needs attached delta models")
     kinds = {i.kind for i in model.insertions()} - ROUTABLE_KINDS
+    if "parameter" in kinds:
+        raise DeltaStateError(
+            f"{name} changes stacked expert weights (a parameter delta), which every row of a forward shares; route "
+            f"rows between deltas on modules (LoRA on linear layers, adapters, BitFit), and run this one in passes of "
+            f"its own"
+        )
     if kinds:
         raise DeltaStateError(
             f"{name} places {sorted(kinds)} deltas, which change the sequence rather than each row's values; route "

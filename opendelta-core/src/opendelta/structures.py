@@ -83,6 +83,7 @@ class _Node:
     aliases: tuple[str, ...] = ()  # further names of this module itself, relative to the same parent
     split: Any = None  # a fused node's raw `split` (resolved per model's config by fused_split.resolve_split)
     part_aliases: tuple[tuple[str, ...], ...] = ()  # a fused node's further names of each part, in `fused` order
+    other_paths: tuple[tuple[str, ...], ...] = ()  # further real paths of this node (another release's names)
 
     @classmethod
     def parse(cls, raw: dict[str, Any], name: str | None = None, where: str = "tree") -> _Node:
@@ -102,7 +103,13 @@ class _Node:
                 )
             part_aliases = tuple(tuple(extra.get(part, ())) for part in fused)
         own = name if name is not None else raw.get("name")
-        return cls(own, fused, children, tuple(raw.get("aliases", ())), raw.get("split"), part_aliases)
+        other_paths = tuple(tuple(path.split(".")) for path in raw.get("other_paths", ()))
+        aliases = tuple(raw.get("aliases", ()))
+        return cls(own, fused, children, aliases, raw.get("split"), part_aliases, other_paths)
+
+    def paths(self, key: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+        """The real paths this node (under ``key`` in its parent) may have: the key's, then ``other_paths``."""
+        return (key, *self.other_paths)
 
     def part_names(self, prefix: str) -> list[tuple[int, str]]:
         """A fused node's common names under ``prefix``: each part's, then its aliases, with the part's index."""
@@ -135,10 +142,11 @@ def _names_under(
         if key == (WILDCARD,):
             consumed = 1
             own = parts[start] if child.name == WILDCARD else child.name or ""
-        elif tuple(parts[start : start + len(key)]) == key:
-            consumed, own = len(key), child.name or ""
         else:
-            continue
+            path = next((p for p in child.paths(key) if tuple(parts[start : start + len(p)]) == p), None)
+            if path is None:
+                continue
+            consumed, own = len(path), child.name or ""
         found += _names_under(child, parts, start + consumed, _join(prefix, own), prefix, config)
     return found
 
@@ -212,6 +220,17 @@ def _subtree_names(node: _Node, common: str, parent: str) -> list[str]:
     return names
 
 
+def _present(module: nn.Module, key: tuple[str, ...], child: _Node) -> tuple[str, nn.Module] | None:
+    """The first of ``child``'s real paths (its key's, then its ``other_paths``) on ``module``, with the module."""
+    for path in child.paths(key):
+        dotted = ".".join(path)
+        try:
+            return dotted, module.get_submodule(dotted)
+        except AttributeError:
+            continue
+    return None
+
+
 def _unplaced(node: _Node, module: nn.Module, common: str) -> dict[str, str]:
     """Common names under ``node`` whose real module is missing from ``module``, each with the missing real path."""
     found: dict[str, str] = {}
@@ -220,15 +239,13 @@ def _unplaced(node: _Node, module: nn.Module, common: str) -> dict[str, str]:
             for _name, sub in module.named_children():
                 found.update(_unplaced(child, sub, _join(common, "N" if child.name == WILDCARD else child.name or "")))
             continue
-        path = ".".join(key)
         own = _join(common, child.name or "")
-        try:
-            sub = module.get_submodule(path)
-        except AttributeError:
+        present = _present(module, key, child)
+        if present is None:
             for name in _subtree_names(child, own, common):
-                found.setdefault(name, path)
+                found.setdefault(name, ".".join(key))
             continue
-        found.update(_unplaced(child, sub, own))
+        found.update(_unplaced(child, present[1], own))
     return found
 
 
@@ -242,13 +259,11 @@ def _missing(node: _Node, module: nn.Module, prefix: str) -> list[str]:
             for name, sub in subs:
                 missing += _missing(child, sub, _join(prefix, name))
             continue
-        path = ".".join(key)
-        try:
-            sub = module.get_submodule(path)
-        except AttributeError:
-            missing.append(_join(prefix, path))
+        present = _present(module, key, child)
+        if present is None:
+            missing.append(_join(prefix, " or ".join(".".join(p) for p in child.paths(key))))
             continue
-        missing += _missing(child, sub, _join(prefix, path))
+        missing += _missing(child, present[1], _join(prefix, present[0]))
     return missing
 
 

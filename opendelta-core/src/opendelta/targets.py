@@ -45,6 +45,9 @@ class Target:
     output: Target | None = None
     """For a delta spanning two modules (a parallel adapter from a feed-forward block's first linear layer to its
     second): the module whose output it adds to; ``module`` is then the one whose input feeds it."""
+    parameter: str | None = None
+    """For a delta on one parameter of ``module`` (a stack of expert weights, ``gate_up_proj``): its name. The delta
+    is then placed with :func:`opendelta.parameter_insertion.insert_parameter_delta`."""
 
     split: FusedSplit | None = None
     """For a fused module's parts: where they lie in its output, read from the mapping and the model's config

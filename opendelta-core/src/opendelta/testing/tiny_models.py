@@ -23,12 +23,14 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 __all__ = [
     "ARCHITECTURES",
+    "EXPERT_FFN_SIZE",
     "FFN_SIZE",
     "FUSED_ARCHITECTURES",
     "GENERATION_HEADS",
     "HIDDEN_SIZE",
     "MAX_POSITIONS",
     "MODERN_ARCHITECTURES",
+    "MOE_ARCHITECTURES",
     "NUM_HEADS",
     "NUM_LABELS",
     "NUM_LAYERS",
@@ -48,6 +50,12 @@ __all__ = [
 ARCHITECTURES: tuple[str, ...] = ("bert", "roberta", "t5", "gpt2", "bart", "deberta-v2", "opt")
 """HF ``model_type`` strings of the seven classic architectures, which every plugin's conformance battery covers."""
 
+# --- Mixture-of-Experts decoders (issue 16) ----------------------------------------------------------------------
+MOE_ARCHITECTURES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+"""The sparse mixture-of-experts decoders: a router picks the top 2 of 4 experts per token in every block. Part of
+:data:`MODERN_ARCHITECTURES`; named apart for the tests of what only they have (experts, routing)."""
+# --- end of the Mixture-of-Experts block -------------------------------------------------------------------------
+
 MODERN_ARCHITECTURES: tuple[str, ...] = (
     "llama",
     "mistral",
@@ -60,6 +68,7 @@ MODERN_ARCHITECTURES: tuple[str, ...] = (
     "olmo2",
     "gptj",
     "mt5",
+    *MOE_ARCHITECTURES,
 )
 """The decoders (and mT5) people fine-tune today, mapped in ``common_structures`` too; the installed-plugin battery
 covers them (``tests/test_modern_architectures.py``), a plugin's own battery may narrow to :data:`ARCHITECTURES`."""
@@ -317,6 +326,47 @@ _ARCH_KWARGS.update(
     }
 )
 # ---- end of the fused-projections block
+# --- Mixture-of-Experts decoders (issue 16) ----------------------------------------------------------------------
+EXPERT_FFN_SIZE = 20
+"""Each expert's feed-forward width: unlike :data:`HIDDEN_SIZE`, and a multiple of 4 floats because transformers 5
+runs the experts with ``grouped_mm`` by default, whose strides must be multiples of 16 bytes (an odd width makes the
+bare model fail, which tests nothing of ours)."""
+
+_MOE_KWARGS: dict[str, Any] = {
+    **_DECODER_KWARGS,
+    "intermediate_size": EXPERT_FFN_SIZE,
+    "num_experts_per_tok": 2,
+    "router_jitter_noise": 0.0,  # Mixtral's: multiplicative noise on the router input while training
+    "output_router_logits": False,
+}
+"""The tiny decoder with a sparse feed-forward: 4 experts of width :data:`EXPERT_FFN_SIZE`, 2 per token. The
+number of experts is ``num_local_experts`` on Mixtral and ``num_experts`` on the others; every block is sparse
+(``decoder_sparse_step`` 1, no ``mlp_only_layers``), so every block has the same modules and the mappings' ``$``
+fits them all."""
+
+_ARCH_KWARGS.update(
+    {
+        "mixtral": {**_MOE_KWARGS, "num_local_experts": 4},
+        # Qwen2-MoE's shared expert beside the routed ones, narrower than them so a swapped size shows.
+        "qwen2_moe": {
+            **_MOE_KWARGS,
+            "num_experts": 4,
+            "moe_intermediate_size": EXPERT_FFN_SIZE,
+            "shared_expert_intermediate_size": 19,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+        "qwen3_moe": {
+            **_MOE_KWARGS,
+            "num_experts": 4,
+            "moe_intermediate_size": EXPERT_FFN_SIZE,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+        "olmoe": {**_MOE_KWARGS, "num_experts": 4},
+    }
+)
+# --- end of the Mixture-of-Experts block -------------------------------------------------------------------------
 
 TASK_HEADS: dict[str, list[str]] = {
     "bert": ["BertModel", "BertForSequenceClassification", "BertForMaskedLM"],
@@ -362,6 +412,17 @@ TASK_HEADS.update(
     }
 )
 # ---- end of the fused-projections block
+# --- Mixture-of-Experts decoders (issue 16) ----------------------------------------------------------------------
+TASK_HEADS.update(
+    {
+        "mixtral": ["MixtralModel", "MixtralForCausalLM", "MixtralForSequenceClassification"],
+        "qwen2_moe": ["Qwen2MoeModel", "Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"],
+        "qwen3_moe": ["Qwen3MoeModel", "Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"],
+        # OLMoE has no sequence-classification class on either transformers line.
+        "olmoe": ["OlmoeModel", "OlmoeForCausalLM"],
+    }
+)
+# --- end of the Mixture-of-Experts block -------------------------------------------------------------------------
 
 GENERATION_HEADS: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel",

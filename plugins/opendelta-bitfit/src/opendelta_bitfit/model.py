@@ -13,19 +13,19 @@ attention that has, or could have, a bias. That happens twice here:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from opendelta.plugin_api import (
-    DELTA_MARK,
     SHARED_POSITIONALS,
     CheckpointError,
     DeltaModel,
     Target,
+    backbone_submodules,
     factory_kwargs,
+    is_expert_list,
     is_linear,
     is_norm,
 )
@@ -36,21 +36,6 @@ from opendelta_bitfit.layer import BiasDelta
 def is_bias_site(module: nn.Module) -> bool:
     """Whether BitFit adds a bias to ``module``: a linear layer (``nn.Linear``, ``Conv1D``) or a layer norm."""
     return is_linear(module) or is_norm(module)
-
-
-def _bias_sites(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-    """Every bias site strictly inside ``module`` with its dotted name, in module order.
-
-    Deltas already attached (an adapter's projections, a LoRA branch) are not part of the backbone, so the walk
-    does not enter them.
-    """
-    for name, child in module.named_children():
-        if getattr(child, DELTA_MARK, False):
-            continue
-        full_name = f"{prefix}.{name}"
-        if is_bias_site(child):
-            yield full_name, child
-        yield from _bias_sites(child, full_name)
 
 
 class BitFitModel(DeltaModel):
@@ -80,10 +65,26 @@ class BitFitModel(DeltaModel):
     config: BitFitConfig
 
     def _expand_target(self, target: Target) -> list[Target]:
-        """A linear layer or layer norm is itself; another module yields those inside it (core drops excluded ones)."""
+        """A linear layer or layer norm is itself; another module yields those inside it (core drops excluded ones).
+
+        With the default targets, the routed experts of a sparse mixture-of-experts block are left alone (see
+        :meth:`_enters`); named ones (``modified_modules=["ff.experts"]``) are covered like any other module.
+        """
         if is_bias_site(target.module):
             return [target]
-        return [Target(name, module) for name, module in _bias_sites(target.module, target.name)]
+        if not self._enters(target.name, target.module):
+            return []
+        found = backbone_submodules(target.module, target.name, is_bias_site, self._enters)
+        return [Target(name, module) for name, module in found]
+
+    def _enters(self, name: str, module: nn.Module) -> bool:
+        """Whether the defaults reach inside ``module``: not into a list of experts (transformers 4.57's).
+
+        Each expert's bias would train only on the tokens routed to it, and transformers 5 stores the experts as
+        stacked weights with no layer to put a bias after: so on both lines the defaults cover the block around the
+        experts (its router where that is a linear layer, Qwen2-MoE's shared expert, the norms), not the experts.
+        """
+        return self.config.modified_modules is not None or not is_expert_list(name, module)
 
     def _build_delta(self, target: Target) -> nn.Module:
         """A zero bias as wide as the layer's output (Linear/Conv1D ``out_features``, a norm's size)."""

@@ -1,15 +1,28 @@
-"""``LoraModel``: LoRA placed in parallel to every targeted linear layer."""
+"""``LoraModel``: LoRA placed in parallel to every targeted linear layer, or on every stacked expert weight."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
-from opendelta.plugin_api import DeltaModel, Target, linear_features, linear_types
+from opendelta.plugin_api import (
+    DeltaConfigError,
+    DeltaModel,
+    Target,
+    expert_targets,
+    factory_kwargs,
+    is_linear,
+    linear_features,
+    linear_types,
+    stack_layout,
+    stacked_parameters,
+)
 from opendelta_lora.config import LoraConfig
+from opendelta_lora.expert_layer import ExpertLoraLayer
 from opendelta_lora.layer import LoraLayer
 
 
@@ -21,6 +34,12 @@ class LoraModel(DeltaModel):
     attention's query and value projections (common names ``attn.q``, ``attn.v``), as the paper does; on a fused
     projection (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``, GPT-NeoX's per-head interleaved ``query_key_value``) only
     the q and v output rows get an update, wherever the mapping's split says they lie.
+
+    The experts of a sparse mixture-of-experts block (``modified_modules=["ff.experts"]``, or the real
+    ``mlp.experts``) get one update per expert and weight: on transformers 5, whose experts hold their weights as
+    3-D parameters, an :class:`~opendelta_lora.expert_layer.ExpertLoraLayer` on each (``gate_up_proj``,
+    ``down_proj``); on 4.57, whose experts are a list of MLPs, a :class:`LoraLayer` beside every linear layer of
+    every expert. Either way each token is computed with the updated weights of the experts it was routed to.
     """
 
     config_class = LoraConfig
@@ -42,7 +61,35 @@ class LoraModel(DeltaModel):
     supports_fused_targets = True
     config: LoraConfig
 
+    def _expand_target(self, target: Target) -> list[Target]:
+        """A module of experts becomes its stacked weights (transformers 5) or its experts' linear layers (4.57)."""
+        if is_linear(target.module):
+            return [target]
+        return expert_targets(target) or [target]
+
+    def supports(self, module: nn.Module) -> bool:
+        """Linear layers, and experts modules holding stacked weights (each weight is then a target of its own)."""
+        return is_linear(module) or bool(stacked_parameters(module))
+
+    def _prepare(self, targets: Sequence[Target]) -> None:
+        """Refuse dropout on stacked expert weights: the update is added to the weight, there is no branch input."""
+        stacked = [f"{t.name}.{t.parameter}" for t in targets if t.parameter is not None]
+        if stacked and self.config.lora_dropout:
+            raise DeltaConfigError(
+                f"LoraConfig.lora_dropout={self.config.lora_dropout} cannot apply to stacked expert weights "
+                f"({', '.join(stacked[:3])}{'...' if len(stacked) > 3 else ''}): their update is added to the weight "
+                f"the experts read, with no separate branch input to drop; set lora_dropout=0 for the experts"
+            )
+
     def _build_delta(self, target: Target) -> nn.Module:
+        if target.parameter is not None:
+            return ExpertLoraLayer(
+                stack_layout(target.module, target.parameter),
+                target.parameter,
+                r=self.config.lora_r,
+                alpha=self.config.lora_alpha,
+                **factory_kwargs(target.module),
+            )
         in_features, out_features = linear_features(target.module)
         weight = target.module.weight
         return LoraLayer(

@@ -475,7 +475,8 @@ def save_peft_adapter(
 
     Raises:
         TypeError: ``delta_model`` is not a LoraModel.
-        CheckpointError: a ``modules_to_save`` entry matches nothing or contains a LoRA target.
+        CheckpointError: a ``modules_to_save`` entry matches nothing or contains a LoRA target; or the delta model
+            updates stacked expert weights (PEFT's ``target_parameters`` layout is not written).
 
     Warns:
         OpenDeltaServingWarning: the folder has ``modules_to_save`` or the backbone is not a decoder-only causal
@@ -484,6 +485,13 @@ def save_peft_adapter(
     if not isinstance(delta_model, LoraModel):
         raise TypeError(f"save_peft_adapter exports a LoraModel, got {type(delta_model).__name__}")
     backbone = delta_model.backbone_model
+    stacked = [f"{t.name}.{t.parameter}" for t in delta_model.targets if t.parameter is not None]
+    if stacked:
+        raise CheckpointError(
+            f"save_peft does not export LoRA on stacked expert weights ({', '.join(stacked[:2])}"
+            f"{'...' if len(stacked) > 2 else ''}): PEFT's target_parameters layout is not written; save it with "
+            f"save_finetuned(), or put the LoRA on modules PEFT's target_modules names"
+        )
     tensors: dict[str, torch.Tensor] = {}
     targets = []
     for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
