@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from opendelta.markers import DELTA_MARK, delta_parameter_names
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
-    from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt
+    from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt, prompt_embeddings, prompt_sites
     from opendelta.saving import (
         contained_file,
         move_into_place,
@@ -79,12 +79,13 @@ if TYPE_CHECKING:
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
 ``delta_protocols``, ``register_placement``, ``DeltaClassError``, ``attention_parts``; the ``read_checkpoint``
-hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``."""
+hook with ``CheckpointRecord`` and ``apply_checkpoint``; ``write_atomically``.
+1.2: ``prompt_sites`` and ``prompt_embeddings`` (soft prompts on models that embed no tokens: ViT, CLIP, Whisper)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -136,6 +137,8 @@ _SOURCES: dict[str, str] = {
     "check_prompt_length": "opendelta.prompt",
     "input_stack": "opendelta.prompt",
     "insert_soft_prompt": "opendelta.prompt",
+    "prompt_embeddings": "opendelta.prompt",
+    "prompt_sites": "opendelta.prompt",
     "contained_file": "opendelta.saving",
     "move_into_place": "opendelta.saving",
     "new_temporary": "opendelta.saving",
@@ -215,6 +218,8 @@ __all__ = [
     "move_into_place",
     "new_temporary",
     "placement_kinds",
+    "prompt_embeddings",
+    "prompt_sites",
     "read_config_dict",
     "read_pickled_tensors",
     "read_safetensors",

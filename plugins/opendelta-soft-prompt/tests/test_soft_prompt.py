@@ -217,3 +217,36 @@ def test_bad_hyper_parameters_name_the_field(kwargs, field):
 def test_the_layer_holds_only_the_prompt():
     layer = SoftPromptLayer(3, torch.randn(10, 8), token_init=True, init_range=0.5)
     assert [n for n, _ in layer.named_parameters()] == ["soft_embeds"] and layer.prompt().shape == (3, 8)
+
+
+def _blocks(model):
+    from opendelta.structure_inference import layer_stacks
+
+    return [stack for _path, stack in layer_stacks(model)]
+
+
+def _run_blocks(blocks, hidden):
+    for block in blocks:
+        out = block(hidden)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+    return hidden
+
+
+def test_on_vit_the_prompt_goes_in_front_of_the_first_block_and_leaves_after_the_last():
+    """Visual Prompt Tuning: the blocks read [prompt; class token; patches], the final norm sees the bare rows."""
+    model = tiny_model("vit", "ViTModel")
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=3)
+    (stack,) = _blocks(model)
+    assert [t.module for t in delta_model.targets] == [stack[0]]
+    assert delta_model.deltas[0].soft_embeds.shape == (3, 32)  # no vocabulary to start from: uniform
+    assert delta_model.deltas[0].soft_embeds.abs().max() <= delta_model.config.init_range
+    pixels = tiny_inputs("vit")["pixel_values"]
+    prompted = run(model, {"pixel_values": pixels})
+    delta_model.detach()
+    with torch.no_grad():
+        embeddings = model.embeddings(pixels)
+        prompt = delta_model.deltas[0].prompt().expand(embeddings.shape[0], -1, -1)
+        hidden = _run_blocks(stack, torch.cat([prompt, embeddings], dim=1))[:, 3:]
+        expected = model.layernorm(hidden)
+    assert prompted.shape == expected.shape == (2, 5, 32)
+    torch.testing.assert_close(prompted, expected)
