@@ -250,3 +250,24 @@ def test_on_vit_the_prompt_goes_in_front_of_the_first_block_and_leaves_after_the
         expected = model.layernorm(hidden)
     assert prompted.shape == expected.shape == (2, 5, 32)
     torch.testing.assert_close(prompted, expected)
+
+
+def test_on_clip_each_tower_gets_a_prompt_and_the_text_tower_still_pools_each_row_on_its_eos_token():
+    """CLIP's text tower takes no inputs_embeds, so it gets its prompt in front of its blocks like the vision tower;
+    its causal and padding masks cover the prompt in every block, and the pooling on the eos token is untouched."""
+    model = tiny_model("clip")
+    inputs = tiny_inputs("clip", batch=3)
+    with torch.no_grad():
+        bare = model(**inputs).text_embeds
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=3)
+    assert [stack[0] for stack in _blocks(model)] == [t.module for t in delta_model.targets]
+    assert [t.name.split(".")[0] for t in delta_model.targets] == ["text_model", "vision_model"]
+    with torch.no_grad():
+        batch = model(**inputs)
+    assert batch.text_embeds.shape == bare.shape and not torch.allclose(batch.text_embeds, bare)
+    for row in range(3):
+        length = int(inputs["attention_mask"][row].sum())
+        alone = {k: v[row : row + 1, :length] for k, v in inputs.items() if k != "pixel_values"}
+        with torch.no_grad():
+            text = model(**alone, pixel_values=inputs["pixel_values"][row : row + 1]).text_embeds
+        torch.testing.assert_close(text, batch.text_embeds[row : row + 1], rtol=1e-5, atol=1e-5)

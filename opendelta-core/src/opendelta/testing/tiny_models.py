@@ -66,9 +66,10 @@ MODERN_ARCHITECTURES: tuple[str, ...] = (
 covers them (``tests/test_modern_architectures.py``), a plugin's own battery may narrow to :data:`ARCHITECTURES`."""
 
 # --- Vision and speech (issue 16): models that read images or audio instead of tokens, and CLIP's text tower. ---
-VISION_SPEECH_ARCHITECTURES: tuple[str, ...] = ("vit",)
-"""ViT, mapped in ``common_structures``; the installed-plugin battery covers it too
-(``tests/test_modern_architectures.py``). Its inputs are pixels (see :func:`tiny_inputs`)."""
+VISION_SPEECH_ARCHITECTURES: tuple[str, ...] = ("vit", "clip", "clip_text_model", "clip_vision_model")
+"""ViT and CLIP (both towers together, and each alone: its text and vision models have model types of their own),
+mapped in ``common_structures``; the installed-plugin battery covers them too (``tests/test_modern_architectures.py``).
+Their inputs are pixels, and CLIP's text tower's tokens (see :func:`tiny_inputs`)."""
 # --- end of vision and speech ---
 
 SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES + VISION_SPEECH_ARCHITECTURES
@@ -311,33 +312,68 @@ IMAGE_SIZE = 8
 PATCH_SIZE = 4
 """Side of one image patch; also ViT's ``encoder_stride``, so its masked-image-modelling decoder rebuilds 8 pixels."""
 
+_IMAGE_ENCODER: dict[str, Any] = {
+    "hidden_size": HIDDEN_SIZE,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": FFN_SIZE,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+    "num_channels": 3,
+}
+"""The sizes ViT and CLIP's vision tower share (their dropout settings have different names)."""
+
+_VISION_TOWER: dict[str, Any] = {**_IMAGE_ENCODER, "attention_dropout": 0.0}
+"""CLIP's vision tower (a ``CLIPVisionConfig``), alone or inside ``CLIPConfig``."""
+
+_TEXT_TOWER: dict[str, Any] = {
+    "hidden_size": HIDDEN_SIZE,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": FFN_SIZE,
+    "max_position_embeddings": MAX_POSITIONS,
+    "vocab_size": VOCAB_SIZE,
+    "attention_dropout": 0.0,
+    # Not 2: with eos id 2 CLIP pools on the largest token id (its configs before transformers PR #24773), while real
+    # checkpoints pool on the first eos token, which tiny_inputs puts at the end of every row.
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 3,
+}
+"""CLIP's text tower (a ``CLIPTextConfig``), alone or inside ``CLIPConfig``."""
+
 SPECIAL_TOKEN_IDS.update(
     {
         # ViT reads no tokens: no special ids (tiny_config passes none to its config).
         "vit": {},
+        "clip": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        "clip_text_model": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        "clip_vision_model": {},
     }
 )
 
 _ARCH_KWARGS.update(
     {
         "vit": {
-            "hidden_size": HIDDEN_SIZE,
-            "num_hidden_layers": NUM_LAYERS,
-            "num_attention_heads": NUM_HEADS,
-            "intermediate_size": FFN_SIZE,
-            "image_size": IMAGE_SIZE,
-            "patch_size": PATCH_SIZE,
+            **_IMAGE_ENCODER,
             "encoder_stride": PATCH_SIZE,
-            "num_channels": 3,
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
         },
+        "clip": {"text_config": _TEXT_TOWER, "vision_config": _VISION_TOWER, "projection_dim": 16},
+        "clip_text_model": dict(_TEXT_TOWER),
+        "clip_vision_model": dict(_VISION_TOWER),
     }
 )
 
 TASK_HEADS.update(
     {
         "vit": ["ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling"],
+        # CLIPForImageClassification (the vision tower alone under a CLIPConfig) is left out: it has no text tower
+        # for the clip mapping to name, and reads no input_ids.
+        "clip": ["CLIPModel"],
+        "clip_text_model": ["CLIPTextModel", "CLIPTextModelWithProjection"],
+        "clip_vision_model": ["CLIPVisionModel", "CLIPVisionModelWithProjection"],
     }
 )
 
@@ -348,8 +384,24 @@ def _pixel_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
 
 
+def _clip_text_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Token rows that each end with CLIP's eos token, on which CLIP pools the text."""
+    inputs = _token_inputs("clip_text_model", batch, seq, seed)
+    lengths = inputs["attention_mask"].sum(1)
+    inputs["input_ids"][torch.arange(batch), lengths - 1] = SPECIAL_TOKEN_IDS["clip_text_model"]["eos_token_id"]
+    return inputs
+
+
+def _clip_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Both towers' inputs: eos-terminated token rows and images."""
+    return {**_clip_text_inputs(batch, seq, seed), **_pixel_inputs(batch, seq, seed)}
+
+
 _INPUT_BUILDERS: dict[str, Callable[[int, int, int], dict[str, torch.Tensor]]] = {
     "vit": _pixel_inputs,
+    "clip": _clip_inputs,
+    "clip_text_model": _clip_text_inputs,
+    "clip_vision_model": _pixel_inputs,
 }
 """``builder(batch, seq, seed)`` for the architectures whose inputs are not (only) ``input_ids`` and a mask."""
 
@@ -537,7 +589,8 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
     Returns:
         ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)``, plus
         ``decoder_input_ids`` for T5 and BART. Models that read images get
-        ``pixel_values`` (``batch, 3,`` :data:`IMAGE_SIZE` ``,`` :data:`IMAGE_SIZE`).
+        ``pixel_values`` (``batch, 3,`` :data:`IMAGE_SIZE` ``,`` :data:`IMAGE_SIZE`),
+        CLIP both those and token rows ending with its eos token.
 
     Raises:
         ValueError: If ``arch`` is unknown or the sizes are too small.
