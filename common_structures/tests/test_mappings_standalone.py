@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from jsonschema import Draft202012Validator
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from transformers import PreTrainedModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -103,9 +106,18 @@ def _resolve(
     """Walk ``children`` over ``module``, expanding ``$`` to every real child.
 
     Yields ``(real_path, common_name, error)`` for every node; ``error`` is
-    empty when the path resolved with ``get_submodule``.
+    empty when the path resolved with ``get_submodule``. A node for other
+    transformers releases (its ``transformers`` specifier does not admit the
+    installed one) must be absent, so a wrong specifier fails too.
     """
     for key, node in children.items():
+        if not _admits_installed_transformers(node.get("transformers")):
+            try:
+                module.get_submodule(key)
+            except AttributeError:
+                continue
+            yield _join(real, key), common, f"exists, but is mapped for transformers{node['transformers']} only"
+            continue
         if key == WILDCARD:
             matches = [(component, sub) for component, sub in module.named_children()]
             if not matches:
@@ -133,6 +145,14 @@ def _resolve(
             for alias in node.get("aliases", ()):
                 yield path, _join(common, alias), ""
             yield from _resolve(sub, node.get("children", {}), path, own)
+
+
+def _admits_installed_transformers(releases: str | None) -> bool:
+    """Whether a node's ``transformers`` specifier admits the installed release (pre-release tags dropped)."""
+    if releases is None:
+        return True
+    installed = Version(Version(transformers.__version__).base_version)
+    return SpecifierSet(releases).contains(installed, prereleases=True)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from opendelta.parameter_insertion import insert_parameter_delta
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
-    from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt
+    from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt, prompt_embeddings, prompt_sites
     from opendelta.saving import (
         contained_file,
         move_into_place,
@@ -103,7 +103,10 @@ which is wrong for such targets: pass ``split=target.split`` or use ``target.out
 
 Also 1.2: deltas on stacked expert weights (transformers 5's experts): ``Target.parameter``, ``ParameterUpdate``,
 ``insert_parameter_delta``, ``expert_targets``, ``stacked_parameters``, ``stack_layout`` and ``StackLayout``;
-``backbone_submodules``, ``is_expert_list``."""
+``backbone_submodules``, ``is_expert_list``.
+
+Also 1.2: ``prompt_sites`` and ``prompt_embeddings`` (soft prompts on models that embed no tokens: ViT, CLIP,
+Whisper)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -163,6 +166,8 @@ _SOURCES: dict[str, str] = {
     "check_prompt_length": "opendelta.prompt",
     "input_stack": "opendelta.prompt",
     "insert_soft_prompt": "opendelta.prompt",
+    "prompt_embeddings": "opendelta.prompt",
+    "prompt_sites": "opendelta.prompt",
     "contained_file": "opendelta.saving",
     "move_into_place": "opendelta.saving",
     "new_temporary": "opendelta.saving",
@@ -248,6 +253,8 @@ __all__ = [
     "move_into_place",
     "new_temporary",
     "placement_kinds",
+    "prompt_embeddings",
+    "prompt_sites",
     "read_config_dict",
     "read_pickled_tensors",
     "read_safetensors",

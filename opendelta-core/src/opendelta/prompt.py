@@ -15,6 +15,9 @@ a decoder-only model (``BertModel``, ``GPT2Model``...), the encoder of an encode
 
 With a key/value cache, the prompt enters the cache with the first step of ``generate()``; later steps leave it
 there and move positions and masks by ``P`` (:func:`opendelta.sequence.align_with_cache`).
+
+A model that embeds no tokens (ViT, CLIP, Whisper's encoder) gets its prompt in front of each encoder layer stack's
+first block instead (:mod:`opendelta.stack_prompt`); :func:`prompt_sites` says which place a model has.
 """
 
 from __future__ import annotations
@@ -31,9 +34,19 @@ from opendelta.delta_protocols import PromptSource
 from opendelta.errors import DeltaConfigError, DeltaStateError, UnsupportedTargetError
 from opendelta.insertion import SLOT_HANDLERS, Insertion, _insert, _Slot, register_placement
 from opendelta.sequence import align_with_cache, bound_arguments, extend_arguments, find_cache, strip_positions, unbind
+from opendelta.shapes import factory_kwargs
+from opendelta.stack_prompt import StackSite, insert_stack_prompt, sequence_width, stack_sites
 from opendelta.structures import base_model_of, find_config_model
 
-__all__ = ["PromptPlacement", "check_prompt_length", "input_stack", "insert_soft_prompt", "place_soft_prompt"]
+__all__ = [
+    "PromptPlacement",
+    "check_prompt_length",
+    "input_stack",
+    "insert_soft_prompt",
+    "place_soft_prompt",
+    "prompt_embeddings",
+    "prompt_sites",
+]
 
 _STATE_ATTR = "_opendelta_prompt_length"
 
@@ -76,6 +89,53 @@ def input_stack(backbone: nn.Module) -> tuple[str, nn.Module, str | None]:
         )
     names = {id(module): name for name, module in backbone.named_modules()}
     return names[id(stacks[-1])], stacks[-1], names[id(base)] if encoder_decoder else None
+
+
+def prompt_sites(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every place a soft prompt goes by default, relative to ``backbone``.
+
+    The module that embeds the tokens (:func:`input_stack`) when there is one; else, for a model that reads images
+    or audio, the first block of each of its encoder layer stacks (:func:`opendelta.stack_prompt.stack_sites`: one
+    for ViT and Whisper, one per tower for CLIP).
+
+    Raises:
+        UnsupportedTargetError: neither exists; the message names the model class.
+    """
+    try:
+        name, stack, _outer = input_stack(backbone)
+    except UnsupportedTargetError as exc:
+        sites = stack_sites(backbone)
+        if not sites:
+            raise UnsupportedTargetError(f"{exc}, nor an encoder layer stack to put the prompt in front of") from exc
+        return [(site.name, site.first) for site in sites]
+    return [(name, stack)]
+
+
+def prompt_embeddings(site: nn.Module) -> torch.Tensor:
+    """The ``[vocabulary, width]`` matrix a prompt at ``site`` (from :func:`prompt_sites`) lives in and may start from.
+
+    A stack that embeds tokens gives its input embeddings; a block (a model without tokens) a matrix of no rows, as
+    wide as the sequence the block reads, on its device and in its dtype, so a prompt meant to start from token
+    embeddings starts at random there.
+    """
+    if _has_vocabulary(site):
+        return site.get_input_embeddings().weight
+    return torch.empty(0, sequence_width(site), **factory_kwargs(site))
+
+
+def _has_vocabulary(module: nn.Module) -> bool:
+    return callable(getattr(module, "get_input_embeddings", None))
+
+
+def _stack_site(first_block: nn.Module, backbone: nn.Module) -> StackSite:
+    """The encoder layer stack of ``backbone`` that ``first_block`` starts."""
+    found = next((site for site in stack_sites(backbone) if site.first is first_block), None)
+    if found is None:
+        raise UnsupportedTargetError(
+            f"{type(first_block).__name__} neither embeds tokens (get_input_embeddings) nor starts an encoder layer "
+            f"stack of {type(backbone).__name__}, so a soft prompt has no place there"
+        )
+    return found
 
 
 def _embeds_tokens(module: nn.Module) -> bool:
@@ -229,6 +289,10 @@ def place_soft_prompt(
     delta_model: Any, target: Any, delta: nn.Module, expand: Mapping[str, float] | None = None
 ) -> Insertion:
     """The "prompt" placer for ``DeltaModel`` (see :func:`opendelta.insertion.register_placement`)."""
+    if not _has_vocabulary(target.module):  # a model that reads images or audio: in front of an encoder's blocks
+        return insert_stack_prompt(
+            _stack_site(target.module, delta_model.backbone_model), delta, delta_model.delta_name
+        )
     _name, _stack, outer = input_stack(delta_model.backbone_model)
     outer_module = delta_model.backbone_model.get_submodule(outer) if outer is not None else None
     return insert_soft_prompt(target.module, delta, delta_model.delta_name, outer=outer_module, expand=expand)

@@ -20,6 +20,7 @@ from torch import nn
 from opendelta.errors import DeltaConfigError, DeltaStateError, ShapeInferenceError
 from opendelta.fused_split import FusedSplit, equal_split
 from opendelta.module_io import main_input, main_output
+from opendelta.pseudo_inputs import config_pseudo_inputs
 
 __all__ = [
     "DUMMY_INPUTS_EXAMPLE",
@@ -191,6 +192,12 @@ def _own_dummy_inputs(module: nn.Module) -> PseudoCall | None:
         return None
 
 
+def _model_calls(module: nn.Module) -> list[PseudoCall]:
+    """The calls a module offers itself: pixels or audio features its config describes, then its ``dummy_inputs``."""
+    from_config = config_pseudo_inputs(module, **factory_kwargs(module))
+    return [c for c in (((), from_config) if from_config else None, _own_dummy_inputs(module)) if c is not None]
+
+
 def _on_device(call: PseudoCall, module: nn.Module) -> PseudoCall:
     """The call's tensors on the device of ``module``'s weights (transformers builds ``dummy_inputs`` on the CPU)."""
     device = factory_kwargs(module).get("device")
@@ -207,13 +214,13 @@ def _on_device(call: PseudoCall, module: nn.Module) -> PseudoCall:
 def _root_calls(model: nn.Module, dummy_inputs: PseudoCall | None) -> list[PseudoCall]:
     """The calls to try on the backbone itself: the caller's inputs alone, else its own, else token ids.
 
-    The token ids are those of the original's manual (section 1.14.3), also as ``decoder_input_ids`` for a forward
-    that takes them.
+    Its own are pixels or audio features its config describes, then its ``dummy_inputs``. The token ids are those
+    of the original's manual (section 1.14.3), also as ``decoder_input_ids`` for a forward that takes them.
     """
     if dummy_inputs is not None:
         return [dummy_inputs]
     ids = torch.tensor([[0, 0, 0]])
-    calls = [c for c in (_own_dummy_inputs(model), ((ids,), {})) if c is not None]
+    calls = [c for c in (*_model_calls(model), ((ids,), {})) if c is not None]
     try:
         takes_decoder_ids = "decoder_input_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # a forward without a readable signature
@@ -301,9 +308,9 @@ def probe_features(
             pending = recorder.missing(modules)
             if not pending:
                 break
-            call = _own_dummy_inputs(sub) if sub is not model else None
-            if call is not None and not {id(p) for p in pending}.isdisjoint(map(id, sub.modules())):
-                _try(sub, [call], f"{name} ({type(sub).__name__})", errors)
+            calls = _model_calls(sub) if sub is not model else []
+            if calls and not {id(p) for p in pending}.isdisjoint(map(id, sub.modules())):
+                _try(sub, calls, f"{name} ({type(sub).__name__})", errors)
     finally:
         recorder.remove()
         for module, training in modes:

@@ -6,7 +6,8 @@ against that schema, then uses it to translate the real module names of a backbo
 
 The tree is rooted at the *base model* (``model.base_model``: ``BertModel`` inside ``BertForSequenceClassification``),
 so one mapping serves every derivative model; task heads outside the base model are mapped under ``heads``,
-relative to the model that carries the ``config``.
+relative to the model that carries the ``config``. A node may name the transformers releases it exists under
+(``"transformers": "<5"``), for a module tree a release restructured; it is left out under the others.
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from opendelta.errors import StructureValidationError
 from opendelta.fused_split import FusedSplit, check_split_spec, resolve_split
 
-__all__ = ["CommonName", "CommonStructure", "base_model_of", "find_config_model", "get_schema", "validate_structure"]
+__all__ = [
+    "CommonName",
+    "CommonStructure",
+    "admits_installed_transformers",
+    "base_model_of",
+    "find_config_model",
+    "get_schema",
+    "validate_structure",
+]
 
 SCHEMA_FILE = "common-structure.schema.json"
 WILDCARD = "$"
@@ -90,6 +103,7 @@ class _Node:
         children = tuple(
             (tuple(key.split(".")), cls.parse(child, child.get("name", ""), f"{where}/children/{key}"))
             for key, child in raw.get("children", {}).items()
+            if admits_installed_transformers(child.get("transformers"))
         )
         fused = tuple(raw["fused"]) if "fused" in raw else None
         part_aliases: tuple[tuple[str, ...], ...] = ()
@@ -120,6 +134,27 @@ class _Node:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+@cache
+def _installed_transformers() -> Version | None:
+    """The installed transformers release without its pre-release tag (a 5.0 dev build has 5.0's module tree)."""
+    try:
+        return Version(Version(distribution_version("transformers")).base_version)
+    except (PackageNotFoundError, InvalidVersion):
+        return None
+
+
+def admits_installed_transformers(releases: str | None) -> bool:
+    """Whether a node's ``transformers`` specifier (schema: ``transformersReleases``) admits the installed release.
+
+    A node without one exists under every release. Without an installed transformers (a plain ``nn.Module``
+    backbone) no node is release-specific, so only those without a specifier apply.
+    """
+    if releases is None:
+        return True
+    installed = _installed_transformers()
+    return installed is not None and SpecifierSet(releases).contains(installed, prereleases=True)
 
 
 def _names_under(

@@ -217,3 +217,57 @@ def test_bad_hyper_parameters_name_the_field(kwargs, field):
 def test_the_layer_holds_only_the_prompt():
     layer = SoftPromptLayer(3, torch.randn(10, 8), token_init=True, init_range=0.5)
     assert [n for n, _ in layer.named_parameters()] == ["soft_embeds"] and layer.prompt().shape == (3, 8)
+
+
+def _blocks(model):
+    from opendelta.structure_inference import layer_stacks
+
+    return [stack for _path, stack in layer_stacks(model)]
+
+
+def _run_blocks(blocks, hidden):
+    for block in blocks:
+        out = block(hidden)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+    return hidden
+
+
+def test_on_vit_the_prompt_goes_in_front_of_the_first_block_and_leaves_after_the_last():
+    """Visual Prompt Tuning: the blocks read [prompt; class token; patches], the final norm sees the bare rows."""
+    model = tiny_model("vit", "ViTModel")
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=3)
+    (stack,) = _blocks(model)
+    assert [t.module for t in delta_model.targets] == [stack[0]]
+    assert delta_model.deltas[0].soft_embeds.shape == (3, 32)  # no vocabulary to start from: uniform
+    assert delta_model.deltas[0].soft_embeds.abs().max() <= delta_model.config.init_range
+    pixels = tiny_inputs("vit")["pixel_values"]
+    prompted = run(model, {"pixel_values": pixels})
+    delta_model.detach()
+    with torch.no_grad():
+        embeddings = model.embeddings(pixels)
+        prompt = delta_model.deltas[0].prompt().expand(embeddings.shape[0], -1, -1)
+        hidden = _run_blocks(stack, torch.cat([prompt, embeddings], dim=1))[:, 3:]
+        expected = model.layernorm(hidden)
+    assert prompted.shape == expected.shape == (2, 5, 32)
+    torch.testing.assert_close(prompted, expected)
+
+
+def test_on_clip_each_tower_gets_a_prompt_and_the_text_tower_still_pools_each_row_on_its_eos_token():
+    """CLIP's text tower takes no inputs_embeds, so it gets its prompt in front of its blocks like the vision tower;
+    its causal and padding masks cover the prompt in every block, and the pooling on the eos token is untouched."""
+    model = tiny_model("clip")
+    inputs = tiny_inputs("clip", batch=3)
+    with torch.no_grad():
+        bare = model(**inputs).text_embeds
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=3)
+    assert [stack[0] for stack in _blocks(model)] == [t.module for t in delta_model.targets]
+    assert [t.name.split(".")[0] for t in delta_model.targets] == ["text_model", "vision_model"]
+    with torch.no_grad():
+        batch = model(**inputs)
+    assert batch.text_embeds.shape == bare.shape and not torch.allclose(batch.text_embeds, bare)
+    for row in range(3):
+        length = int(inputs["attention_mask"][row].sum())
+        alone = {k: v[row : row + 1, :length] for k, v in inputs.items() if k != "pixel_values"}
+        with torch.no_grad():
+            text = model(**alone, pixel_values=inputs["pixel_values"][row : row + 1]).text_embeds
+        torch.testing.assert_close(text, batch.text_embeds[row : row + 1], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ mapping tests) that must run without the library installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "SHIPPED_ARCHITECTURES",
     "SPECIAL_TOKEN_IDS",
     "TASK_HEADS",
+    "VISION_SPEECH_ARCHITECTURES",
     "VOCAB_SIZE",
     "generation_inputs",
     "model_output_tensor",
@@ -83,7 +85,14 @@ them. Part of :data:`MODERN_ARCHITECTURES`."""
 MODERN_ARCHITECTURES += FUSED_ARCHITECTURES
 # ---- end of the fused-projections block
 
-SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES
+# --- Vision and speech (issue 16): models that read images or audio instead of tokens, and CLIP's text tower. ---
+VISION_SPEECH_ARCHITECTURES: tuple[str, ...] = ("vit", "clip", "clip_text_model", "clip_vision_model")
+"""ViT and CLIP (both towers together, and each alone: its text and vision models have model types of their own),
+mapped in ``common_structures``; the installed-plugin battery covers them too (``tests/test_modern_architectures.py``).
+Their inputs are pixels, and CLIP's text tower's tokens (see :func:`tiny_inputs`)."""
+# --- end of vision and speech ---
+
+SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES + VISION_SPEECH_ARCHITECTURES
 """Every architecture ``common_structures`` ships a mapping for."""
 
 HIDDEN_SIZE = 32
@@ -438,6 +447,109 @@ del GENERATION_HEADS["modernbert"]  # fused projections (issue 16): an encoder, 
 _ENCODER_DECODERS = {"t5", "bart", "mt5"}
 _LM_SUFFIXES = ("ForConditionalGeneration", "LMHeadModel", "ForCausalLM", "ForMaskedLM")
 
+# --- Vision and speech (issue 16): tiny configs, heads and the inputs each architecture reads. ---
+
+IMAGE_SIZE = 8
+"""Image side in pixels: with :data:`PATCH_SIZE` 4, four patches (and ViT's and CLIP's class token: five positions)."""
+
+PATCH_SIZE = 4
+"""Side of one image patch; also ViT's ``encoder_stride``, so its masked-image-modelling decoder rebuilds 8 pixels."""
+
+_IMAGE_ENCODER: dict[str, Any] = {
+    "hidden_size": HIDDEN_SIZE,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": FFN_SIZE,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+    "num_channels": 3,
+}
+"""The sizes ViT and CLIP's vision tower share (their dropout settings have different names)."""
+
+_VISION_TOWER: dict[str, Any] = {**_IMAGE_ENCODER, "attention_dropout": 0.0}
+"""CLIP's vision tower (a ``CLIPVisionConfig``), alone or inside ``CLIPConfig``."""
+
+_TEXT_TOWER: dict[str, Any] = {
+    "hidden_size": HIDDEN_SIZE,
+    "num_hidden_layers": NUM_LAYERS,
+    "num_attention_heads": NUM_HEADS,
+    "intermediate_size": FFN_SIZE,
+    "max_position_embeddings": MAX_POSITIONS,
+    "vocab_size": VOCAB_SIZE,
+    "attention_dropout": 0.0,
+    # Not 2: with eos id 2 CLIP pools on the largest token id (its configs before transformers PR #24773), while real
+    # checkpoints pool on the first eos token, which tiny_inputs puts at the end of every row.
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 3,
+}
+"""CLIP's text tower (a ``CLIPTextConfig``), alone or inside ``CLIPConfig``."""
+
+SPECIAL_TOKEN_IDS.update(
+    {
+        # ViT reads no tokens: no special ids (tiny_config passes none to its config).
+        "vit": {},
+        "clip": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        "clip_text_model": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
+        "clip_vision_model": {},
+    }
+)
+
+_ARCH_KWARGS.update(
+    {
+        "vit": {
+            **_IMAGE_ENCODER,
+            "encoder_stride": PATCH_SIZE,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        "clip": {"text_config": _TEXT_TOWER, "vision_config": _VISION_TOWER, "projection_dim": 16},
+        "clip_text_model": dict(_TEXT_TOWER),
+        "clip_vision_model": dict(_VISION_TOWER),
+    }
+)
+
+TASK_HEADS.update(
+    {
+        "vit": ["ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling"],
+        # CLIPForImageClassification (the vision tower alone under a CLIPConfig) is left out: it has no text tower
+        # for the clip mapping to name, and reads no input_ids.
+        "clip": ["CLIPModel"],
+        "clip_text_model": ["CLIPTextModel", "CLIPTextModelWithProjection"],
+        "clip_vision_model": ["CLIPVisionModel", "CLIPVisionModelWithProjection"],
+    }
+)
+
+
+def _pixel_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random RGB images of :data:`IMAGE_SIZE` pixels (``seq`` does not apply: the patches make the sequence)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+
+
+def _clip_text_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Token rows that each end with CLIP's eos token, on which CLIP pools the text."""
+    inputs = _token_inputs("clip_text_model", batch, seq, seed)
+    lengths = inputs["attention_mask"].sum(1)
+    inputs["input_ids"][torch.arange(batch), lengths - 1] = SPECIAL_TOKEN_IDS["clip_text_model"]["eos_token_id"]
+    return inputs
+
+
+def _clip_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Both towers' inputs: eos-terminated token rows and images."""
+    return {**_clip_text_inputs(batch, seq, seed), **_pixel_inputs(batch, seq, seed)}
+
+
+_INPUT_BUILDERS: dict[str, Callable[[int, int, int], dict[str, torch.Tensor]]] = {
+    "vit": _pixel_inputs,
+    "clip": _clip_inputs,
+    "clip_text_model": _clip_text_inputs,
+    "clip_vision_model": _pixel_inputs,
+}
+"""``builder(batch, seq, seed)`` for the architectures whose inputs are not (only) ``input_ids`` and a mask."""
+
+# --- end of vision and speech ---
+
 
 def _check_arch(arch: str) -> None:
     """Raise a helpful error for an architecture the module does not cover.
@@ -545,8 +657,8 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
 def _default_head(arch: str) -> str:
     """Pick the class :func:`tiny_model` builds when no head is given.
 
-    Sequence classification is preferred because its output shape does not
-    depend on the vocabulary, then a language-modelling head.
+    Sequence (or image) classification is preferred because its output shape
+    does not depend on the vocabulary, then a language-modelling head.
 
     Args:
         arch: HF ``model_type`` string (see :func:`registered_architectures`).
@@ -556,7 +668,7 @@ def _default_head(arch: str) -> str:
     """
     heads = TASK_HEADS[arch]
     for name in heads:
-        if name.endswith("ForSequenceClassification"):
+        if name.endswith(("ForSequenceClassification", "ForImageClassification")):
             return name
     for name in heads:
         if name.endswith(_LM_SUFFIXES):
@@ -619,7 +731,9 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
 
     Returns:
         ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)``, plus
-        ``decoder_input_ids`` for T5 and BART.
+        ``decoder_input_ids`` for T5 and BART. Models that read images get
+        ``pixel_values`` (``batch, 3,`` :data:`IMAGE_SIZE` ``,`` :data:`IMAGE_SIZE`),
+        CLIP both those and token rows ending with its eos token.
 
     Raises:
         ValueError: If ``arch`` is unknown or the sizes are too small.
@@ -630,6 +744,12 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
     if not 2 <= seq <= MAX_POSITIONS - 2:
         # RoBERTa offsets positions by pad_token_id + 1, hence the "- 2".
         raise ValueError(f"seq must be in [2, {MAX_POSITIONS - 2}], got {seq}")
+    build = _INPUT_BUILDERS.get(arch)
+    return build(batch, seq, seed) if build is not None else _token_inputs(arch, batch, seq, seed)
+
+
+def _token_inputs(arch: str, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """:func:`tiny_inputs` of a model that reads tokens (arguments already checked)."""
     ids = SPECIAL_TOKEN_IDS[arch]
     generator = torch.Generator().manual_seed(seed)
 
@@ -663,6 +783,8 @@ def generation_inputs(arch: str, model: PreTrainedModel, padding: str = "left") 
         raise ValueError(f"padding must be 'left' or 'none', not {padding!r}")
     inputs = tiny_inputs(arch)
     inputs.pop("decoder_input_ids", None)
+    if "input_ids" not in inputs:  # audio or images: rows of one length, nothing to pad
+        return inputs
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if padding == "none":
         shortest = int(mask.sum(1).min())
@@ -687,7 +809,9 @@ def model_output_tensor(output: Any) -> torch.Tensor:
 
     Returns:
         ``logits`` if the output has them, else ``last_hidden_state``, else
-        the first element of a tuple output, or the tensor itself.
+        the first tensor of the output (CLIP's ``logits_per_image``, a masked
+        image model's ``reconstruction``, a tuple's first element), or the
+        tensor itself.
 
     Raises:
         TypeError: If no tensor can be found.
@@ -698,6 +822,8 @@ def model_output_tensor(output: Any) -> torch.Tensor:
         value = getattr(output, attr, None)
         if isinstance(value, torch.Tensor):
             return value
+    if hasattr(output, "to_tuple"):  # a ModelOutput without either: its first field that is set
+        output = output.to_tuple()
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"no logits or last_hidden_state in {type(output).__name__}")

@@ -16,7 +16,8 @@ class SoftPromptLayer(nn.Module):
 
     Args:
         num_tokens: ``P``.
-        embeddings: the model's input embedding matrix ``[vocab, hidden]``.
+        embeddings: the model's input embedding matrix ``[vocab, hidden]``; with no rows for a model that embeds no
+            tokens (an image or audio encoder), whose prompt then starts uniform whatever ``token_init`` says.
         token_init: copy the embeddings of ids ``0 .. P-1`` (wrapping around a smaller vocabulary) instead of a
             uniform initialisation.
         init_range: half-width of the uniform initialisation.
@@ -27,7 +28,7 @@ class SoftPromptLayer(nn.Module):
         self.num_tokens = num_tokens
         with torch.no_grad():  # the prompt is allocated first, so an absurd P is refused before any other work
             start = torch.empty(num_tokens, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
-            if token_init:  # rows 0 .. P-1 of the vocabulary, wrapping around: whole copies, then the remainder
+            if token_init and embeddings.shape[0]:  # vocabulary rows 0 .. P-1, wrapping around: copies, then the rest
                 vocab = embeddings.shape[0]
                 for begin in range(0, num_tokens, vocab):
                     rows = min(vocab, num_tokens - begin)

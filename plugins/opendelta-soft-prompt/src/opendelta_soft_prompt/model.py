@@ -13,7 +13,8 @@ from opendelta.plugin_api import (
     Target,
     UnsupportedTargetError,
     check_prompt_length,
-    input_stack,
+    prompt_embeddings,
+    prompt_sites,
 )
 from opendelta_soft_prompt.config import SoftPromptConfig
 from opendelta_soft_prompt.layer import SoftPromptLayer
@@ -30,7 +31,9 @@ class SoftPromptModel(DeltaModel):
     heads and labels keep the bare model's shapes. ``generate()`` works with the key/value cache.
 
     ``modified_modules`` may name another module that embeds tokens (it must have ``get_input_embeddings``); by
-    default the input stack is found from the model's config.
+    default the input stack is found from the model's config. A model that embeds no tokens (ViT, CLIP, Whisper)
+    gets the prompt in front of the first block of each encoder layer stack instead (Visual Prompt Tuning), starting
+    at random (``init_range``: there is no vocabulary for ``token_init`` to copy).
     """
 
     config_class = SoftPromptConfig
@@ -47,10 +50,9 @@ class SoftPromptModel(DeltaModel):
     config: SoftPromptConfig
 
     def _resolve_targets(self) -> list[Target]:
-        """The input stack (or the one module ``modified_modules`` names)."""
+        """The input stack (each encoder's first block on a model without tokens), or what modified_modules names."""
         if self.config.modified_modules is None:
-            name, stack, _outer = input_stack(self.backbone_model)
-            return [Target(name, stack)]
+            return [Target(name, site) for name, site in prompt_sites(self.backbone_model)]
         targets = super()._resolve_targets()
         if len(targets) != 1 or not callable(getattr(targets[0].module, "get_input_embeddings", None)):
             raise UnsupportedTargetError(
@@ -66,7 +68,7 @@ class SoftPromptModel(DeltaModel):
     def _build_delta(self, target: Target) -> nn.Module:
         """The prompt, in the space of the stack's input embeddings."""
         check_prompt_length(target.module, self.config.soft_token_num, "soft_token_num")
-        embeddings = target.module.get_input_embeddings().weight
+        embeddings = prompt_embeddings(target.module)
         return SoftPromptLayer(self.config.soft_token_num, embeddings, self.config.token_init, self.config.init_range)
 
     @classmethod
