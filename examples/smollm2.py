@@ -52,9 +52,19 @@ def _is_complete(folder: Path, gguf: Path) -> bool:
     return recorded == {"file": gguf.name, "size": gguf.stat().st_size}
 
 
+def _checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """The state dict as transformers saves it, for both transformers lines to load.
+
+    A tied LM head is left out (it is the input embedding's weight), so the embedding's key is the one stored and
+    re-tied on load.
+    """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
 def _convert(gguf: Path, folder: Path) -> None:
     """Load the GGUF file through transformers and write it as a plain float32 folder, atomically."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -65,7 +75,7 @@ def _convert(gguf: Path, folder: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
     try:
         type(model.config).from_dict(config).save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))  # handles the tied embedding / LM head
+        save_file(_checkpoint_tensors(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({"file": gguf.name, "size": gguf.stat().st_size}))
         if folder.exists():  # an incomplete folder from an older, interrupted layout: replaced, never trusted
@@ -93,5 +103,7 @@ def load_smollm2(folder: Path):
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:  # 4.57's GGUF conversion sets none; 5's pads with the end-of-turn token, as here
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return tokenizer, model.eval()

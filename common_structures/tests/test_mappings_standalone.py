@@ -209,9 +209,15 @@ def test_tree_resolves_on_base_model(path: Path, cls_name: str) -> None:
 def _fused_modules(
     module: torch.nn.Module, children: dict[str, Any], real: str = ""
 ) -> Iterator[tuple[str, dict[str, Any], torch.nn.Module]]:
-    """Every fused node of ``children`` with its real path and module on ``module`` (``$`` expanded)."""
+    """Every fused node of ``children`` with its real path and module on ``module`` (``$`` expanded; nodes of other
+    transformers releases skipped, a key's ``other_paths`` tried after it)."""
     for key, node in children.items():
-        subs = module.named_children() if key == WILDCARD else [(key, module.get_submodule(key))]
+        if not _admits_installed_transformers(node.get("transformers")):
+            continue
+        subs = (
+            module.named_children() if key == WILDCARD else _first_present(module, [key, *node.get("other_paths", ())])
+        )
+        assert key == WILDCARD or subs, f"{type(module).__name__} has none of {key!r}, {node.get('other_paths')}"
         for component, sub in subs:
             if "fused" in node:
                 yield _join(real, component), node, sub
