@@ -1,5 +1,7 @@
 """Soft prompts: the prompt is attended to, padding and masks stay right, generation, wrapped models, refusals."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -226,8 +228,11 @@ def _blocks(model):
 
 
 def _run_blocks(blocks, hidden):
+    """Run encoder blocks by hand, with no masks (arguments a block requires besides its input get ``None``)."""
+    parameters = list(inspect.signature(type(blocks[0]).forward).parameters.values())[2:]  # after self, hidden
+    required = {p.name: None for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
     for block in blocks:
-        out = block(hidden)
+        out = block(hidden, **required)
         hidden = out if isinstance(out, torch.Tensor) else out[0]
     return hidden
 
@@ -271,3 +276,28 @@ def test_on_clip_each_tower_gets_a_prompt_and_the_text_tower_still_pools_each_ro
         with torch.no_grad():
             text = model(**alone, pixel_values=inputs["pixel_values"][row : row + 1]).text_embeds
         torch.testing.assert_close(text, batch.text_embeds[row : row + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_on_whisper_the_prompt_enters_the_encoder_after_its_front_end_and_the_decoder_attends_to_it():
+    """Whisper's encoder embeds no tokens: the prompt goes in front of its first layer (after the convolutions and
+    the positions) and stays in its output, like T5's and BART's prompted encoders; the decoder is untouched."""
+    model = tiny_model("whisper", "WhisperModel")
+    delta_model = SoftPromptModel(backbone_model=model, soft_token_num=3)
+    encoder_layers = model.encoder.layers
+    assert [t.module for t in delta_model.targets] == [encoder_layers[0]]
+    inputs = tiny_inputs("whisper")
+    with torch.no_grad():
+        prompted = model(**inputs)
+    assert prompted.encoder_last_hidden_state.shape == (2, 8 + 3, 32)  # 16 frames, stride 2, then the prompt
+    assert prompted.last_hidden_state.shape == (2, 7, 32)
+    delta_model.detach()
+    front_end = []
+    handle = encoder_layers[0].register_forward_pre_hook(lambda _m, args: front_end.append(args[0]))
+    with torch.no_grad():
+        model.encoder(inputs["input_features"])
+        handle.remove()
+        prompt = delta_model.deltas[0].prompt().expand(2, -1, -1)
+        encoded = model.encoder.layer_norm(_run_blocks(encoder_layers, torch.cat([prompt, front_end[0]], dim=1)))
+        decoded = model.decoder(input_ids=inputs["decoder_input_ids"], encoder_hidden_states=encoded)
+    torch.testing.assert_close(prompted.encoder_last_hidden_state, encoded)
+    torch.testing.assert_close(prompted.last_hidden_state, decoded.last_hidden_state)

@@ -18,9 +18,14 @@ from opendelta.structures import CommonStructure
 
 
 def _build(model_type: str, class_name: str) -> nn.Module | None:
-    from opendelta.testing.tiny_models import ARCHITECTURES, tiny_model
+    """A tiny model of ``class_name``, or ``None`` when transformers has no such class.
 
-    if model_type in ARCHITECTURES:
+    From ``tiny_models``' own config where it has one (ViT's heads and Whisper's widths must agree, a CLIP config
+    nests its towers'), else from a generic width-32 config of ``model_type``.
+    """
+    from opendelta.testing.tiny_models import registered_architectures, tiny_model
+
+    if model_type in registered_architectures():
         return tiny_model(model_type, class_name)
     cls = getattr(transformers, class_name, None)
     if cls is None:

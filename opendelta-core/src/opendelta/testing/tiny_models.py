@@ -86,10 +86,10 @@ MODERN_ARCHITECTURES += FUSED_ARCHITECTURES
 # ---- end of the fused-projections block
 
 # --- Vision and speech (issue 16): models that read images or audio instead of tokens, and CLIP's text tower. ---
-VISION_SPEECH_ARCHITECTURES: tuple[str, ...] = ("vit", "clip", "clip_text_model", "clip_vision_model")
-"""ViT and CLIP (both towers together, and each alone: its text and vision models have model types of their own),
-mapped in ``common_structures``; the installed-plugin battery covers them too (``tests/test_modern_architectures.py``).
-Their inputs are pixels, and CLIP's text tower's tokens (see :func:`tiny_inputs`)."""
+VISION_SPEECH_ARCHITECTURES: tuple[str, ...] = ("vit", "clip", "clip_text_model", "clip_vision_model", "whisper")
+"""ViT, CLIP (both towers together, and each alone: its text and vision models have model types of their own) and
+Whisper, mapped in ``common_structures``; the installed-plugin battery covers them too
+(``tests/test_modern_architectures.py``). Their inputs are pixels or log-mel features (see :func:`tiny_inputs`)."""
 # --- end of vision and speech ---
 
 SHIPPED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + MODERN_ARCHITECTURES + VISION_SPEECH_ARCHITECTURES
@@ -455,6 +455,19 @@ IMAGE_SIZE = 8
 PATCH_SIZE = 4
 """Side of one image patch; also ViT's ``encoder_stride``, so its masked-image-modelling decoder rebuilds 8 pixels."""
 
+NUM_MEL_BINS = 8
+"""Whisper's log-mel channels (80 or 128 in real checkpoints)."""
+
+AUDIO_POSITIONS = 8
+"""Whisper's encoder positions (``max_source_positions``, 1500 in real checkpoints): its input is twice as many
+frames, since the second convolution of its front end has stride 2; Whisper accepts no other input length."""
+
+_FAIRSEQ_SIZES_AND_DROPOUTS = (
+    *("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads"),
+    *("encoder_ffn_dim", "decoder_ffn_dim", "dropout", "attention_dropout", "activation_dropout"),
+)
+"""The config names Whisper shares with BART (fairseq's): its tiny sizes and dropouts are BART's."""
+
 _IMAGE_ENCODER: dict[str, Any] = {
     "hidden_size": HIDDEN_SIZE,
     "num_hidden_layers": NUM_LAYERS,
@@ -492,6 +505,8 @@ SPECIAL_TOKEN_IDS.update(
         "clip": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
         "clip_text_model": {k: _TEXT_TOWER[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")},
         "clip_vision_model": {},
+        # Whisper's decoder starts from <|startoftranscript|> (50258 in real checkpoints).
+        "whisper": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3},
     }
 )
 
@@ -506,6 +521,17 @@ _ARCH_KWARGS.update(
         "clip": {"text_config": _TEXT_TOWER, "vision_config": _VISION_TOWER, "projection_dim": 16},
         "clip_text_model": dict(_TEXT_TOWER),
         "clip_vision_model": dict(_VISION_TOWER),
+        "whisper": {
+            **{key: _ARCH_KWARGS["bart"][key] for key in _FAIRSEQ_SIZES_AND_DROPOUTS},
+            "num_mel_bins": NUM_MEL_BINS,
+            "max_source_positions": AUDIO_POSITIONS,
+            "max_target_positions": MAX_POSITIONS,
+            "encoder_layerdrop": 0.0,
+            "decoder_layerdrop": 0.0,
+            # The defaults suppress ids 220 and 50256 during generation, outside the 99-token vocabulary.
+            "suppress_tokens": [],
+            "begin_suppress_tokens": [],
+        },
     }
 )
 
@@ -517,8 +543,12 @@ TASK_HEADS.update(
         "clip": ["CLIPModel"],
         "clip_text_model": ["CLIPTextModel", "CLIPTextModelWithProjection"],
         "clip_vision_model": ["CLIPVisionModel", "CLIPVisionModelWithProjection"],
+        # WhisperForAudioClassification (the encoder alone) is left out: it reads no decoder_input_ids.
+        "whisper": ["WhisperModel", "WhisperForConditionalGeneration"],
     }
 )
+
+GENERATION_HEADS["whisper"] = "WhisperForConditionalGeneration"
 
 
 def _pixel_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -540,11 +570,21 @@ def _clip_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     return {**_clip_text_inputs(batch, seq, seed), **_pixel_inputs(batch, seq, seed)}
 
 
+def _whisper_inputs(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Log-mel features of the one length Whisper reads, and ``seq`` decoder tokens from the start token."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, NUM_MEL_BINS, 2 * AUDIO_POSITIONS, generator=generator)
+    decoder_input_ids = torch.randint(_FIRST_ORDINARY_TOKEN, VOCAB_SIZE, (batch, seq), generator=generator)
+    decoder_input_ids[:, 0] = SPECIAL_TOKEN_IDS["whisper"]["decoder_start_token_id"]
+    return {"input_features": features, "decoder_input_ids": decoder_input_ids}
+
+
 _INPUT_BUILDERS: dict[str, Callable[[int, int, int], dict[str, torch.Tensor]]] = {
     "vit": _pixel_inputs,
     "clip": _clip_inputs,
     "clip_text_model": _clip_text_inputs,
     "clip_vision_model": _pixel_inputs,
+    "whisper": _whisper_inputs,
 }
 """``builder(batch, seq, seed)`` for the architectures whose inputs are not (only) ``input_ids`` and a mask."""
 
@@ -733,7 +773,8 @@ def tiny_inputs(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[
         ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)``, plus
         ``decoder_input_ids`` for T5 and BART. Models that read images get
         ``pixel_values`` (``batch, 3,`` :data:`IMAGE_SIZE` ``,`` :data:`IMAGE_SIZE`),
-        CLIP both those and token rows ending with its eos token.
+        CLIP both those and token rows ending with its eos token, Whisper
+        ``input_features`` of the length it requires and ``decoder_input_ids``.
 
     Raises:
         ValueError: If ``arch`` is unknown or the sizes are too small.
