@@ -19,6 +19,7 @@ from opendelta.testing import (
     tiny_inputs,
     tiny_model,
 )
+from opendelta.testing.tiny_models import CACHE_DIFFERS_WITHOUT_DELTA
 from opendelta_prefix import PrefixConfig, PrefixLayer, PrefixModel
 
 
@@ -73,6 +74,8 @@ def test_a_padded_batch_gives_each_row_what_it_gives_alone(arch):
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("padding", ["left", "none"])
 def test_generate_with_the_cache_equals_generate_without(arch, num_beams, padding):
+    if arch in CACHE_DIFFERS_WITHOUT_DELTA:
+        pytest.skip(f"{arch}: {CACHE_DIFFERS_WITHOUT_DELTA[arch]}")
     model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = PrefixModel(backbone_model=model, prefix_token_num=4)
     perturb(delta_model, seed=2, scale=1.0)
@@ -238,6 +241,8 @@ def test_bad_hyper_parameters_name_the_field(kwargs, field):
 def test_a_prefix_on_some_decoder_layers_generates_or_says_why_not(arch):
     """Through the attention interface any subset works; through placeholder rows (T5 on 4.57) a cached generate()
     needs every layer of the stack, and says so instead of failing deep inside the model."""
+    if arch in CACHE_DIFFERS_WITHOUT_DELTA:
+        pytest.skip(f"{arch}: {CACHE_DIFFERS_WITHOUT_DELTA[arch]}")
     model = tiny_model(arch, GENERATION_HEADS[arch])
     pattern = r"[r]decoder\.block\.1\.attn"
     delta_model = PrefixModel(backbone_model=model, modified_modules=[pattern], common_structure=True)

@@ -18,6 +18,7 @@ from opendelta.testing import (
     tiny_inputs,
     tiny_model,
 )
+from opendelta.testing.tiny_models import CACHE_DIFFERS_WITHOUT_DELTA
 from opendelta_soft_prompt import SoftPromptConfig, SoftPromptLayer, SoftPromptModel
 
 
@@ -93,6 +94,8 @@ def test_the_callers_tensors_are_never_modified(arch):
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("padding", ["left", "none"])
 def test_generate_with_the_cache_equals_generate_without(arch, num_beams, padding):
+    if arch in CACHE_DIFFERS_WITHOUT_DELTA:
+        pytest.skip(f"{arch}: {CACHE_DIFFERS_WITHOUT_DELTA[arch]}")
     model = tiny_model(arch, GENERATION_HEADS[arch])
     delta_model = SoftPromptModel(backbone_model=model, soft_token_num=4)
     perturb(delta_model, seed=1, scale=0.5)
