@@ -24,8 +24,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 __all__ = [
     "ARCHITECTURES",
-    "EXPERT_FFN_SIZE",
     "CACHE_DIFFERS_WITHOUT_DELTA",
+    "EXPERT_FFN_SIZE",
     "FFN_SIZE",
     "FUSED_ARCHITECTURES",
     "GENERATION_HEADS",
