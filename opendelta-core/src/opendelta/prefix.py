@@ -45,6 +45,7 @@ from opendelta.sequence import (
     find_cache,
     layer_index,
     strip_positions,
+    takes_rotary_embeddings,
     unbind,
 )
 from opendelta.shapes import fused_output_index, linear_features
@@ -65,6 +66,9 @@ INTERFACE_KEY = "opendelta_prefix"
 """The attention implementation name our wrapper is registered under in transformers' ``AttentionInterface``."""
 
 _STATE_ATTR = "_opendelta_prefix_state"
+_POSITIONLESS_ATTR = "_opendelta_prefix_positionless"
+"""Set on a rows-backend prefix at its first call: whether its attention took precomputed rotary embeddings, so the
+placeholder rows got the identity rotation and the real positions stayed the bare model's (see ``_RootHandler``)."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,7 @@ class _PrefixHandler:
         count, length = delta.num_tokens, hidden.shape[-2]
         placeholder = hidden.new_zeros((*hidden.shape[:-2], count, hidden.shape[-1]))
         bound.arguments[name] = torch.cat([placeholder, hidden], dim=-2)
+        delta.__dict__[_POSITIONLESS_ATTR] = takes_rotary_embeddings(bound)
         extend_arguments(bound, name, count, length, placement.relative_positions, where=type(module).__name__)
         delta.__dict__[_STATE_ATTR] = _RowsState(count, length, {"key", "value"})
         return unbind(bound)
@@ -358,7 +363,10 @@ class _RootHandler:
         encoder_decoder = bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
         masks = ("decoder_attention_mask",) if encoder_decoder else ("attention_mask",)
         count = getattr(slot.ref, "num_tokens", 0)
-        return unbind(bound) if align_with_cache(bound, count, masks, positional=False) else None
+        # The placeholder rows took positions of their own (position_ids moved up by P in the first step) unless
+        # their attention was handed rotary embeddings, which gave them the identity rotation instead.
+        positional = not getattr(slot.ref, "__dict__", {}).get(_POSITIONLESS_ATTR, False)
+        return unbind(bound) if align_with_cache(bound, count, masks, positional=positional) else None
 
     def after(self, module: nn.Module, slot: _Slot, args: Any, kwargs: Any, output: Any) -> Any:
         return None

@@ -42,6 +42,7 @@ __all__ = [
     "find_cache",
     "layer_index",
     "strip_positions",
+    "takes_rotary_embeddings",
     "unbind",
 ]
 
@@ -124,6 +125,17 @@ def _extend_positions(tensor: torch.Tensor, count: int) -> torch.Tensor:
     start = tensor[..., :1]
     leading = start + torch.arange(count, device=tensor.device, dtype=tensor.dtype)
     return torch.cat([leading, tensor + count], dim=-1)
+
+
+def takes_rotary_embeddings(bound: inspect.BoundArguments) -> bool:
+    """Whether the call hands the module precomputed rotary ``(cos, sin)`` (an argument of ``ROTARY_ARGUMENTS``).
+
+    Such a module rotates nothing by itself: its added rows get the identity rotation (see ``extend_arguments``).
+    One that rotates by ``position_ids`` (GPT-J) gives the added rows positions of their own instead.
+    """
+    values = [bound.arguments.get(n) for n in ROTARY_ARGUMENTS]
+    nested = [v.get(n) for v in bound.arguments.values() if isinstance(v, dict) for n in ROTARY_ARGUMENTS]
+    return any(isinstance(v, tuple) and len(v) == 2 for v in [*values, *nested])
 
 
 def _unrotated_rows(value: Any, count: int, length: int) -> Any:
