@@ -138,14 +138,15 @@ def smollm2_generation(results: list, repeats: int, batch: int, seq: int, new_to
     """Greedy cached generation on SmolLM2-135M with an unmerged LoRA, ours beside PEFT; peak RSS of each."""
     folder = smollm2_folder()
     ids = token_batch(batch, seq // 2)
-    calls = {variant: generation(build(variant, folder, train=False), ids, new_tokens) for variant in VARIANTS}
+    models = {variant: build(variant, folder, train=False) for variant in VARIANTS}
+    linear = sum(m.in_features * m.out_features for m in models["bare"].modules() if _linear(m))
+    calls = {variant: generation(model, ids, new_tokens) for variant, model in models.items()}
     times = interleaved(calls, repeats, warmup=1)
-    del calls
+    del calls, models
     peaks = measure_peaks("generate", batch, seq, new_tokens, torch.get_num_threads())
     setting = f"batch {batch}, prompt {seq // 2}, {new_tokens} new tokens; peak RSS " + ", ".join(
         f"{k} {v:.0f} MB" for k, v in peaks.items()
     )
-    linear = sum(m.in_features * m.out_features for m in build("bare", folder, False).modules() if _linear(m))
     bound = 1 + 30 * 8 * ((576 + 576) + (576 + 192)) / linear  # q: 576->576, v: 576->192 (grouped-query)
     entry = row("SmolLM2-135M greedy generation, LoRA r=8 q,v, unmerged", times, setting, bound=bound, peer="peft")
     entry["peak_rss_mb"] = peaks
