@@ -4,10 +4,11 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 
 0. foundation: errors, marker names and delta-module queries, a call's main input and output, the optional
    behaviours' Protocols, shapes, addressing, file patterns, structures and their schema, sequences, reusable layers,
-   the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks;
-1. engine: switching gates, routing, merging (primitives and steps), insertion (the parameter placement included),
+   the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks,
+   the quantized-layer protocol;
+1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the parameter placement included),
    freezing, hashing, visualization;
-2. plugins: the hook specifications, the plugin loader, the structure lookup;
+2. plugins: the hook specifications, the plugin loader, the structure lookup, core's quantization backends;
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
    ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
@@ -16,7 +17,8 @@ The layers, bottom to top (a module may import its own layer and the ones below,
    module paths, and ``plugin_api``.
 
 The only upward imports are the documented facades: ``save_finetuned``/``from_finetuned`` (model -> persistence) and
-``interactive_modify`` (model -> faces), each inside the function that is the facade. Imports under
+``interactive_modify`` (model -> faces), and the quantization backends' registry reading the plugin hook
+(foundation -> plugins), each inside the function that is the facade. Imports under
 ``if TYPE_CHECKING:`` are annotations only and do not count. Besides the layers, the import graph (facades left out)
 has no cycle, and no core module below the faces imports a name from the package ``__init__``.
 """
@@ -56,12 +58,14 @@ LAYERS: dict[int, set[str]] = {
         "dynamo_guard",
         "legacy_names",
         "expert_stacks",
+        "quantization",
     },
     1: {
         "concurrency",
         "routing",
         "merging",
         "merge_steps",
+        "quantized_merge",
         "insertion",
         "parameter_insertion",
         "pre_post_forward",
@@ -69,7 +73,7 @@ LAYERS: dict[int, set[str]] = {
         "hashing",
         "visualization",
     },
-    2: {"hookspecs", "plugins", "structure_registry", "structure_inference", "versions"},
+    2: {"hookspecs", "plugins", "structure_registry", "structure_inference", "quantization_backends", "versions"},
     3: {
         "config",
         "all_linear",
@@ -120,6 +124,7 @@ FACADES: dict[tuple[str, str], set[str]] = {
     ("basemodel", "__init__"): {"interactive"},
     ("config", "save_finetuned"): {"saving"},
     ("config", "from_finetuned"): {"saving"},
+    ("quantization", "quantization_backends"): {"plugins"},
 }
 """(module, function) -> the modules above it that function may import: the documented facades only."""
 

@@ -49,6 +49,8 @@ from opendelta.merge_steps import fold_in, forget_merged, mergeable, take_out, u
 from opendelta.method_class_checks import check_class_attributes, declare_names
 from opendelta.parameter_insertion import insert_parameter_delta
 from opendelta.positional import bind_positionals, constructor_signature, positional_names
+from opendelta.quantization import compute_dtype_hint
+from opendelta.quantized_merge import dequantize_into
 from opendelta.save_options import check_save_options, positional_032
 from opendelta.shapes import known_features, module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
@@ -248,7 +250,7 @@ class DeltaModel(ClassicDeltaApi):
     @contextlib.contextmanager
     def _building(self) -> Iterator[None]:
         """Place deltas as the backbone's switching writer; if one fails, take out those placed, then re-raise."""
-        with switching(self.backbone_model, f"building {type(self).__name__}"):
+        with switching(self.backbone_model, f"building {type(self).__name__}"), compute_dtype_hint(self.backbone_model):
             try:
                 yield
             except BaseException:
@@ -598,13 +600,21 @@ class DeltaModel(ClassicDeltaApi):
         self._premerge_samples = {}
 
     @_switches
-    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+    def merge_and_unload(self, safe_merge: bool = False, dequantize: bool = False) -> nn.Module:
         """Merge every delta for good and return the backbone: a plain model, ``save_pretrained`` ready.
 
         The backbone then has no delta, hook or extra child, and its ``state_dict()`` holds every parameter again (as
         ``freeze_module(set_state_dict=True)`` may have limited it); this delta model is left empty, and every later
         call on it (save, ``delta_state_dict``, attach, detach, merge...) raises
         :class:`~opendelta.errors.DeltaStateError`.
+
+        Args:
+            safe_merge: see :meth:`merge`.
+            dequantize: on a quantized backbone, replace every quantized linear layer by a float ``nn.Linear`` (in
+                its compute dtype), with the deltas merged into the float weights without requantizing: a plain
+                float model that transformers saves and loads with no quantization library. Without it, merging into
+                quantized layers requantizes them (lossy, reported in a warning) or is refused by name where the
+                library cannot requantize.
 
         Raises:
             DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
@@ -617,9 +627,26 @@ class DeltaModel(ClassicDeltaApi):
                 f"{type(self).__name__} cannot be unloaded into plain weights: {', '.join(unmergeable[:5])} cannot be "
                 f"merged; keep the delta model attached, or detach() it"
             )
+        if pending and not self.attached:
+            raise DeltaStateError(f"{type(self).__name__} is detached; attach() it before merging")
+        float_weights: dict[int, torch.Tensor] | None = {} if dequantize else None
+        if dequantize and self._merged:  # merged earlier into requantized storage: start again from the original
+            take_out(self._merged)
+            pending, self._merged = list(self._insertions), []
         if pending:
-            self.merge(safe_merge=safe_merge)
+            chosen = mergeable(pending, type(self).__name__)
+            fold_in(
+                chosen,
+                self.backbone_model,
+                type(self).__name__,
+                safe_merge=safe_merge,
+                premerge_samples=self._premerge_samples,
+                float_weights=float_weights,
+            )
+            self._merged = chosen
         forget_merged(self._merged)
+        if float_weights is not None:
+            dequantize_into(self.backbone_model, float_weights)
         self._placed, self._merged, self._premerge_samples = [], [], {}
         self.deltas = nn.ModuleList()
         self._unloaded = True

@@ -25,6 +25,7 @@ __all__ = [
     "OpenDeltaConfigWarning",
     "OpenDeltaError",
     "OpenDeltaPluginWarning",
+    "OpenDeltaQuantizationWarning",
     "OpenDeltaVersionWarning",
     "PluginValidationError",
     "ResourceLimitError",
@@ -136,6 +137,10 @@ class OpenDeltaVersionWarning(UserWarning):
 
 class OpenDeltaServingWarning(UserWarning):
     """An exported adapter that PEFT loads but an inference server (vLLM, TGI) will refuse; the message says why."""
+
+
+class OpenDeltaQuantizationWarning(UserWarning):
+    """A merge into quantized weights requantized them (lossy); the message gives the relative error it introduced."""
 
 
 class OpenDeltaAddressingWarning(UserWarning):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from opendelta.markers import bare_parameter_names, delta_parameter_names
+from opendelta.quantization import backend_of, quantized_modules
 
 __all__ = ["REDUCED_PRECISIONS", "SAMPLE", "backbone_hash", "parameter_sample", "reduced_precision_hashes"]
 
@@ -32,12 +33,34 @@ REDUCED_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 """The precisions a checkpoint records a rounded hash for, by the name it records them under."""
 
 
-def parameter_sample(tensor: torch.Tensor) -> bytes:
-    """What the hash reads of one tensor: an evenly strided sample of up to :data:`SAMPLE` values, as float32."""
+def parameter_sample(tensor: torch.Tensor, module: nn.Module | None = None, name: str | None = None) -> bytes:
+    """What the hash reads of one tensor: an evenly strided sample of up to :data:`SAMPLE` values, as float32.
+
+    Given the ``module`` and the ``name`` it holds the tensor under, a quantized layer's parameter is read the way
+    :func:`backbone_hash` reads it (its backend's canonical storage).
+    """
+    backend = backend_of(module) if module is not None and name is not None else None
+    if backend is not None:
+        return b"".join(_sample(part) for part in backend.hash_tensors(module, name))  # type: ignore[arg-type]
     return _sample(tensor)
 
 
+def _storage(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``tensor``: itself, or a quantized tensor subclass's inner ones (torchao, quanto).
+
+    Such a subclass implements few ops (no strided slicing), and its storage is what identifies the weights, so the
+    hash reads that, one layer at a time, without dequantizing anything.
+    """
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in _storage(getattr(tensor, name))]
+
+
 def _sample(tensor: torch.Tensor) -> bytes:
+    parts = _storage(tensor)
+    if len(parts) > 1 or parts[0] is not tensor:
+        return b"".join(_sample(part) for part in parts)
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // SAMPLE)
     values = flat[::step][:SAMPLE].to(device="cpu", dtype=torch.float32).contiguous()
@@ -74,18 +97,28 @@ def backbone_hash(
         ``"sha256:<hex>"``.
     """
     overrides, samples = overrides or {}, samples or {}
+    quantized = {
+        f"{prefix}.{name}" if prefix else name: (module, backend, name)
+        for prefix, module, backend in quantized_modules(model)
+        for name, value in module._parameters.items()
+        if value is not None
+    }
     skip = delta_parameter_names(model)
     bare = bare_parameter_names(model)  # a wrapping replacement's original is hashed under the backbone's name
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: bare[item[0]]):
         if name in skip or (name in samples and samples[name] is None):
             continue
-        tensor = overrides[name].to(param.dtype) if name in overrides else param
+        if name in quantized and name not in overrides:  # its canonical storage (a repacked layout reads alike)
+            module, backend, local = quantized[name]
+            parts = backend.hash_tensors(module, local)
+        else:
+            parts = [overrides[name].to(param.dtype) if name in overrides else param]
         rounded = precision is not None and param.is_floating_point()
         kind = "floating" if rounded else str(param.dtype)
-        digest.update(f"{bare[name]}|{tuple(tensor.shape)}|{kind}\n".encode())
+        digest.update(f"{bare[name]}|{tuple(parts[0].shape)}|{kind}\n".encode())
         recorded = samples.get(name)
-        sample = recorded if recorded is not None else _sample(tensor)
+        sample = recorded if recorded is not None else b"".join(_sample(part) for part in parts)
         digest.update(_rounded(sample, precision) if rounded else sample)  # type: ignore[arg-type]
     return "sha256:" + digest.hexdigest()
 

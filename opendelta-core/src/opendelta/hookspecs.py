@@ -41,6 +41,12 @@ class RegisterDeltaMethod(Protocol):
     ) -> None: ...
 
 
+class RegisterQuantizationBackend(Protocol):
+    """The ``register`` callback handed to :func:`register_quantization_backends`."""
+
+    def __call__(self, backend: Any) -> None: ...
+
+
 class RegisterCommonStructure(Protocol):
     """The ``register`` callback handed to :func:`register_common_structures`."""
 
@@ -78,6 +84,25 @@ def register_common_structures(register: RegisterCommonStructure) -> None:
         register: the callback, bound to the calling plugin so that errors name it.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def register_quantization_backends(register: RegisterQuantizationBackend) -> None:
+    """Register the quantized linear layers of a quantization library (bitsandbytes, torchao, quanto, HQQ...).
+
+    Call ``register(backend)`` with an instance of a :class:`~opendelta.quantization.QuantizationBackend` subclass:
+    how to read such a layer's sizes and compute dtype, dequantize its weight, and whether and how to quantize a
+    merged weight again. Every method that targets linear layers then works on those layers (deltas in the compute
+    dtype, merging through the backend, the backbone hash on the quantized storage) with no change of its own.
+    Core registers its backends through this hook too (:mod:`opendelta.quantization_backends`); backends are asked
+    in registration order, core's first. Return values are ignored; an exception is reported as a warning naming
+    the distribution.
+
+    Args:
+        register: the callback.
+
+    .. versionadded:: 1.3
     """
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
@@ -26,6 +27,9 @@ from opendelta.merging import (
     snapshot,
     update_at_merge,
 )
+from opendelta.quantization import is_quantized
+from opendelta.quantized_merge import merge_quantized_weight, refusals, warn_loss
+from opendelta.shapes import weight_of as dequantize_weight
 
 __all__ = ["fold_in", "forget_merged", "mergeable", "take_out", "unmergeable_names"]
 
@@ -64,6 +68,19 @@ def _check_order(chosen: Sequence[Insertion], names: dict[int, str], owner: str)
             )
 
 
+def _check_quantized(
+    updates: Sequence[tuple[nn.Module, dict[str, torch.Tensor]]], names: dict[int, str], owner: str, dequantize: bool
+) -> None:
+    """Refuse, before anything changes, updates of quantized weights that cannot be written back."""
+    problems = [] if dequantize else refusals(updates, names)
+    if problems:
+        raise DeltaStateError(
+            f"{owner} cannot merge into these quantized layers: {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. Nothing was merged. Use "
+            f"merge_and_unload(dequantize=True) for a float model with the deltas merged, or keep them unmerged"
+        )
+
+
 def fold_in(
     chosen: Sequence[Insertion],
     backbone: nn.Module,
@@ -71,28 +88,47 @@ def fold_in(
     *,
     safe_merge: bool,
     premerge_samples: dict[str, bytes | None],
+    float_weights: dict[int, torch.Tensor] | None = None,
 ) -> None:
     """Merge each of ``chosen`` into its host's weights and detach it; every check first, so a refusal changes nothing.
 
     ``premerge_samples`` receives, by backbone name, the hash sample of each parameter before it changes (``None``
     for one merging creates), so a merged delta model's checkpoint records the hash of the backbone it belongs to.
+
+    A quantized host's weight goes through its backend (:mod:`opendelta.quantized_merge`): requantized, with the
+    loss reported in one warning; or, when ``float_weights`` is given (``merge_and_unload(dequantize=True)``), left
+    as it is while the merged float weight is put into ``float_weights`` by ``id`` of the host, for the caller to
+    build a float layer from.
     """
     names = {id(m): n for n, m in backbone.named_modules()}
     _check_order(chosen, names, owner)
-    updates = [(i.host, i.delta.merge_update(i.host)) for i in chosen]  # type: ignore[operator]
+    updates = [(i.host, dict(i.delta.merge_update(i.host))) for i in chosen]  # type: ignore[operator]
+    _check_quantized(updates, names, owner, dequantize=float_weights is not None)
     if safe_merge:
-        check_finite(updates, owner)
+        check_finite([(h, u) for h, u in updates if not is_quantized(h)], owner)
+    losses = []
     for insertion, (host, update) in zip(chosen, updates, strict=True):
         prefix = names[id(host)]
         for name in update:
             current = host._parameters.get(name)
             full = f"{prefix}.{name}" if prefix else name
-            premerge_samples.setdefault(full, None if current is None else parameter_sample(current))
+            sample = None if current is None else parameter_sample(current, host, name)
+            premerge_samples.setdefault(full, sample)
         record = MergeRecord(snapshot(insertion.delta))
         insertion.detach()
+        if is_quantized(host) and "weight" in update:
+            change = update.pop("weight")
+            if float_weights is not None:
+                base = float_weights.get(id(host))
+                base = dequantize_weight(host) if base is None else base
+                float_weights[id(host)] = base + change.to(device=base.device, dtype=base.dtype)
+            else:
+                record.quantized = merge_quantized_weight(host, change)
+                losses.append(record.quantized)
         record.created = add_update(host, update, 1)
         insertion.merge_record = record
         mark_merged(host, insertion.seq, True)
+    warn_loss(losses, owner)
 
 
 def take_out(merged: Sequence[Insertion]) -> None:
@@ -100,7 +136,11 @@ def take_out(merged: Sequence[Insertion]) -> None:
     updates = [update_at_merge(i.delta, i.host, i.merge_record.snapshot) for i in merged]
     for insertion, update in zip(merged, updates, strict=True):
         created = insertion.merge_record.created
-        add_update(insertion.host, {k: v for k, v in update.items() if k not in created}, -1)
+        restored = insertion.merge_record.quantized
+        if restored is not None:  # the quantized storage from before the merge, not a second lossy round trip
+            restored.restore(insertion.host)
+        skip = {*created, *(["weight"] if restored is not None else [])}
+        add_update(insertion.host, {k: v for k, v in update.items() if k not in skip}, -1)
         remove_created(insertion.host, created)
         insertion.merge_record = None
         mark_merged(insertion.host, insertion.seq, False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,9 @@ class MergeRecord:
     """The delta's own tensors at merge time (see :func:`snapshot`)."""
     created: list[str] = field(default_factory=list)
     """Parameters of the module that merging created (removed again by unmerging)."""
+    quantized: Any = None
+    """For a quantized module: the :class:`~opendelta.quantized_merge.QuantizedMerge` whose saved storage an
+    unmerge puts back (its weight is restored, not subtracted from)."""
 
 
 def _own_tensors(delta: nn.Module) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     )
     from opendelta.expert_stacks import StackLayout, is_expert_list, stack_layout, stacked_parameters
     from opendelta.expert_targets import expert_targets
-    from opendelta.hookspecs import RegisterCommonStructure, RegisterDeltaMethod, hookimpl
+    from opendelta.hookspecs import RegisterCommonStructure, RegisterDeltaMethod, RegisterQuantizationBackend, hookimpl
     from opendelta.insertion import (
         Insertion,
         insert_parallel_module,
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
     from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt, prompt_embeddings, prompt_sites
+    from opendelta.quantization import QuantizationBackend, backend_of, is_quantized
     from opendelta.saving import (
         contained_file,
         move_into_place,
@@ -85,11 +86,19 @@ if TYPE_CHECKING:
         read_safetensors,
         write_atomically,
     )
-    from opendelta.shapes import factory_kwargs, fused_output_index, is_linear, is_norm, linear_features, linear_types
+    from opendelta.shapes import (
+        factory_kwargs,
+        fused_output_index,
+        is_linear,
+        is_norm,
+        linear_features,
+        linear_types,
+        stored_update,
+    )
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.2"
+PLUGIN_API_VERSION = "1.3"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
@@ -106,7 +115,13 @@ Also 1.2: deltas on stacked expert weights (transformers 5's experts): ``Target.
 ``backbone_submodules``, ``is_expert_list``.
 
 Also 1.2: ``prompt_sites`` and ``prompt_embeddings`` (soft prompts on models that embed no tokens: ViT, CLIP,
-Whisper)."""
+Whisper).
+
+1.3: quantized backbones: the ``register_quantization_backends`` hook with ``RegisterQuantizationBackend`` and
+``QuantizationBackend`` (a quantization library's linear layers, see :mod:`opendelta.quantization`),
+``backend_of``, ``is_quantized``; ``stored_update`` (an ``[out, in]`` weight update in the layout the module stores,
+what a ``merge_update`` returns). ``factory_kwargs`` and ``linear_features`` read a quantized layer through its
+backend, so a method that sizes and places its deltas with them works on quantized layers unchanged."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -179,6 +194,11 @@ _SOURCES: dict[str, str] = {
     "is_norm": "opendelta.shapes",
     "linear_features": "opendelta.shapes",
     "linear_types": "opendelta.shapes",
+    "stored_update": "opendelta.shapes",
+    "QuantizationBackend": "opendelta.quantization",
+    "RegisterQuantizationBackend": "opendelta.hookspecs",
+    "backend_of": "opendelta.quantization",
+    "is_quantized": "opendelta.quantization",
     "Target": "opendelta.targets",
     "backbone_module_names": "opendelta.targets",
     "resolve_targets": "opendelta.targets",
@@ -214,8 +234,10 @@ __all__ = [
     "Placement",
     "PrefixSource",
     "PromptSource",
+    "QuantizationBackend",
     "RegisterCommonStructure",
     "RegisterDeltaMethod",
+    "RegisterQuantizationBackend",
     "SamplerAdapter",
     "StackLayout",
     "Target",
@@ -225,6 +247,7 @@ __all__ = [
     "attention_parts",
     "backbone_module_names",
     "backbone_submodules",
+    "backend_of",
     "check_prompt_length",
     "checked_tensors",
     "compile_patterns",
@@ -247,6 +270,7 @@ __all__ = [
     "is_expert_list",
     "is_linear",
     "is_norm",
+    "is_quantized",
     "legacy_size_limit",
     "linear_features",
     "linear_types",
@@ -263,6 +287,7 @@ __all__ = [
     "resolve_targets",
     "stack_layout",
     "stacked_parameters",
+    "stored_update",
     "write_atomically",
 ]
 

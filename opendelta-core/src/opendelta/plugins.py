@@ -34,9 +34,13 @@ from opendelta.errors import OpenDeltaPluginWarning
 from opendelta.install_hint import SHIPPED
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
-DEFAULT_PLUGINS: dict[str, str] = {"structure_inference": "opendelta.structure_inference"}
-"""Core's own hook implementations (name -> module), registered before the entry points: only the last-resort
-mapping inference, since every method and every mapping comes from a distribution. ``OPENDELTA_DISABLE_PLUGINS``
+DEFAULT_PLUGINS: dict[str, str] = {
+    "structure_inference": "opendelta.structure_inference",
+    "quantization_backends": "opendelta.quantization_backends",
+}
+"""Core's own hook implementations (name -> module), registered before the entry points: the last-resort mapping
+inference and the quantization backends of the common libraries, since every method and every mapping comes from a
+distribution. ``OPENDELTA_DISABLE_PLUGINS``
 turns one off by name (``structure_inference``: a model no mapping covers is then refused); they are core, not
 entry points, so :func:`list_plugins` and ``opendelta plugins`` leave them out."""
 

@@ -5,7 +5,9 @@ sizes, on inputs the caller passes (the delta model's ``dummy_inputs`` argument)
 user's wrapper, each transformers model's own; it leaves every module's train/eval mode as it found it.
 
 GPT-2 and friends use transformers' ``Conv1D``, a linear layer whose weight is stored ``[in, out]``, transposed
-relative to ``nn.Linear``'s ``[out, in]``; this module is the one place that knows it.
+relative to ``nn.Linear``'s ``[out, in]``; this module is the one place that knows it. Quantized linear layers
+(bitsandbytes, torchao, quanto, HQQ) are linear layers too: their sizes, compute dtype and float weight come from
+their quantization backend (:mod:`opendelta.quantization`), never from their packed storage.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from opendelta.errors import DeltaConfigError, DeltaStateError, ShapeInferenceEr
 from opendelta.fused_split import FusedSplit, equal_split
 from opendelta.module_io import main_input, main_output
 from opendelta.pseudo_inputs import config_pseudo_inputs
+from opendelta.quantization import backend_of, quantized_layer_types
 
 __all__ = [
     "DUMMY_INPUTS_EXAMPLE",
@@ -35,6 +38,7 @@ __all__ = [
     "module_features",
     "probe_features",
     "pseudo_call",
+    "stored_update",
     "weight_of",
 ]
 
@@ -45,7 +49,8 @@ _LINEAR_TYPES: tuple[type[nn.Module], ...] | None = None
 def linear_types() -> tuple[type[nn.Module], ...]:
     """Module types that compute ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (transformers' ``Conv1D``).
 
-    Read on first use, so importing this module does not import transformers (about a second).
+    Also the quantized linear layers that are not ``nn.Linear`` subclasses (HQQ's), of the quantization libraries
+    imported so far. Read on first use, so importing this module does not import transformers (about a second).
     """
     global _LINEAR_TYPES
     if _LINEAR_TYPES is None:
@@ -55,7 +60,7 @@ def linear_types() -> tuple[type[nn.Module], ...]:
             _LINEAR_TYPES = (nn.Linear,)
         else:
             _LINEAR_TYPES = (nn.Linear, Conv1D)
-    return _LINEAR_TYPES
+    return _LINEAR_TYPES + quantized_layer_types()
 
 
 def __getattr__(name: str) -> Any:
@@ -73,8 +78,12 @@ def is_linear(module: nn.Module) -> bool:
 def factory_kwargs(module: nn.Module) -> dict[str, Any]:
     """``{"device": ..., "dtype": ...}`` of ``module``'s first floating-point parameter or buffer.
 
-    For building a delta that lives beside ``module``; empty when it has none (torch's defaults then apply).
+    For building a delta that lives beside ``module``; empty when it has none (torch's defaults then apply). For a
+    quantized linear layer, its device and compute dtype (never the int8 or packed storage dtype).
     """
+    backend = backend_of(module)
+    if backend is not None:
+        return {"device": backend.device(module), "dtype": backend.compute_dtype(module)}
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.is_floating_point():
             return {"device": tensor.device, "dtype": tensor.dtype}
@@ -82,7 +91,10 @@ def factory_kwargs(module: nn.Module) -> dict[str, Any]:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like module."""
+    """``(in_features, out_features)`` of a linear-like module (a quantized one's, not its storage's)."""
+    backend = backend_of(module)
+    if backend is not None:
+        return backend.features(module)
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, linear_types()):
@@ -92,9 +104,26 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[out, in]`` whatever its storage layout (a view, not a copy)."""
+    """The module's weight as ``[out, in]`` whatever its storage layout (a view, not a copy).
+
+    A quantized layer's weight is dequantized: a new float tensor then (see :mod:`opendelta.quantization`).
+    """
+    backend = backend_of(module)
+    if backend is not None:
+        return backend.dequantize(module)
     weight: torch.Tensor = module.weight
     return weight if isinstance(module, nn.Linear) else weight.t()
+
+
+def stored_update(module: nn.Module, update: torch.Tensor) -> torch.Tensor:
+    """An ``[out, in]`` weight update in the layout ``module`` stores its weight in (what merging adds).
+
+    Transposed for ``Conv1D`` (``[in, out]``), whatever the sizes (a square ``c_proj`` too); as given for
+    ``nn.Linear`` and for quantized layers, whose update core folds in through their backend as ``[out, in]``.
+    """
+    if backend_of(module) is None and not isinstance(module, nn.Linear) and isinstance(module, linear_types()):
+        return update.t()
+    return update
 
 
 def fused_output_index(

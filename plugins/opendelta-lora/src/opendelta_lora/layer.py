@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from opendelta.plugin_api import is_linear, stored_update
+
 
 class LoraLayer(nn.Module):
     """A low-rank update of one linear layer (or of some output slices of a fused one, like GPT-2's ``c_attn``).
@@ -78,13 +80,12 @@ class LoraLayer(nn.Module):
         return full.index_copy(0, self.out_index, dense)
 
     def can_merge(self, host: nn.Module) -> bool:
-        """LoRA is a change of the host's weight: it merges into any linear layer it was built for."""
-        return isinstance(getattr(host, "weight", None), torch.Tensor) and host.weight.dim() == 2
+        """LoRA is a change of the host's weight: it merges into any linear layer it was built for (quantized too)."""
+        return is_linear(host)
 
     def merge_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
         """``scale * B A``, added to ``W`` in its storage layout (``[out, in]``; ``[in, out]`` for GPT-2's Conv1D)."""
-        dense = self.delta_weight().detach()
-        return {"weight": dense if host.weight.shape == dense.shape else dense.t()}
+        return {"weight": stored_update(host, self.delta_weight().detach())}
 
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"

@@ -91,16 +91,15 @@ class LoraModel(DeltaModel):
                 **factory_kwargs(target.module),
             )
         in_features, out_features = linear_features(target.module)
-        weight = target.module.weight
+        placement = factory_kwargs(target.module)  # a quantized layer's compute dtype, never its storage dtype
         return LoraLayer(
             in_features,
             out_features,
             r=self.config.lora_r,
             alpha=self.config.lora_alpha,
             dropout=self.config.lora_dropout,
-            out_index=target.output_index(out_features, device=weight.device),
-            device=weight.device,
-            dtype=weight.dtype,
+            out_index=target.output_index(out_features, device=placement.get("device")),
+            **placement,
         )
 
     def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
