@@ -70,6 +70,7 @@ LAYERS: dict[int, set[str]] = {
         "parameter_insertion",
         "pre_post_forward",
         "freezing",
+        "kbit_training",
         "hashing",
         "visualization",
     },

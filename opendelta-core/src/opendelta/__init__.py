@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from opendelta.freezing import freeze_module
     from opendelta.hookspecs import hookimpl
     from opendelta.insertion import insert_parallel_module, insert_sequential_module, replace_module
+    from opendelta.kbit_training import prepare_for_kbit_training, prepare_model_for_kbit_training
     from opendelta.method_classes import method_class  # noqa: F401 - opendelta.method_class, not in __all__
     from opendelta.plugins import list_plugins
     from opendelta.prefix import insert_prefix
@@ -106,6 +107,8 @@ __all__ = [
     "list_methods",
     "list_plugins",
     "list_structures",
+    "prepare_for_kbit_training",
+    "prepare_model_for_kbit_training",
     "replace_module",
     "route_rows",
 ]
@@ -147,6 +150,8 @@ _SOURCES: dict[str, str] = {
     "insert_parallel_module": "opendelta.insertion",
     "insert_sequential_module": "opendelta.insertion",
     "replace_module": "opendelta.insertion",
+    "prepare_for_kbit_training": "opendelta.kbit_training",
+    "prepare_model_for_kbit_training": "opendelta.kbit_training",
     "method_class": "opendelta.method_classes",
     "list_plugins": "opendelta.plugins",
     "insert_prefix": "opendelta.prefix",

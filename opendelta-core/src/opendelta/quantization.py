@@ -113,6 +113,15 @@ class QuantizationBackend:
         """
         return [module._parameters[name]]
 
+    def training_layout(self, module: nn.Module) -> None:
+        """Put the storage into a layout gradients flow through (default: nothing to do).
+
+        bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval-mode call without
+        gradients, and that kernel passes no gradient to its input: deltas before such a layer then get none.
+        :func:`opendelta.kbit_training.prepare_for_kbit_training` calls this on every quantized layer, and again
+        before each training-mode forward.
+        """
+
     # ------------------------------------------------------------------------------------------ writing
     def requantize_problem(self, module: nn.Module) -> str | None:
         """Why this layer's weight cannot be quantized again after a merge, or ``None`` when it can."""

@@ -103,6 +103,15 @@ class Bnb4bitBackend(QuantizationBackend):
     def hash_tensors(self, module: nn.Module, name: str) -> list[torch.Tensor]:
         return [self._canonical(module)[0]] if name == "weight" else [module._parameters[name]]
 
+    def training_layout(self, module: nn.Module) -> None:
+        """Undo the CPU repacking in place (bitsandbytes' own inverse, as its ``.cuda()`` does before moving)."""
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            functional = _bnb().functional
+            weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+
     def requantize_problem(self, module: nn.Module) -> str | None:
         return None if module.weight.quant_state is not None else "this 4-bit layer has no quant_state"
 
