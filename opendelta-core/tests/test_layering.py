@@ -6,8 +6,8 @@ The layers, bottom to top (a module may import its own layer and the ones below,
    behaviours' Protocols, shapes, addressing, file patterns, structures and their schema, sequences, reusable layers,
    the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks,
    the quantized-layer protocol;
-1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the parameter placement included),
-   freezing, hashing, visualization;
+1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the
+   parameter placement included), freezing, preparing a quantized backbone for training, hashing, visualization;
 2. plugins: the hook specifications, the plugin loader, the structure lookup, core's quantization backends;
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
    ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
