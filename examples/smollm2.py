@@ -96,8 +96,11 @@ def smollm2_folder(cache: Path | None = None, announce=print) -> Path:
     return folder
 
 
-def load_smollm2(folder: Path):
-    """``(tokenizer, model)`` from a converted folder, the model in eval mode (float32, CPU)."""
+def load_smollm2(folder: Path, quantization_config=None):
+    """``(tokenizer, model)`` from a converted folder, the model in eval mode (float32, CPU).
+
+    ``quantization_config`` (a transformers ``BitsAndBytesConfig``...) loads the linear layers quantized.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -105,5 +108,10 @@ def load_smollm2(folder: Path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:  # 4.57's GGUF conversion sets none; 5's pads with the end-of-turn token, as here
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if quantization_config is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=quantization_config, device_map="cpu"
+        )
     return tokenizer, model.eval()

@@ -9,9 +9,9 @@ what training on a 4-bit or 8-bit backbone needs before the delta model is built
 * with ``use_gradient_checkpointing=True`` (the default), turns on transformers' gradient checkpointing and makes
   the input embeddings' output require gradients, without which checkpointed blocks whose only trainable
   parameters are deltas would pass no gradient back (``enable_input_require_grads``);
-* puts every quantized layer in a layout gradients flow through, and keeps it so before every training-mode call
-  (bitsandbytes repacks 4-bit weights for its CPU inference kernel, through which no gradient flows: see
-  :meth:`opendelta.quantization.QuantizationBackend.training_layout`).
+* puts every quantized layer in a layout gradients flow through, for good (bitsandbytes repacks 4-bit weights for
+  its CPU inference kernel, through which no gradient flows: see
+  :meth:`opendelta.quantization.QuantizationBackend.training_layout`; building a delta model does this too).
 
 It returns the same model. Nothing here is specific to one method: every delta method trains on the result.
 """
@@ -26,18 +26,6 @@ from torch import nn
 from opendelta.quantization import quantized_modules
 
 __all__ = ["prepare_for_kbit_training", "prepare_model_for_kbit_training"]
-
-_HOOKED = "_opendelta_training_layout_hook"
-"""On a quantized layer once its training-layout pre-hook is installed (so preparing twice installs one)."""
-
-
-def _keep_training_layout(backend: Any) -> Any:
-    def hook(module: nn.Module, args: Any) -> None:
-        if module.training:
-            backend.training_layout(module)
-
-    return hook
-
 
 def prepare_for_kbit_training(
     model: nn.Module,
@@ -59,9 +47,6 @@ def prepare_for_kbit_training(
             param.data = param.data.to(torch.float32)
     for _name, module, backend in quantized_modules(model):
         backend.training_layout(module)
-        if not getattr(module, _HOOKED, False):
-            module.register_forward_pre_hook(_keep_training_layout(backend))
-            module.__dict__[_HOOKED] = True
     if use_gradient_checkpointing:
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:

@@ -114,12 +114,12 @@ class QuantizationBackend:
         return [module._parameters[name]]
 
     def training_layout(self, module: nn.Module) -> None:
-        """Put the storage into a layout gradients flow through (default: nothing to do).
+        """Put the storage into a layout gradients flow through, and keep it there (default: nothing to do).
 
         bitsandbytes repacks a 4-bit weight for its CPU inference kernel at the first eval-mode call without
-        gradients, and that kernel passes no gradient to its input: deltas before such a layer then get none.
-        :func:`opendelta.kbit_training.prepare_for_kbit_training` calls this on every quantized layer, and again
-        before each training-mode forward.
+        gradients, and that kernel passes no gradient to its input: deltas before such a layer would get none.
+        Called on every quantized layer of a backbone when a delta model is built on it, and by
+        :func:`opendelta.kbit_training.prepare_for_kbit_training`.
         """
 
     # ------------------------------------------------------------------------------------------ writing
@@ -152,8 +152,12 @@ def compute_dtype_hint(model: nn.Module) -> Iterator[None]:
     """While deltas are built on ``model``: its quantized layers without a dtype of their own compute in this one.
 
     The most common dtype of the model's float parameters (its embeddings, norms and head stay unquantized), which is
-    the dtype a bias-less int8 layer receives its inputs in and returns its outputs in.
+    the dtype a bias-less int8 layer receives its inputs in and returns its outputs in. Entering also puts every
+    quantized layer in its training layout (:meth:`QuantizationBackend.training_layout`): an inference call made
+    before the delta model was built must not leave a layout no gradient flows through.
     """
+    for _name, module, backend in quantized_modules(model):  # deltas are built to be trained: a layout that trains
+        backend.training_layout(module)
     counts = Counter(p.dtype for p in model.parameters() if p.is_floating_point() and type(p) is nn.Parameter)
     token = _model_dtype.set(counts.most_common(1)[0][0] if counts else None)
     try:
@@ -164,7 +168,7 @@ def compute_dtype_hint(model: nn.Module) -> Iterator[None]:
 
 _lock = threading.Lock()
 _backends: list[QuantizationBackend] | None = None
-_generation = -1
+_generation: tuple[int, int] = (-1, -1)
 
 
 def reload_backends() -> None:
@@ -179,8 +183,10 @@ def quantization_backends() -> list[QuantizationBackend]:
     global _backends, _generation
     from opendelta import plugins
 
+    plugins.load_plugins()
+    key = (plugins.generation(), len(plugins.pm.get_plugins()))  # a plugin registered in code counts too
     with _lock:
-        if _backends is not None and _generation == plugins.generation():
+        if _backends is not None and _generation == key:
             return _backends
         found: list[QuantizationBackend] = []
 
@@ -193,7 +199,7 @@ def quantization_backends() -> list[QuantizationBackend]:
             return register
 
         plugins.call_each("register_quantization_backends", make_register)
-        _backends, _generation = found, plugins.generation()
+        _backends, _generation = found, key
         return found
 
 

@@ -104,13 +104,21 @@ class Bnb4bitBackend(QuantizationBackend):
         return [self._canonical(module)[0]] if name == "weight" else [module._parameters[name]]
 
     def training_layout(self, module: nn.Module) -> None:
-        """Undo the CPU repacking in place (bitsandbytes' own inverse, as its ``.cuda()`` does before moving)."""
+        """Keep the canonical layout for good: undo a CPU repacking, and switch the repacking off for this layer.
+
+        bitsandbytes' CPU repacking (at the first eval-mode call without gradients) stores the block scales in
+        bfloat16 and feeds a kernel that passes no gradient; its inverse (what its ``.cuda()`` runs before moving)
+        does not give the float32 scales back, so repacking again at every evaluation would drift the weights. With
+        the repacking off, evaluation runs bitsandbytes' float path, the same computation as training.
+        """
         weight = module.weight
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             functional = _bnb().functional
             weight.data, weight.quant_state = functional._convert_weight_packed_for_cpu_inverse(
                 weight.data, weight.quant_state
             )
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
     def requantize_problem(self, module: nn.Module) -> str | None:
         return None if module.weight.quant_state is not None else "this 4-bit layer has no quant_state"
