@@ -456,6 +456,20 @@ def test_a_delta_saved_while_merged_loads_onto_a_fresh_backbone(folders, tmp_pat
     assert torch.equal(output(fresh), tuned)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "HQQLinear overrides state_dict() with one that writes its own W_q and meta and never recurses into its "
+        "children, where core places LoRA ('q_proj.lora'): model.state_dict() (and so freeze_module's trimmed one) "
+        "holds none of those deltas; save_finetuned is unaffected (it reads the delta modules)"
+    ),
+)
+def test_the_models_state_dict_holds_the_deltas_placed_on_hqq_layers(folders):
+    model = load_hqq(folders, "llama")
+    LoraModel(model).freeze_module()
+    assert set(model.state_dict()) == delta_parameter_names(model)
+
+
 # ---------------------------------------------------------------------------------------------------- all-linear
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_linear_targets_every_hqq_layer_in_the_blocks(folders, arch):
