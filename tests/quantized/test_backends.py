@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import opendelta
-from opendelta import AutoDeltaModel, DeltaStateError, route_rows
+from opendelta import AutoDeltaModel, route_rows
 from opendelta.errors import OpenDeltaQuantizationWarning
 from opendelta.quantization import quantized_modules
 
@@ -88,7 +88,7 @@ def _require(backend: str) -> Callable[[], object]:
 def _require_method(method: str) -> type:
     try:
         return opendelta.get_method(method).model_cls
-    except Exception as exc:  # noqa: BLE001 - the plugin is not installed in this session
+    except Exception as exc:
         pytest.skip(f"method {method}: its plugin is not installed ({type(exc).__name__})")
 
 
@@ -123,7 +123,8 @@ def _load(folder: Path, arch: str, make_config: Callable[[], object]) -> nn.Modu
     auto = transformers.AutoModelForCausalLM if arch == "llama" else transformers.AutoModel
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the libraries' own notices (bnb's fp16 cast of int8 inputs...)
-        model = auto.from_pretrained(folder, quantization_config=make_config(), device_map="cpu")
+        # float32 for what stays unquantized (transformers 4.57 would pick float16 for bitsandbytes)
+        model = auto.from_pretrained(folder, quantization_config=make_config(), device_map="cpu", dtype=torch.float32)
     assert quantized_modules(model), "the backbone was not quantized: the test would check nothing"
     return model
 

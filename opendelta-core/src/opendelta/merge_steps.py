@@ -109,7 +109,10 @@ def fold_in(
     losses = []
     for insertion, (host, update) in zip(chosen, updates, strict=True):
         prefix = names[id(host)]
-        for name in update:
+        touched = list(update)
+        if is_quantized(host) and "weight" in update:  # requantizing replaces the storage, whatever its names (W_q)
+            touched = [n for n in update if n != "weight"] + [n for n, p in host._parameters.items() if p is not None]
+        for name in dict.fromkeys(touched):
             current = host._parameters.get(name)
             full = f"{prefix}.{name}" if prefix else name
             sample = None if current is None else parameter_sample(current, host, name)
