@@ -18,8 +18,14 @@ def test_readme_has_python_examples():
     assert BLOCKS
 
 
+QUANTIZED = "BitsAndBytesConfig"
+"""Blocks with this name load a backbone through bitsandbytes: they run in tests/quantized (tests_quant has it)."""
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path, monkeypatch, capsys):
+    if QUANTIZED in BLOCKS[index]:
+        pytest.skip("needs bitsandbytes: tests/quantized/test_readme_quantized.py runs it (nox -s tests_quant)")
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme_example"})
 
