@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import opendelta
-from opendelta import AutoDeltaModel, route_rows
+from opendelta import AutoDeltaModel, DeltaStateError, route_rows
 from opendelta.errors import OpenDeltaQuantizationWarning
 from opendelta.quantization import quantized_modules
 
@@ -331,3 +331,27 @@ def test_prepare_for_kbit_training_keeps_gradients_flowing_after_inference(folde
     first_b = [p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
     assert first_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in first_b)
     assert model.is_gradient_checkpointing
+
+
+def test_a_torchao_tensor_that_cannot_be_requantized_is_refused_by_name(folders: dict[str, Path]) -> None:
+    """float8 weights dequantize (so they train and unload to float) but OpenDelta requantizes only Int8Tensor."""
+    _require("torchao-int8")
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    model = _load(folders["llama"], "llama", lambda: transformers.TorchAoConfig(Float8WeightOnlyConfig()))
+    delta, tuned = _trained_lora_on(model, "llama")
+    storage = _storage(model)
+    with pytest.raises(DeltaStateError, match=r"self_attn\.q_proj \(torchao\): torchao Float8Tensor weights can be"):
+        delta.merge()
+    assert not delta.merged and delta.attached and torch.equal(_outputs(model), tuned)
+    _assert_same_storage(storage, _storage(model))
+    plain = delta.merge_and_unload(dequantize=True)
+    assert not quantized_modules(plain)
+    torch.testing.assert_close(_outputs(plain), tuned, rtol=0, atol=1e-4)
+
+
+def _trained_lora_on(model: nn.Module, arch: str) -> tuple:
+    delta = _require_method("lora")(backbone_model=model)
+    delta.freeze_module(exclude=["deltas"])
+    _train(model, delta, arch)
+    return delta, _outputs(model)

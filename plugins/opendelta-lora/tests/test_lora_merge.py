@@ -61,3 +61,20 @@ def test_lora_compiles_without_graph_breaks_with_and_without_autograd():
     assert torch._dynamo.explain(model)(**inputs).graph_break_count == 0
     with torch.no_grad():
         assert torch._dynamo.explain(model)(**inputs).graph_break_count == 0
+
+
+def test_merge_into_a_square_conv1d_transposes_the_update():
+    """GPT-2's attention c_proj is a Conv1D of [in, out] = [n, n]: equal shapes must not skip the transpose."""
+    from opendelta.testing import perturb, tiny_inputs, tiny_model
+
+    model = tiny_model("gpt2")
+    weight = model.transformer.h[0].attn.c_proj.weight
+    assert weight.shape[0] == weight.shape[1]
+    delta_model = LoraModel(backbone_model=model, modified_modules=["attn.c_proj"])
+    perturb(delta_model)
+    inputs = tiny_inputs("gpt2")
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        delta_model.merge()
+        merged = model(**inputs).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
