@@ -162,7 +162,8 @@ def tests_plugins(session: nox.Session) -> None:
 ALONE_CHECK = """
 import sys
 from importlib import metadata
-ours = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].startswith("opendelta-"))
+names = (d.metadata["Name"] or "" for d in metadata.distributions())
+ours = sorted(n for n in names if n.startswith("opendelta-"))
 expected = sorted({"opendelta-core", "opendelta-common-structures", sys.argv[1]})
 assert ours == expected, f"not alone: {ours}, expected {expected}"
 print("installed of ours:", ", ".join(ours))
