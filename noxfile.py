@@ -31,6 +31,9 @@ TRANSFORMERS = {"4.57": "transformers==4.57.6", "5": "transformers==5.23.0"}
 """The two transformers lines we support: the last 4.x release and the newest 5.x."""
 BENCH_PEERS = ("peft==0.21.2", "adapters==1.3.0")
 """The peers the benchmark runs beside us (adapters 1.3 pins transformers 4.57, so the bench runs on 4.57)."""
+BENCH_QUANTIZATION = ("bitsandbytes==0.50.2", "torchao==0.18.0")
+"""The quantization backends of the benchmark's quantized SmolLM2 training rows (bitsandbytes int8 and nf4, torchao
+int8 weight-only); installed with the pinned torch's constraints, so neither can pull another torch."""
 PEFT = ("peft==0.21.2",)
 """The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
 PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT}
@@ -315,8 +318,11 @@ def demo_llm(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmark against PEFT and AdapterHub adapters, side by side in one process (minutes; not run in CI)."""
+    """Benchmark against PEFT and AdapterHub adapters, side by side in one process (minutes; not run in CI).
+
+    Includes LoRA training on SmolLM2-135M quantized by bitsandbytes (int8, nf4) and torchao (int8 weight-only).
+    """
     plugins = [PLUGINS["opendelta-lora"], PLUGINS["opendelta-adapter"]]
-    install(session, STRUCTURES, CORE, *plugins, transformers="4.57", extra=BENCH_PEERS + GGUF)
+    install(session, STRUCTURES, CORE, *plugins, transformers="4.57", extra=BENCH_PEERS + BENCH_QUANTIZATION + GGUF)
     session.install("--no-deps", *LLM_DEMO_DATA)
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)

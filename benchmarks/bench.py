@@ -440,6 +440,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     measuring = (interleaved, row)  # what the SmolLM2 scenarios, in their own module, measure and report with
+    smollm2_step = (max(3, args.repeats // 2), 8, 64, *measuring)  # smollm2_training's repeats, batch, seq
     scenarios = {
         "inference": lambda r: inference(r, args.repeats, args.batch, args.seq),
         "training": lambda r: training(r, max(3, args.repeats // 2), args.batch, args.seq),
@@ -453,6 +454,10 @@ def main() -> None:
             r, max(3, args.repeats // 2), 8, 64, interleaved, row
         ),
         "smollm2_generation": lambda r: llm_bench().smollm2_generation(r, args.repeats, 4, 64, 32, *measuring),
+        # the same step on a quantized backbone, ours beside PEFT (a backend not installed is skipped, saying so)
+        "smollm2_training_int8": lambda r: llm_bench().smollm2_training_quantized(r, "int8", *smollm2_step),
+        "smollm2_training_nf4": lambda r: llm_bench().smollm2_training_quantized(r, "nf4", *smollm2_step),
+        "smollm2_training_torchao": lambda r: llm_bench().smollm2_training_quantized(r, "torchao", *smollm2_step),
     }
     results: list[dict[str, Any]] = []
     for name, scenario in scenarios.items():
