@@ -6,8 +6,10 @@ virtualenv); set ``OPENDELTA_TORCH_INDEX=https://download.pytorch.org/whl/cpu`` 
 tests run the same on either).
 
 ``nox -t ci`` runs what CI runs. The core and plugin tests run once each in isolation (``tests_core``,
-``tests_plugin-*``, on transformers 5), so ``tests_all-transformers-5`` runs only what needs everything installed
-together (the root ``tests/``), and ``tests_all-transformers-4.57`` runs everything on the older line. Plain ``nox``
+``tests_plugins``, on transformers 5: each plugin installed alone in turn in one venv), so
+``tests_all-transformers-5`` runs only what needs everything installed together (the root ``tests/``),
+``tests_all-transformers-4.57`` runs everything on the older line, and ``tests_quant-*`` the quantized backbones
+(``tests/quantized``) with the quantization libraries installed. Plain ``nox``
 runs the default sessions, which are the safe ones: ``bench`` (rewrites README.md), ``interactive`` (installs
 Chromium with apt-get), ``wheels`` and ``new_plugin`` (write into the clone) run only when named.
 """
@@ -218,7 +220,7 @@ QUANT_METHODS = (
 def tests_all(session: nox.Session, transformers: str) -> None:
     """Everything installed together: the root tests (plugin battery, both demos); on 4.57 core's and plugins' too.
 
-    On transformers 5 the core and plugin tests already ran in ``tests_core`` and ``tests_plugin-*``; running them
+    On transformers 5 the core and plugin tests already ran in ``tests_core`` and ``tests_plugins``; running them
     again here doubled that work (the longest part of `nox -t ci`) and checked nothing the isolated sessions do not.
     """
     extra = TRAINING + PEFT + SCAFFOLD + GGUF + PARALLEL
