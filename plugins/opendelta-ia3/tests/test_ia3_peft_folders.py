@@ -1,4 +1,4 @@
-"""PEFT IA3 adapter folders (``save_pretrained``) load through ``from_finetuned`` with PEFT's outputs, or are refused."""
+"""PEFT IA3 folders (``save_pretrained``) load through ``from_finetuned`` with PEFT's outputs, or are refused."""
 
 import json
 
