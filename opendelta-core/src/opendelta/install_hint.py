@@ -19,6 +19,7 @@ SHIPPED = frozenset(
         "opendelta-adapter",
         "opendelta-bitfit",
         "opendelta-compacter",
+        "opendelta-ia3",
         "opendelta-lora",
         "opendelta-low-rank-adapter",
         "opendelta-parallel-adapter",
