@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from opendelta.plugin_api import DeltaConfig, DeltaConfigError
+
+INIT_KINDS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora")
+"""The string values of ``LoraConfig.init_lora_weights`` (``N`` a number of subspace iterations, >= 0)."""
+
+RESIDUAL_KINDS = ("pissa", "olora")
+"""Initialisations taken from the base weight, whose outputs need the base weight minus the initial update."""
+
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def init_kind(value: bool | str) -> str:
+    """The canonical name of an ``init_lora_weights`` value.
+
+    One of ``kaiming`` (``True``), ``random`` (``False``), ``gaussian``, ``pissa``, ``pissa_niter``, ``olora``.
+    """
+    if value is True:
+        return "kaiming"
+    if value is False:
+        return "random"
+    return "pissa_niter" if _NITER.fullmatch(value) else value
+
+
+def pissa_niter(value: bool | str) -> int | None:
+    """``N`` of ``"pissa_niter_N"``; ``None`` for every other value."""
+    match = _NITER.fullmatch(value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else None
 
 
 @dataclass(kw_only=True)
@@ -18,6 +45,22 @@ class LoraConfig(DeltaConfig):
         lora_alpha: scale numerator: the update is multiplied by ``lora_alpha / lora_r``, so changing ``r`` does not
             change the effective learning rate much. 16 by default.
         lora_dropout: dropout applied to the LoRA branch's input during training; 0.0 by default.
+        use_rslora: rank-stabilised LoRA (Kalajdzievski, 2023): scale by ``lora_alpha / sqrt(lora_r)`` instead of
+            ``lora_alpha / lora_r``, as PEFT's option of that name. ``False`` by default.
+        init_lora_weights: how ``A`` and ``B`` start, with PEFT's names and meanings:
+
+            * ``True`` or ``"kaiming"`` (default): ``A`` Kaiming-uniform, ``B`` zero (the update starts at zero);
+            * ``False``: ``B`` random too (Kaiming-uniform, as ``nn.Linear``'s): the update is not zero at first;
+            * ``"gaussian"``: ``A`` normal with standard deviation ``1 / r``, ``B`` zero;
+            * ``"pissa"``: PiSSA (Meng et al., 2024): ``B A`` is the weight's top-``r`` singular part (full SVD),
+              and the base weight becomes the residual ``W - scale * B A``; ``"pissa_niter_N"``: the same from
+              ``torch.svd_lowrank`` with ``N`` subspace iterations (fast, random);
+            * ``"olora"``: OLoRA (Büyükakyüz, 2024): ``B``, ``A`` the first ``r`` columns of ``Q`` and rows of ``R``
+              of the weight's QR decomposition, the base weight again becoming ``W - scale * B A``.
+
+            PiSSA and OLoRA leave the outputs unchanged at first (residual plus update is the weight). The stored
+            base weight is never written: the layer also subtracts its frozen initial update (``lora_A0``,
+            ``lora_B0``, saved with the delta), so ``detach()`` gives back the original weights bit for bit.
     """
 
     delta_type: ClassVar[str] = "lora"
@@ -25,9 +68,11 @@ class LoraConfig(DeltaConfig):
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
 
     def validate(self) -> None:
-        """Refuse ranks below 1, a non-positive alpha and a dropout outside [0, 1)."""
+        """Refuse ranks below 1, a non-positive alpha, a dropout outside [0, 1) and an unknown initialisation."""
         super().validate()
         if self.lora_r < 1:
             raise DeltaConfigError(f"LoraConfig.lora_r must be >= 1, got {self.lora_r}")
@@ -35,3 +80,18 @@ class LoraConfig(DeltaConfig):
             raise DeltaConfigError(f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DeltaConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        value = self.init_lora_weights
+        if (
+            isinstance(value, str)
+            and value not in ("kaiming", "gaussian", "pissa", "olora")
+            and not _NITER.fullmatch(value)
+        ):
+            raise DeltaConfigError(
+                f"LoraConfig.init_lora_weights must be True, False or one of "
+                f"{', '.join(repr(k) for k in INIT_KINDS)} (N a whole number of subspace iterations), got {value!r}"
+            )
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the initialisation makes the base weight a residual (PiSSA, OLoRA)."""
+        return init_kind(self.init_lora_weights).startswith(RESIDUAL_KINDS)

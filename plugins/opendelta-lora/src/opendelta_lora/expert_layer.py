@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from opendelta.plugin_api import StackLayout
+from opendelta_lora.config import init_kind
+from opendelta_lora.layer import lora_scaling
 
 
 class ExpertLoraLayer(nn.Module):
@@ -35,17 +37,27 @@ class ExpertLoraLayer(nn.Module):
         r: int,
         alpha: float,
         *,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.layout, self.parameter, self.r = layout, parameter, r
-        self.scaling = alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         experts = layout.num_experts
         self.lora_A = nn.Parameter(torch.empty(experts, r, layout.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(experts, layout.out_features, r, device=device, dtype=dtype))
+        kind = init_kind(init_lora_weights)
+        if kind not in ("kaiming", "random", "gaussian"):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} does not apply to stacked expert weights")
         for expert in range(experts):  # each expert's A as LoraLayer's: fan-in is in_features, not experts * that
-            nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
+            if kind == "gaussian":
+                nn.init.normal_(self.lora_A.data[expert], std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.data[expert], a=math.sqrt(5))
+            if kind == "random":
+                nn.init.kaiming_uniform_(self.lora_B.data[expert], a=math.sqrt(5))
 
     def updated(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + scale * B A`` in the weight's storage order, in one batched multiply-add (``baddbmm``)."""

@@ -3,6 +3,11 @@
 Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (https://arxiv.org/abs/2106.09685).
 ``A`` starts Kaiming-uniform and ``B`` at zero, so a fresh LoRA leaves the model's outputs unchanged.
 The update it represents is the dense matrix :meth:`LoraLayer.delta_weight`, which is what merging adds to ``W``.
+
+PEFT's other initialisations (``init_lora_weights``) are here too. PiSSA and OLoRA start ``B A`` from the base
+weight and make the base a residual, ``W_res = W - s B0 A0``; this layer leaves ``W`` as it is stored and subtracts
+its frozen initial update instead (buffers ``lora_A0``, ``lora_B0``): ``W x - s B0 A0 x + s B A dropout(x)`` is
+``W_res x + s B A dropout(x)``, PEFT's output, and detaching gives back the untouched ``W``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,37 @@ import torch
 from torch import nn
 
 from opendelta.plugin_api import is_linear, stored_update
+from opendelta_lora.config import init_kind, pissa_niter
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA (PEFT's ``use_rslora``)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def principal_init(
+    weight: torch.Tensor, r: int, scaling: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's ``(A, B)`` from an ``[out, in]`` weight: ``s B A`` is its top-``r`` singular part, in float32.
+
+    ``W = V S U^T``; with ``S_r`` divided by the scale, ``A = sqrt(S_r) U_r^T`` and ``B = V_r sqrt(S_r)``. ``niter``
+    takes the singular part from ``torch.svd_lowrank`` with that many subspace iterations instead of a full SVD.
+    """
+    weight = weight.detach().to(torch.float32)
+    if niter is None:
+        left, values, right_t = torch.linalg.svd(weight, full_matrices=False)
+        left, values, right_t = left[:, :r], values[:r], right_t[:r]
+    else:
+        left, values, right = torch.svd_lowrank(weight, q=r, niter=niter)
+        right_t = right.t()
+    root = torch.sqrt(values / scaling)
+    return root[:, None] * right_t, left * root[None, :]
+
+
+def olora_init(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLoRA's ``(A, B)`` from an ``[out, in]`` weight: ``W = Q R``, ``A = R[:r]``, ``B = Q[:, :r]``, in float32."""
+    q, upper = torch.linalg.qr(weight.detach().to(torch.float32))
+    return upper[:r].contiguous(), q[:, :r].contiguous()
 
 
 class LoraLayer(nn.Module):
@@ -25,6 +61,10 @@ class LoraLayer(nn.Module):
         alpha: scale numerator (the branch is scaled by ``alpha / r``).
         dropout: dropout probability on the branch's input.
         out_index: for a fused layer, the output features the update writes to; ``None`` means all.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead.
+        init_lora_weights: PEFT's initialisations (see :class:`~opendelta_lora.LoraConfig`).
+        base_weight: for ``"pissa..."`` and ``"olora"``, the ``[rows, in]`` weight the update starts from (the
+            rows the update writes to).
     """
 
     def __init__(
@@ -36,22 +76,75 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         out_index: torch.Tensor | None = None,
         *,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        base_weight: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.scaling = alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.init_kind = init_kind(init_lora_weights)
         rows = out_features if out_index is None else int(out_index.numel())
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(rows, r, device=device, dtype=dtype))  # (out or slice, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("out_index", out_index, persistent=False)
+        self.lora_A0: torch.Tensor | None
+        self.lora_B0: torch.Tensor | None
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        self._initialise(init_lora_weights, base_weight)
+
+    def _initialise(self, init_lora_weights: bool | str, base_weight: torch.Tensor | None) -> None:
+        """Set ``A`` and ``B`` as PEFT's ``init_lora_weights`` does; PiSSA and OLoRA also keep them as ``A0, B0``."""
+        kind = self.init_kind
+        with torch.no_grad():
+            if kind in ("kaiming", "random"):
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                if kind == "random":  # PEFT's False: both as nn.Linear initialises its weight
+                    nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+                return
+            if kind == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+                return
+            if base_weight is None:
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} starts from the base weight; pass it")
+            if kind == "olora":
+                down, up = olora_init(base_weight, self.r)
+            else:
+                down, up = principal_init(base_weight, self.r, self.scaling, pissa_niter(init_lora_weights))
+            self.lora_A.copy_(down)
+            self.lora_B.copy_(up)
+            # the initial update, frozen: subtracting it is the residual base weight (saved, so a load is exact)
+            self.lora_A0 = self.lora_A.detach().clone()
+            self.lora_B0 = self.lora_B.detach().clone()
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the base weight is read as the residual ``W - s B0 A0`` (PiSSA, OLoRA)."""
+        return self.lora_A0 is not None
+
+    def _low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, up)`` with ``low @ up`` the branch output before scaling: ``[N, r]`` and ``[r, rows]``.
+
+        With a residual base it is ``[B A dropout(x) | -B0 A0 x]``, ``2r`` wide: dropout never reaches the base.
+        """
+        flat = x.reshape(-1, self.in_features)
+        low = self.lora_dropout(flat) @ self.lora_A.t()
+        up = self.lora_B.t()
+        if self.lora_A0 is None or self.lora_B0 is None:
+            return low, up
+        return torch.cat([low, flat @ self.lora_A0.t()], dim=1), torch.cat([up, -self.lora_B0.t()], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The branch's contribution to the layer's output, shape ``(..., out_features)``."""
-        update = self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t() * self.scaling  # (..., r) -> (..., rows)
+        if self.rewrites_base:
+            low, up = self._low_rank(x)
+            update = (low @ up * self.scaling).view(*x.shape[:-1], -1)
+        else:
+            update = self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t() * self.scaling  # (..., r) -> (..., rows)
         if self.out_index is None:
             return update
         full = update.new_zeros(*update.shape[:-1], self.out_features)
@@ -64,20 +157,34 @@ class LoraLayer(nn.Module):
         """
         if self.out_index is not None:
             return hidden + self.forward(x)
-        low = self.lora_dropout(x).reshape(-1, self.in_features) @ self.lora_A.t()  # (N, r)
-        up = (self.lora_B * self.scaling).t()  # (r, out), scaled on the small matrix
+        low, up = self._low_rank(x)  # (N, r), (r, out)
+        up = up * self.scaling  # scaled on the small matrix
         if not torch.is_grad_enabled() and hidden.is_contiguous():
             hidden.view(-1, self.out_features).addmm_(low, up)  # a view of the same memory: (N, out)
             return hidden
         return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging)."""
+        """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging).
+
+        With a residual base (PiSSA, OLoRA) it is ``scaling * (B A - B0 A0)``: what turns ``W`` into ``W_res + s B A``.
+        """
         dense = self.lora_B @ self.lora_A * self.scaling  # (rows, in)
+        if self.lora_A0 is not None and self.lora_B0 is not None:
+            dense = dense - self.lora_B0 @ self.lora_A0 * self.scaling
         if self.out_index is None:
             return dense
         full = dense.new_zeros(self.out_features, self.in_features)
         return full.index_copy(0, self.out_index, dense)
+
+    def base_update(self) -> torch.Tensor | None:
+        """What the residual base is minus the stored weight, ``-s B0 A0`` as ``[out, in]``; ``None`` without one."""
+        if self.lora_A0 is None or self.lora_B0 is None:
+            return None
+        dense = -(self.lora_B0 @ self.lora_A0) * self.scaling
+        if self.out_index is None:
+            return dense
+        return dense.new_zeros(self.out_features, self.in_features).index_copy(0, self.out_index, dense)
 
     def can_merge(self, host: nn.Module) -> bool:
         """LoRA is a change of the host's weight: it merges into any linear layer it was built for (quantized too)."""
@@ -89,4 +196,5 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{sliced}"
+        init = "" if self.init_kind == "kaiming" else f", init={self.init_kind}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{sliced}{init}"

@@ -16,10 +16,12 @@ from opendelta.plugin_api import (
     expert_targets,
     factory_kwargs,
     is_linear,
+    is_quantized,
     linear_features,
     linear_types,
     stack_layout,
     stacked_parameters,
+    stored_update,
 )
 from opendelta_lora.config import LoraConfig
 from opendelta_lora.expert_layer import ExpertLoraLayer
@@ -72,8 +74,23 @@ class LoraModel(DeltaModel):
         return is_linear(module) or bool(stacked_parameters(module))
 
     def _prepare(self, targets: Sequence[Target]) -> None:
-        """Refuse dropout on stacked expert weights: the update is added to the weight, there is no branch input."""
+        """Refuse dropout on stacked expert weights: the update is added to the weight, there is no branch input.
+
+        Also refuse PiSSA and OLoRA where there is no float weight to start from (stacked expert weights, quantized
+        layers), and record whether a fresh delta leaves the outputs unchanged (not with ``init_lora_weights=False``).
+        """
+        self.identity_at_init = self.config.init_lora_weights is not False
         stacked = [f"{t.name}.{t.parameter}" for t in targets if t.parameter is not None]
+        if self.config.rewrites_base:
+            quantized = [t.name for t in targets if t.parameter is None and is_quantized(t.module)]
+            refused = stacked + quantized
+            if refused:
+                raise DeltaConfigError(
+                    f"LoraConfig.init_lora_weights={self.config.init_lora_weights!r} starts from a float weight, "
+                    f"which {', '.join(refused[:3])}{'...' if len(refused) > 3 else ''} "
+                    f"{'are stacked expert weights' if stacked else 'is quantized'} without; initialise these with "
+                    f"True, False or 'gaussian' (or PiSSA the float model, as PEFT advises, then quantize)"
+                )
         if stacked and self.config.lora_dropout:
             raise DeltaConfigError(
                 f"LoraConfig.lora_dropout={self.config.lora_dropout} cannot apply to stacked expert weights "
@@ -88,17 +105,27 @@ class LoraModel(DeltaModel):
                 target.parameter,
                 r=self.config.lora_r,
                 alpha=self.config.lora_alpha,
+                use_rslora=self.config.use_rslora,
+                init_lora_weights=self.config.init_lora_weights,
                 **factory_kwargs(target.module),
             )
         in_features, out_features = linear_features(target.module)
         placement = factory_kwargs(target.module)  # a quantized layer's compute dtype, never its storage dtype
+        out_index = target.output_index(out_features, device=placement.get("device"))
+        base = None
+        if self.config.rewrites_base:  # the [out, in] rows the update writes to, read (never written)
+            base = stored_update(target.module, target.module.weight.detach())
+            base = base if out_index is None else base.index_select(0, out_index.to(base.device))
         return LoraLayer(
             in_features,
             out_features,
             r=self.config.lora_r,
             alpha=self.config.lora_alpha,
             dropout=self.config.lora_dropout,
-            out_index=target.output_index(out_features, device=placement.get("device")),
+            out_index=out_index,
+            use_rslora=self.config.use_rslora,
+            init_lora_weights=self.config.init_lora_weights,
+            base_weight=base,
             **placement,
         )
 

@@ -58,6 +58,10 @@ def _layers(value: Any) -> bool:
     return value is None or is_layer(value) or (isinstance(value, list) and all(is_layer(v) for v in value))
 
 
+def _init(value: Any) -> bool:
+    return isinstance(value, (bool, str))
+
+
 def _text(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
@@ -77,6 +81,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "layers_pattern": (_names, "a name or a list of names"),
     "bias": (_text, "one of 'none', 'all', 'lora_only'"),
     "task_type": (_text, "a task name such as 'SEQ_CLS'"),
+    "init_lora_weights": (_init, "true, false or an initialisation's name such as 'pissa'"),
 }
 """Each field read: the check its value must pass, and what that means, for the message."""
 

@@ -11,6 +11,14 @@ how ``W`` is stored). Reading and writing need only ``json`` and ``safetensors``
 
 PEFT features that change the computation and that ``LoraModel`` does not have (DoRA, per-module ranks, LoRA on
 embeddings...) are refused by name rather than loaded into something that computes differently.
+
+An adapter initialised with PiSSA or OLoRA and saved without PEFT's conversion (``save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``) holds ``A`` and ``B`` for the *residual* base ``W - s B0 A0``.
+PEFT loads such a folder by decomposing the base weight again, so it must be loaded onto the original model; so does
+``LoraModel`` (the rebuilt ``B0 A0`` is subtracted, the stored weight left alone). ``"pissa_niter_N"`` (a random
+decomposition that cannot be made again) and PEFT's other base-rewriting initialisations (CorDA, LoftQ, LoRA-GA) are
+refused by name. A ``LoraModel`` with PiSSA or OLoRA is exported converted, as PEFT's conversion writes it: a plain
+LoRA of rank ``2r``, ``A' = [A; A0]`` and ``B' = [B, -B0]``, which applies to the original weights.
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ _READ = frozenset(
         "bias",
         "fan_in_fan_out",
         "task_type",
+        "init_lora_weights",
     }
 )
 _INERT = frozenset(
@@ -110,7 +119,6 @@ _INERT = frozenset(
         "inference_mode",
         "auto_mapping",
         "peft_version",
-        "init_lora_weights",
         "loftq_config",
         "eva_config",
         "corda_config",
@@ -189,6 +197,42 @@ def _check_supported(config: Mapping[str, Any], source: str) -> None:
             f"use_rslora, target_modules, exclude_modules, layers_to_transform, modules_to_save). Use PEFT for this "
             f"adapter, or retrain without {field}."
         )
+
+
+_INERT_INITS = (True, False, "gaussian", "eva", "orthogonal")
+"""``init_lora_weights`` values after which a trained adapter computes ``W x + s B A x`` on the untouched base."""
+_REBUILT_INITS = ("pissa", "olora")
+"""Values whose residual base PEFT rebuilds, deterministically, from the original weights when it loads the folder."""
+_CONVERSION = (
+    "PEFT can save such an adapter as a plain LoRA, which loads here: save_pretrained(folder, "
+    "path_initial_model_for_weight_conversion=<the adapter saved right after initialisation>), as PEFT's PiSSA/OLoRA "
+    "documentation shows"
+)
+
+
+def _init_lora_weights(config: Mapping[str, Any], source: str) -> bool | str:
+    """Our ``init_lora_weights`` for a PEFT folder's: ``True`` when it does not matter, else PiSSA's or OLoRA's.
+
+    Raises:
+        CheckpointError: an initialisation whose residual base cannot be rebuilt (named, with PEFT's conversion).
+    """
+    value = config.get("init_lora_weights", True)
+    if value in _INERT_INITS:  # (an adapter whose base PEFT would not rewrite: only its trained A, B matter)
+        return True
+    if isinstance(value, str) and value.lower() in _REBUILT_INITS:
+        return value.lower()
+    if isinstance(value, str) and value.startswith("pissa_niter_"):
+        why = (
+            "its A and B assume the base weight minus a randomised SVD (torch.svd_lowrank) of it, which cannot be made "
+            "again: even PEFT, loading this folder, subtracts a different decomposition"
+        )
+    elif isinstance(value, str) and value.lower() in ("corda", "lora_ga", "loftq"):
+        why = "its A and B assume a base weight that PEFT rewrote from data or quantization, which this folder lacks"
+    else:
+        why = "an initialisation unknown here; it may assume a rewritten base weight"
+    raise CheckpointError(
+        f"{source}: init_lora_weights={value!r}: {why}, so loading it would compute something else. {_CONVERSION}."
+    )
 
 
 def _all_linear(model: nn.Module, task_type: str | None) -> set[str]:
@@ -317,13 +361,15 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
         raise CheckpointError(
             f"{source} puts LoRA on {', '.join(wrong[:5])}: LoraModel modifies linear layers (nn.Linear, Conv1D) only"
         )
+    init = _init_lora_weights(config, source)
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     if config.get("use_rslora"):
-        alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); LoraLayer by alpha / r
+        alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); LoraLayer by alpha / r: the same scale
     return LoraConfig(
         lora_r=r,
         lora_alpha=alpha,
         lora_dropout=float(config.get("lora_dropout") or 0.0),
+        init_lora_weights=init,
         modified_modules=_as_patterns(config["target_modules"], names, model),
         common_structure=False,
     )
@@ -388,8 +434,15 @@ def read_peft_checkpoint(
         LoraModel,
         lora_config,
         ours,
+        translate=_with_initial_update if lora_config.rewrites_base else None,
         describe=f"a PEFT LoRA adapter whose own config builds LoRA on this {type(backbone_model).__name__}",
     )
+
+
+def _with_initial_update(delta_model: DeltaModel, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PiSSA/OLoRA folder's tensors plus the initial ``A0``, ``B0`` just rebuilt from the base, as PEFT does."""
+    initial = {n: t for n, t in delta_model.delta_state_dict().items() if n.endswith((".lora_A0", ".lora_B0"))}
+    return {**tensors, **initial}
 
 
 def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
@@ -497,8 +550,10 @@ def save_peft_adapter(
     for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
         layer = insertion.delta
         down, up = layer.lora_A.detach(), layer.lora_B.detach()  # (r, in), (rows, r)
+        if layer.lora_A0 is not None and layer.lora_B0 is not None:  # PEFT's conversion: [A; A0], [B, -B0]
+            down, up = torch.cat([down, layer.lora_A0]), torch.cat([up, -layer.lora_B0], dim=1)
         if layer.out_index is not None:  # some slices of a fused layer: zero rows for the others
-            up = up.new_zeros(layer.out_features, layer.r).index_copy(0, layer.out_index, up)
+            up = up.new_zeros(layer.out_features, up.shape[1]).index_copy(0, layer.out_index, up)
         tensors[f"{_PREFIX}{target.name}.lora_A.weight"] = down
         tensors[f"{_PREFIX}{target.name}.lora_B.weight"] = up
         targets.append(target.name)
@@ -510,20 +565,23 @@ def save_peft_adapter(
                 tensors[f"{_PREFIX}{head}.{name}"] = param.detach()
     modules = dict(backbone.named_modules())
     config = delta_model.config
+    r, alpha = config.lora_r, config.lora_alpha
+    if config.rewrites_base:  # converted to a plain LoRA of rank 2r (as PEFT's conversion): the same scale
+        r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
     document = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(backbone, "config", None), "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": config.lora_dropout,
         "target_modules": _short_names(targets, backbone),
         "exclude_modules": None,
         "fan_in_fan_out": all(not isinstance(modules[t], nn.Linear) for t in targets),  # GPT-2's Conv1D: [in, out]
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": config.use_rslora,
         "use_dora": False,
         "modules_to_save": heads or None,
         "init_lora_weights": True,
