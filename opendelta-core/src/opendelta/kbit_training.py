@@ -27,6 +27,7 @@ from opendelta.quantization import quantized_modules
 
 __all__ = ["prepare_for_kbit_training", "prepare_model_for_kbit_training"]
 
+
 def prepare_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
