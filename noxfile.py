@@ -211,6 +211,7 @@ QUANT_METHODS = (
     "opendelta-adapter",
     "opendelta-low-rank-adapter",
     "opendelta-parallel-adapter",
+    "opendelta-ia3",
 )
 """The methods ``tests_quant`` trains on quantized backbones: every one that targets linear layers or their outputs."""
 

@@ -67,6 +67,7 @@ METHODS: dict[str, dict[str, object]] = {
     "adapter": {},
     "low_rank_adapter": {},
     "parallel_adapter": {},
+    "ia3": {},
 }
 """Method name -> extra constructor arguments (their defaults otherwise: no modified_modules anywhere)."""
 
@@ -252,6 +253,22 @@ def test_merge_requantizes_with_the_loss_reported_and_unmerge_restores_the_stora
     changed = _storage(model)
     rewritten = [n for n in storage if not all(map(torch.equal, storage[n], changed[n]))]
     assert rewritten, "the merge left every quantized tensor as it was"
+    delta.unmerge()
+    _assert_same_storage(storage, _storage(model))
+    assert torch.equal(_outputs(model), tuned)
+
+
+@pytest.mark.parametrize("backend", BACKEND_IDS)
+def test_ia3_merges_into_quantized_weights_through_the_backend(folders: dict[str, Path], backend: str) -> None:
+    """A multiplicative delta too: IA3's row and column scalings are read off the dequantized weight."""
+    model = _load(folders["llama"], "llama", _require(backend))
+    delta = _require_method("ia3")(backbone_model=model)
+    delta.freeze_module(exclude=["deltas"])
+    _train(model, delta, "llama")
+    tuned, storage = _outputs(model), _storage(model)
+    with pytest.warns(OpenDeltaQuantizationWarning):
+        delta.merge()
+    assert (_outputs(model) - tuned).abs().max() < MERGE_TOLERANCE.get(backend, 0.05)
     delta.unmerge()
     _assert_same_storage(storage, _storage(model))
     assert torch.equal(_outputs(model), tuned)
