@@ -6,12 +6,14 @@ decoder-only LMs without ``modules_to_save`` (``save_peft_adapter`` warns otherw
 """
 
 from opendelta_lora.config import LoraConfig
+from opendelta_lora.dora import DoraLayer
 from opendelta_lora.layer import LoraLayer
 from opendelta_lora.loraplus import create_loraplus_optimizer
 from opendelta_lora.model import LoraModel
 from opendelta_lora.peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = [
+    "DoraLayer",
     "LoraConfig",
     "LoraLayer",
     "LoraModel",

@@ -61,6 +61,12 @@ class LoraConfig(DeltaConfig):
             PiSSA and OLoRA leave the outputs unchanged at first (residual plus update is the weight). The stored
             base weight is never written: the layer also subtracts its frozen initial update (``lora_A0``,
             ``lora_B0``, saved with the delta), so ``detach()`` gives back the original weights bit for bit.
+        use_dora: DoRA (Liu et al., 2024, https://arxiv.org/abs/2402.09353), PEFT's option of that name: each
+            modified layer computes ``m * (W + s B A) x / ||W + s B A||_c``, with ``||.||_c`` the L2 norm of each
+            output row (a constant in backward, as the paper and PEFT treat it) and ``m`` a learned magnitude per
+            output feature (``lora_magnitude_vector``), initialised to that norm so a fresh DoRA changes nothing.
+            Composes with ``use_rslora`` and every ``init_lora_weights``; not on stacked expert weights (PEFT
+            refuses DoRA there too). ``False`` by default.
     """
 
     delta_type: ClassVar[str] = "lora"
@@ -70,6 +76,7 @@ class LoraConfig(DeltaConfig):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
 
     def validate(self) -> None:
         """Refuse ranks below 1, a non-positive alpha, a dropout outside [0, 1) and an unknown initialisation."""

@@ -24,6 +24,7 @@ from opendelta.plugin_api import (
     stored_update,
 )
 from opendelta_lora.config import LoraConfig
+from opendelta_lora.dora import DoraLayer
 from opendelta_lora.expert_layer import ExpertLoraLayer
 from opendelta_lora.layer import LoraLayer
 
@@ -77,7 +78,8 @@ class LoraModel(DeltaModel):
         """Refuse dropout on stacked expert weights: the update is added to the weight, there is no branch input.
 
         Also refuse PiSSA and OLoRA where there is no float weight to start from (stacked expert weights, quantized
-        layers), and record whether a fresh delta leaves the outputs unchanged (not with ``init_lora_weights=False``).
+        layers), DoRA on stacked expert weights, and record whether a fresh delta leaves the outputs unchanged (not
+        with ``init_lora_weights=False``).
         """
         self.identity_at_init = self.config.init_lora_weights is not False
         stacked = [f"{t.name}.{t.parameter}" for t in targets if t.parameter is not None]
@@ -91,6 +93,13 @@ class LoraModel(DeltaModel):
                     f"{'are stacked expert weights' if stacked else 'is quantized'} without; initialise these with "
                     f"True, False or 'gaussian' (or PiSSA the float model, as PEFT advises, then quantize)"
                 )
+        if stacked and self.config.use_dora:
+            raise DeltaConfigError(
+                f"LoraConfig.use_dora=True cannot apply to stacked expert weights "
+                f"({', '.join(stacked[:3])}{'...' if len(stacked) > 3 else ''}): DoRA rescales a layer's outputs, "
+                f"and these weights are read inside the experts' own forward (PEFT refuses DoRA on target_parameters "
+                f"too); set use_dora=False, or target linear layers"
+            )
         if stacked and self.config.lora_dropout:
             raise DeltaConfigError(
                 f"LoraConfig.lora_dropout={self.config.lora_dropout} cannot apply to stacked expert weights "
@@ -116,7 +125,8 @@ class LoraModel(DeltaModel):
         if self.config.rewrites_base:  # the [out, in] rows the update writes to, read (never written)
             base = stored_update(target.module, target.module.weight.detach())
             base = base if out_index is None else base.index_select(0, out_index.to(base.device))
-        return LoraLayer(
+        layer_cls, extra = (DoraLayer, {"host": target.module}) if self.config.use_dora else (LoraLayer, {})
+        return layer_cls(
             in_features,
             out_features,
             r=self.config.lora_r,
@@ -126,6 +136,7 @@ class LoraModel(DeltaModel):
             use_rslora=self.config.use_rslora,
             init_lora_weights=self.config.init_lora_weights,
             base_weight=base,
+            **extra,
             **placement,
         )
 
