@@ -72,6 +72,7 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_alpha": (_positive_number, "a positive finite number"),
     "lora_dropout": (_dropout, "a number in [0, 1)"),
     "use_rslora": (_flag, "true or false"),
+    "use_dora": (_flag, "true or false"),
     "fan_in_fan_out": (_flag, "true or false"),
     "inference_mode": (_flag, "true or false"),
     "target_modules": (_names, "a list of module names or one regular expression"),

@@ -9,8 +9,10 @@ parameter of the ``modules_to_save`` (a task head trained with the adapter). The
 sqrt(r)`` with ``use_rslora``), for ``nn.Linear`` and GPT-2's ``Conv1D`` alike (PEFT's ``fan_in_fan_out`` only says
 how ``W`` is stored). Reading and writing need only ``json`` and ``safetensors``, not ``peft``.
 
-PEFT features that change the computation and that ``LoraModel`` does not have (DoRA, per-module ranks, LoRA on
-embeddings...) are refused by name rather than loaded into something that computes differently.
+PEFT features that change the computation and that ``LoraModel`` does not have (per-module ranks, LoRA on
+embeddings...) are refused by name rather than loaded into something that computes differently. DoRA
+(``use_dora: true``) loads: its magnitude is ``base_model.model.<module>.lora_magnitude_vector`` (``[out]``), read
+into (and written from) the layer's ``lora_magnitude_vector``.
 
 An adapter initialised with PiSSA or OLoRA and saved without PEFT's conversion (``save_pretrained(...,
 path_initial_model_for_weight_conversion=...)``) holds ``A`` and ``B`` for the *residual* base ``W - s B0 A0``.
@@ -53,6 +55,7 @@ from opendelta.plugin_api import (
     write_atomically,
 )
 from opendelta_lora.config import LoraConfig
+from opendelta_lora.dora import DoraLayer, host_weight
 from opendelta_lora.model import LoraModel
 from opendelta_lora.peft_fields import check_peft_fields
 from opendelta_lora.serving import warn_if_unservable
@@ -75,7 +78,6 @@ _SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES
 
 _UNSUPPORTED = frozenset(
     {
-        "use_dora",
         "lora_bias",
         "rank_pattern",
         "alpha_pattern",
@@ -110,6 +112,7 @@ _READ = frozenset(
         "fan_in_fan_out",
         "task_type",
         "init_lora_weights",
+        "use_dora",
     }
 )
 _INERT = frozenset(
@@ -370,6 +373,7 @@ def lora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
         lora_alpha=alpha,
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         init_lora_weights=init,
+        use_dora=bool(config.get("use_dora")),
         modified_modules=_as_patterns(config["target_modules"], names, model),
         common_structure=False,
     )
@@ -428,6 +432,7 @@ def read_peft_checkpoint(
         odd = [n for n in tensors if not n.startswith(_PREFIX)]
         raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
     ours = {_our_name(name[len(_PREFIX) :], LoraModel.delta_name): t for name, t in tensors.items()}
+    _check_magnitudes(ours, lora_config, source)
     return CheckpointRecord(
         source,
         str(weights_file),
@@ -437,6 +442,26 @@ def read_peft_checkpoint(
         translate=_with_initial_update if lora_config.rewrites_base else None,
         describe=f"a PEFT LoRA adapter whose own config builds LoRA on this {type(backbone_model).__name__}",
     )
+
+
+def _check_magnitudes(tensors: Mapping[str, torch.Tensor], config: LoraConfig, source: str) -> None:
+    """DoRA's magnitude for every module with ``use_dora``, and none without: else the folder computes otherwise."""
+    suffix = f".{LoraModel.delta_name}.lora_magnitude_vector"
+    down = f".{LoraModel.delta_name}.lora_A"
+    modules = {n[: -len(down)] for n in tensors if n.endswith(down)}
+    magnitudes = {n[: -len(suffix)] for n in tensors if n.endswith(suffix)}
+    if config.use_dora and modules - magnitudes:
+        missing = sorted(modules - magnitudes)
+        raise CheckpointError(
+            f"{source}: use_dora=True but the weights hold no lora_magnitude_vector for {', '.join(missing[:3])}"
+            f"{'...' if len(missing) > 3 else ''}: a DoRA adapter needs one per module (PEFT saves it)"
+        )
+    if not config.use_dora and magnitudes:
+        raise CheckpointError(
+            f"{source}: the weights hold DoRA magnitudes (lora_magnitude_vector, {sorted(magnitudes)[0]}...) but "
+            f"use_dora is not set: the folder is inconsistent; set use_dora=true in {ADAPTER_CONFIG_NAME} if it is a "
+            f"DoRA adapter"
+        )
 
 
 def _with_initial_update(delta_model: DeltaModel, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -476,6 +501,8 @@ def _our_name(name: str, delta_name: str) -> str:
     for part in ("lora_A", "lora_B"):
         if name.endswith(f".{part}.weight"):
             return f"{name[: -len(f'.{part}.weight')]}.{delta_name}.{part}"
+    if name.endswith(".lora_magnitude_vector"):  # DoRA's magnitude: PEFT saves it without ".weight"
+        return f"{name[: -len('.lora_magnitude_vector')]}.{delta_name}.lora_magnitude_vector"
     return name
 
 
@@ -556,6 +583,8 @@ def save_peft_adapter(
             up = up.new_zeros(layer.out_features, up.shape[1]).index_copy(0, layer.out_index, up)
         tensors[f"{_PREFIX}{target.name}.lora_A.weight"] = down
         tensors[f"{_PREFIX}{target.name}.lora_B.weight"] = up
+        if isinstance(layer, DoraLayer):
+            tensors[f"{_PREFIX}{target.name}.lora_magnitude_vector"] = _full_magnitude(layer)
         targets.append(target.name)
     heads = _resolve_modules(modules_to_save, backbone, targets)
     skip = delta_parameter_names(backbone)
@@ -582,7 +611,7 @@ def save_peft_adapter(
         "fan_in_fan_out": all(not isinstance(modules[t], nn.Linear) for t in targets),  # GPT-2's Conv1D: [in, out]
         "bias": "none",
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "modules_to_save": heads or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -595,6 +624,17 @@ def save_peft_adapter(
     _write(folder, document, tensors)
     warn_if_unservable(backbone, heads, folder)
     return folder
+
+
+def _full_magnitude(layer: DoraLayer) -> torch.Tensor:
+    """The magnitude over all output features: on a fused layer's other slices, their row norms (a factor of one)."""
+    magnitude = layer.lora_magnitude_vector.detach()
+    if layer.out_index is None:
+        return magnitude
+    with torch.no_grad():
+        weight = host_weight(layer._host).detach()
+        full = torch.linalg.norm(weight, dim=1).to(weight.dtype).to(magnitude.dtype)
+    return full.index_copy(0, layer.out_index.to(full.device), magnitude)
 
 
 def _write(folder: Path, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
