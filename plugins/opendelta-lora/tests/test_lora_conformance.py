@@ -10,3 +10,8 @@ class TestLoraConformance(DeltaMethodSuite):
 class TestLoraRank1Conformance(DeltaMethodSuite):
     method_name = "lora"
     config_kwargs = {"lora_r": 1, "lora_alpha": 4, "lora_dropout": 0.1}
+
+
+class TestLoraDoraConformance(DeltaMethodSuite):
+    method_name = "lora"
+    config_kwargs = {"lora_r": 2, "use_dora": True}
