@@ -63,13 +63,15 @@ MERGE_TOLERANCE = {"bnb-int8": 0.05, "bnb-nf4": 0.5, "bnb-fp4": 0.5, "quanto-int
 
 METHODS: dict[str, dict[str, object]] = {
     "lora": {},
+    "lora-dora": {"use_dora": True},
     "bitfit": {},
     "adapter": {},
     "low_rank_adapter": {},
     "parallel_adapter": {},
     "ia3": {},
 }
-"""Method name -> extra constructor arguments (their defaults otherwise: no modified_modules anywhere)."""
+"""Method name (``lora-dora``: LoRA with an option) -> extra constructor arguments (their defaults otherwise: no
+modified_modules anywhere)."""
 
 
 def _installed(package: str) -> bool:
@@ -196,7 +198,7 @@ def test_method_trains_on_quantized_backbone(
     folders: dict[str, Path], tmp_path: Path, backend: str, method: str, arch: str
 ) -> None:
     make_config = _require(backend)
-    cls = _require_method(method)
+    cls = _require_method(method.split("-")[0])
     model = _load(folders[arch], arch, make_config)
     delta = cls(backbone_model=model, **METHODS[method])
     delta.freeze_module(exclude=["deltas"])
@@ -231,20 +233,21 @@ def test_method_trains_on_quantized_backbone(
     torch.testing.assert_close(_outputs(fresh), tuned, rtol=0, atol=1e-6)
 
 
-def _trained_lora(folders: dict[str, Path], arch: str, make_config: Callable[[], object]) -> tuple:
+def _trained_lora(folders: dict[str, Path], arch: str, make_config: Callable[[], object], **options: object) -> tuple:
     model = _load(folders[arch], arch, make_config)
-    delta = _require_method("lora")(backbone_model=model)
+    delta = _require_method("lora")(backbone_model=model, **options)
     delta.freeze_module(exclude=["deltas"])
     _train(model, delta, arch)
     return model, delta
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 @pytest.mark.parametrize("backend", BACKEND_IDS)
 def test_merge_requantizes_with_the_loss_reported_and_unmerge_restores_the_storage(
-    folders: dict[str, Path], backend: str, arch: str
+    folders: dict[str, Path], backend: str, arch: str, dora: bool
 ) -> None:
-    model, delta = _trained_lora(folders, arch, _require(backend))
+    model, delta = _trained_lora(folders, arch, _require(backend), use_dora=dora)
     tuned, storage = _outputs(model), _storage(model)
     with pytest.warns(OpenDeltaQuantizationWarning, match=r"quantized layer\(s\).*differ from W \+ delta by up to"):
         assert delta.merge() > 0
