@@ -1,4 +1,4 @@
-"""What the PEFT oracle tests share: PEFT's LN tuning on a copy of a tiny model, and its trained norms read as offsets."""
+"""What the PEFT oracle tests share: PEFT's LN tuning on a copy of a tiny model, its trained norms as offsets."""
 
 import copy
 import warnings
