@@ -20,6 +20,7 @@ SHIPPED = frozenset(
         "opendelta-bitfit",
         "opendelta-compacter",
         "opendelta-ia3",
+        "opendelta-ln-tuning",
         "opendelta-lora",
         "opendelta-low-rank-adapter",
         "opendelta-parallel-adapter",
