@@ -38,7 +38,7 @@ BENCH_QUANTIZATION = ("bitsandbytes==0.50.2", "torchao==0.18.0")
 int8 weight-only); installed with the pinned torch's constraints, so neither can pull another torch."""
 PEFT = ("peft==0.21.2",)
 """The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
-PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT, "opendelta-ia3": PEFT}
+PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT, "opendelta-ia3": PEFT, "opendelta-ln-tuning": PEFT}
 """What a plugin's tests need beyond core (never what the plugin itself needs: that is in its pyproject)."""
 TESTING = ("pytest>=8", "hypothesis==6.170.15")
 """What every test session needs: the runner, and hypothesis for the property tests (addressing, configs)."""
