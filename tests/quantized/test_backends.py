@@ -219,7 +219,7 @@ def test_method_trains_on_quantized_backbone(
     assert all(p.grad is None for p in model.parameters() if id(p) not in ids_of_own), "a backbone tensor got one"
     _assert_same_storage(storage, _storage(model))
     tuned = _outputs(model)
-    assert (tuned - bare).abs().max() > 1e-4, "training changed nothing: the test would check nothing"
+    assert (tuned - bare).abs().max() > 1e-6, "training changed nothing: the test would check nothing"
 
     delta.detach()
     assert torch.equal(_outputs(model), bare)
