@@ -118,7 +118,8 @@ def _method(delta_type: str) -> tuple[dict[str, Any], Any]:
 
 
 def _is_delta_tensor(name: str, delta_name: str) -> bool:
-    return re.search(rf"(^|\.){re.escape(delta_name)}(_\d+)?\.", name) is not None
+    """A delta's child is ``<delta_name>``, ``<delta_name>_2`` (a second one) or ``<delta_name>_<parameter>``."""
+    return re.search(rf"(^|\.){re.escape(delta_name)}(_\w+)?\.", name) is not None
 
 
 def describe(path: str) -> dict[str, Any]:

@@ -67,6 +67,16 @@ class IA3Model(DeltaModel):
         """Linear layers: ``nn.Linear``, GPT-2's ``Conv1D``, a registered quantization backend's layers."""
         return is_linear(module)
 
+    def _expand_target(self, target: Target) -> list[Target]:
+        """With the defaults, a feed-forward that is no linear layer (a mixture of experts' block) is left out.
+
+        IA3 scales the input of one linear layer; the experts of a sparse block have one each, and transformers 5
+        stacks them into 3-D parameters. Named explicitly, such a module is refused as unsupported.
+        """
+        if self.config.modified_modules is None and not is_linear(target.module):
+            return []
+        return [target]
+
     def _prepare(self, targets: Sequence[Target]) -> None:
         """Decide which targets are feed-forward ones (scaled on their input) before any delta is built.
 

@@ -46,3 +46,23 @@ class NormOffset(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.parameter}, features={self.features}"
+
+
+class AffineAfterNorm(nn.Module):
+    """``y -> y * (1 + scale) + shift`` after a layer norm that has no weight or bias of its own (OLMo's).
+
+    Tuning such a norm's affine transform from the identity, which is what LN tuning means for it; zero at first.
+    It runs after the norm (not mergeable: the norm has no parameter to fold it into).
+    """
+
+    def __init__(self, features: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.features = features
+        self.scale = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))  # (features,)
+        self.shift = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))  # (features,)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * (1 + self.scale) + self.shift
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"

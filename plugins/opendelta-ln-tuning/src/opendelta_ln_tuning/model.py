@@ -20,7 +20,7 @@ from opendelta.plugin_api import (
     is_norm,
 )
 from opendelta_ln_tuning.config import LNTuningConfig
-from opendelta_ln_tuning.layer import NormOffset
+from opendelta_ln_tuning.layer import AffineAfterNorm, NormOffset
 
 NORM_PARAMETERS: tuple[str, ...] = ("weight", "bias")
 """The parameters of a norm that LN tuning trains, where the norm has them."""
@@ -28,6 +28,13 @@ NORM_PARAMETERS: tuple[str, ...] = ("weight", "bias")
 
 def _norm_parameters(module: nn.Module) -> list[str]:
     return [n for n in NORM_PARAMETERS if isinstance(module._parameters.get(n), torch.Tensor)]
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    """A layer norm, with parameters (``is_norm``) or without (OLMo's non-affine ``OlmoLayerNorm``)."""
+    return (
+        is_norm(module) or isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+    )
 
 
 class LNTuningModel(DeltaModel):
@@ -50,23 +57,26 @@ class LNTuningModel(DeltaModel):
     config: LNTuningConfig
 
     def supports(self, module: nn.Module) -> bool:
-        """Layer norms (torch's LayerNorm/RMSNorm, transformers' ``*LayerNorm``/``*RMSNorm``) with a weight."""
-        return is_norm(module) and bool(_norm_parameters(module))
+        """Layer norms (torch's LayerNorm/RMSNorm, transformers' ``*LayerNorm``/``*RMSNorm``), affine or not."""
+        return _is_layer_norm(module)
 
     def _expand_target(self, target: Target) -> list[Target]:
-        """A norm yields one target per parameter; another module, those of every norm inside it."""
-        if is_norm(target.module):
+        """A norm yields one target per parameter (one after it when it has none); another module, its norms'."""
+        if _is_layer_norm(target.module):
             found = [(target.name, target.module)]
         else:
-            found = backbone_submodules(target.module, target.name, is_norm)
-        return [
-            Target(name, module, target.common_name if module is target.module else None, parameter=parameter)
-            for name, module in found
-            for parameter in _norm_parameters(module)
-        ]
+            found = backbone_submodules(target.module, target.name, _is_layer_norm)
+        targets = []
+        for name, module in found:
+            common = target.common_name if module is target.module else None
+            parameters = _norm_parameters(module) or [None]  # a non-affine norm: an affine transform after it
+            targets += [Target(name, module, common, parameter=parameter) for parameter in parameters]
+        return targets
 
     def _build_delta(self, target: Target) -> nn.Module:
-        """A zero offset shaped like the norm's parameter."""
-        name = target.parameter or "weight"
-        param = target.module._parameters[name]
-        return NormOffset(name, param.numel(), device=param.device, dtype=param.dtype)
+        """A zero offset shaped like the norm's parameter; after a norm without parameters, a zero affine map."""
+        if target.parameter is None:
+            _in, out = self.features(target.module)
+            return AffineAfterNorm(out)
+        param = target.module._parameters[target.parameter]
+        return NormOffset(target.parameter, param.numel(), device=param.device, dtype=param.dtype)
