@@ -353,7 +353,7 @@ _RELOAD_WITHOUT_HQQ = textwrap.dedent(
     model = AutoModel.from_pretrained(folder)
     assert not any("hqq" in type(m).__module__ for m in model.modules())
     with torch.no_grad():
-        torch.save(model(**torch.load(inputs)).last_hidden_state, out)
+        torch.save(model(**torch.load(inputs, weights_only=True)).last_hidden_state, out)
     """
 )
 
@@ -384,7 +384,7 @@ def reload_without_hqq(folder: Path, tmp_path: Path) -> torch.Tensor:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=120,
     )
-    return torch.load(tmp_path / "out.pt")
+    return torch.load(tmp_path / "out.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -570,13 +570,20 @@ class DeltaModel(ClassicDeltaApi):
             return 0
         if not self.attached:
             raise DeltaStateError(f"{type(self).__name__} is detached; attach() it before merging")
-        chosen = mergeable(self._insertions, type(self).__name__)
+        return self._fold_in(self._insertions, safe_merge)
+
+    def _fold_in(
+        self, insertions: list[Insertion], safe_merge: bool, float_weights: dict[int, torch.Tensor] | None = None
+    ) -> int:
+        """Merge the mergeable ones of ``insertions`` (see :func:`opendelta.merge_steps.fold_in`); how many."""
+        chosen = mergeable(insertions, type(self).__name__)
         fold_in(
             chosen,
             self.backbone_model,
             type(self).__name__,
             safe_merge=safe_merge,
             premerge_samples=self._premerge_samples,
+            float_weights=float_weights,
         )
         self._merged = chosen
         return len(chosen)
@@ -634,16 +641,7 @@ class DeltaModel(ClassicDeltaApi):
             take_out(self._merged)
             pending, self._merged = list(self._insertions), []
         if pending:
-            chosen = mergeable(pending, type(self).__name__)
-            fold_in(
-                chosen,
-                self.backbone_model,
-                type(self).__name__,
-                safe_merge=safe_merge,
-                premerge_samples=self._premerge_samples,
-                float_weights=float_weights,
-            )
-            self._merged = chosen
+            self._fold_in(pending, safe_merge, float_weights)
         forget_merged(self._merged)
         if float_weights is not None:
             dequantize_into(self.backbone_model, float_weights)
