@@ -12,7 +12,7 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
    ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
-   checkpoint readers and the apply step, the Auto classes;
+   checkpoint readers and the apply step, PEFT's adapter folders, the Auto classes;
 5. faces: the package ``__init__``, the CLI, the interactive page, integrations, testing, the scaffold, 0.3.2's
    module paths, and ``plugin_api``.
 
@@ -100,6 +100,7 @@ LAYERS: dict[int, set[str]] = {
         "backbone_check",
         "checkpoint",
         "checkpoint_record",
+        "peft_files",
         "auto",
     },
     5: {

@@ -17,7 +17,7 @@ The sections below are the contract, grouped by what a plugin does with them:
 * building deltas: shape queries, initialisers and activations, reusable layers;
 * addressing: patterns, exclusions, the backbone's own module names;
 * placing deltas: the insertion primitives, soft prompts and prefixes;
-* reading and writing files: contained paths, atomic writes, checked tensors;
+* reading and writing files: contained paths, atomic writes, checked tensors, PEFT adapter folders;
 * errors and warnings: every exception a plugin raises or catches.
 """
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from opendelta.legacy import legacy_size_limit, read_pickled_tensors
     from opendelta.markers import DELTA_MARK, backbone_submodules, delta_parameter_names
     from opendelta.parameter_insertion import insert_parameter_delta
+    from opendelta.peft_files import PEFT_PREFIX, PeftFolder, peft_folder, write_peft_folder
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
     from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt, prompt_embeddings, prompt_sites
@@ -98,7 +99,7 @@ if TYPE_CHECKING:
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.3"
+PLUGIN_API_VERSION = "1.4"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
@@ -121,7 +122,11 @@ Whisper).
 ``QuantizationBackend`` (a quantization library's linear layers, see :mod:`opendelta.quantization`),
 ``backend_of``, ``is_quantized``; ``stored_update`` (an ``[out, in]`` weight update in the layout the module stores,
 what a ``merge_update`` returns). ``factory_kwargs`` and ``linear_features`` read a quantized layer through its
-backend, so a method that sizes and places its deltas with them works on quantized layers unchanged."""
+backend, so a method that sizes and places its deltas with them works on quantized layers unchanged.
+
+1.4: PEFT adapter folders: ``peft_folder`` (a folder of one ``peft_type``, as a :class:`PeftFolder` with its checked
+config, tensors on demand and refusals by name), ``write_peft_folder``, ``PEFT_PREFIX``; what a plugin reading or
+exporting its method's PEFT format shares with the others."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -203,6 +208,10 @@ _SOURCES: dict[str, str] = {
     "backbone_module_names": "opendelta.targets",
     "resolve_targets": "opendelta.targets",
     "checked_tensors": "opendelta.tensor_checks",
+    "PEFT_PREFIX": "opendelta.peft_files",
+    "PeftFolder": "opendelta.peft_files",
+    "peft_folder": "opendelta.peft_files",
+    "write_peft_folder": "opendelta.peft_files",
     "file_patterns": "opendelta",
 }
 """Where each name lives; imported on first use, so a plugin module that needs only ``hookimpl`` loads no torch."""
@@ -212,6 +221,7 @@ __all__ = [
     "DELTA_MARK",
     "INITIALISERS",
     "INT64_RANGE",
+    "PEFT_PREFIX",
     "PLUGIN_API_VERSION",
     "SHARED_POSITIONALS",
     "AddressingError",
@@ -231,6 +241,7 @@ __all__ = [
     "OpenDeltaAddressingWarning",
     "OpenDeltaServingWarning",
     "ParameterUpdate",
+    "PeftFolder",
     "Placement",
     "PrefixSource",
     "PromptSource",
@@ -276,6 +287,7 @@ __all__ = [
     "linear_types",
     "move_into_place",
     "new_temporary",
+    "peft_folder",
     "placement_kinds",
     "prompt_embeddings",
     "prompt_sites",
@@ -289,6 +301,7 @@ __all__ = [
     "stacked_parameters",
     "stored_update",
     "write_atomically",
+    "write_peft_folder",
 ]
 
 

@@ -57,3 +57,33 @@ def test_folders_it_cannot_load_faithfully_are_refused_by_name_and_change_nothin
     with pytest.raises(CheckpointError, match=named):
         AutoDeltaModel.from_finetuned(folder, backbone_model=model)
     before.assert_unchanged(model)
+
+
+def _perturbed(delta_model, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in delta_model.deltas:
+            delta.ia3_l.copy_(1 + 0.3 * torch.randn(delta.ia3_l.shape, generator=generator))
+    return delta_model
+
+
+@pytest.mark.parametrize("kind", tuple(PEFT_TARGETS))
+def test_our_export_reads_back_in_peft_with_our_outputs(kind, tmp_path):
+    """Our defaults (GPT-2: the k/v slices of the fused c_attn) exported; PEFT's own loader gives our outputs."""
+    peft = pytest.importorskip("peft")
+    model = fresh(kind)
+    delta_model = _perturbed(IA3Model(model))
+    ours = run(model, kind)
+    folder = delta_model.save_peft(tmp_path / "export")
+    peft_model = peft.PeftModel.from_pretrained(fresh(kind), folder).eval()
+    assert (run(peft_model, kind) - ours).abs().max().item() <= 1e-5
+    again = AutoDeltaModel.from_finetuned(folder, backbone_model=fresh(kind))
+    assert (run(again.backbone_model, kind) - ours).abs().max().item() <= 1e-5
+
+
+def test_a_merged_model_is_not_exported(tmp_path):
+    delta_model = _perturbed(IA3Model(fresh("bert")))
+    delta_model.merge()
+    with pytest.raises(CheckpointError, match="unmerge"):
+        delta_model.save_peft(tmp_path / "export")
+    assert not (tmp_path / "export").exists()

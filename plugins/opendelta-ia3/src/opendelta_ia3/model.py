@@ -7,7 +7,9 @@ sequential one (``"after"``/``"before"``), which core detaches, merges and route
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
@@ -134,3 +136,9 @@ class IA3Model(DeltaModel):
             init_ones=self.config.init_ia3_weights,
             **placement,
         )
+
+    def save_peft(self, path: str | os.PathLike[str], *, task_type: str | None = None) -> Path:
+        """Export in PEFT's IA3 format, which ``PeftModel.from_pretrained`` reads (``peft_format.save_peft_ia3``)."""
+        from opendelta_ia3.peft_format import save_peft_ia3
+
+        return save_peft_ia3(self, path, task_type=task_type)

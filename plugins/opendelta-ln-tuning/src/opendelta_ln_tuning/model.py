@@ -7,6 +7,8 @@ placed by core's "parameter" placement, so the norm's own forward runs with ``(w
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -26,11 +28,12 @@ NORM_PARAMETERS: tuple[str, ...] = ("weight", "bias")
 """The parameters of a norm that LN tuning trains, where the norm has them."""
 
 
-def _norm_parameters(module: nn.Module) -> list[str]:
+def norm_parameters(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` LN tuning trains: its ``weight`` and ``bias``, those it has."""
     return [n for n in NORM_PARAMETERS if isinstance(module._parameters.get(n), torch.Tensor)]
 
 
-def _is_layer_norm(module: nn.Module) -> bool:
+def is_layer_norm(module: nn.Module) -> bool:
     """A layer norm, with parameters (``is_norm``) or without (OLMo's non-affine ``OlmoLayerNorm``)."""
     return (
         is_norm(module) or isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
@@ -58,18 +61,18 @@ class LNTuningModel(DeltaModel):
 
     def supports(self, module: nn.Module) -> bool:
         """Layer norms (torch's LayerNorm/RMSNorm, transformers' ``*LayerNorm``/``*RMSNorm``), affine or not."""
-        return _is_layer_norm(module)
+        return is_layer_norm(module)
 
     def _expand_target(self, target: Target) -> list[Target]:
         """A norm yields one target per parameter (one after it when it has none); another module, its norms'."""
-        if _is_layer_norm(target.module):
+        if is_layer_norm(target.module):
             found = [(target.name, target.module)]
         else:
-            found = backbone_submodules(target.module, target.name, _is_layer_norm)
+            found = backbone_submodules(target.module, target.name, is_layer_norm)
         targets = []
         for name, module in found:
             common = target.common_name if module is target.module else None
-            parameters = _norm_parameters(module) or [None]  # a non-affine norm: an affine transform after it
+            parameters = norm_parameters(module) or [None]  # a non-affine norm: an affine transform after it
             targets += [Target(name, module, common, parameter=parameter) for parameter in parameters]
         return targets
 
@@ -80,3 +83,9 @@ class LNTuningModel(DeltaModel):
             return AffineAfterNorm(out)
         param = target.module._parameters[target.parameter]
         return NormOffset(target.parameter, param.numel(), device=param.device, dtype=param.dtype)
+
+    def save_peft(self, path: str | os.PathLike[str], *, task_type: str | None = None) -> Path:
+        """Export in PEFT's LN tuning format (see ``peft_format.save_peft_ln_tuning``)."""
+        from opendelta_ln_tuning.peft_format import save_peft_ln_tuning
+
+        return save_peft_ln_tuning(self, path, task_type=task_type)
