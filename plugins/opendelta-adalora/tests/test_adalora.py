@@ -45,6 +45,15 @@ def test_allocating_needs_total_step_and_a_late_step_needs_a_rank_pattern():
         delta_model.update_and_allocate(5)
 
 
+def test_no_allocation_while_merged_and_modules_to_save_is_refused_by_name():
+    delta_model = AdaLoraModel(fresh("bert"), total_step=4)
+    delta_model.merge()
+    with pytest.raises(DeltaStateError, match="unmerge"):
+        delta_model.update_and_allocate(0)
+    with pytest.raises(DeltaConfigError, match="modules_to_save"):
+        AdaLoraModel(fresh("bert"), modules_to_save=["classifier"])
+
+
 def test_the_budget_schedule_is_peft_s_step_by_step():
     peft_layer = pytest.importorskip("peft.tuners.adalora.layer")
     peft = pytest.importorskip("peft")

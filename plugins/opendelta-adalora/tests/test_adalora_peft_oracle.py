@@ -117,6 +117,19 @@ def test_training_with_update_and_allocate_matches_peft_masks_rank_pattern_and_p
     assert max_error(run(model, kind), run(peft_model, kind)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_schedule_masking_every_third_step_from_the_start_matches_peft_too(kind):
+    schedule = {"tinit": 0, "tfinal": 3, "deltaT": 3, "total_step": 12, "init_r": 5, "target_r": 1}
+    peft_model, delta_model, _, history = _train_both(kind, steps=12, **schedule)
+    assert [_peft_pattern(theirs) for theirs, _ in history] == [ours for _, ours in history]
+    assert [ours is None for _, ours in history][:3] == [True, True, True]  # first masking at step 3
+    theirs = peft_layers(peft_model)
+    for name, layer in delta_model.adalora_layers().items():
+        for part in ("lora_A", "lora_E", "lora_B"):
+            assert max_error(getattr(layer, part), getattr(theirs[name], part)["default"]) <= TOLERANCE
+    assert sum(sum(flags) for flags in delta_model.config.rank_pattern.values()) == len(theirs)
+
+
 def test_without_update_and_allocate_it_is_plain_svd_lora_and_trains():
     model = fresh("bert")
     delta_model = AdaLoraModel(model)  # no total_step: no allocation, every rank kept

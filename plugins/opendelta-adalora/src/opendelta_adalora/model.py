@@ -101,8 +101,14 @@ class AdaLoraModel(DeltaModel):
 
         Raises:
             DeltaConfigError: ``config.total_step`` is not set.
-            DeltaStateError: a step past the final allocation with no ``rank_pattern`` to apply.
+            DeltaStateError: merged (masking ``E`` would change the update unmerging subtracts), or a step past the
+                final allocation with no ``rank_pattern`` to apply.
         """
+        if self.merged:
+            raise DeltaStateError(
+                "AdaLoraModel.update_and_allocate() while merged would change the update that unmerge() subtracts; "
+                "unmerge() first (train unmerged)"
+            )
         config = self.config
         if config.total_step is None:
             raise DeltaConfigError(
