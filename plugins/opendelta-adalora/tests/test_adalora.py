@@ -1,5 +1,8 @@
 """AdaLoRA's own behaviour: defaults, the config's checks, the schedule (against PEFT's), the allocation's errors."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from adalora_helpers import fresh, labelled
@@ -52,6 +55,14 @@ def test_no_allocation_while_merged_and_modules_to_save_is_refused_by_name():
         delta_model.update_and_allocate(0)
     with pytest.raises(DeltaConfigError, match="modules_to_save"):
         AdaLoraModel(fresh("bert"), modules_to_save=["classifier"])
+
+
+def test_importing_the_plugin_leaves_the_trainer_helpers_and_their_transformers_import_for_later():
+    code = (
+        "import sys, opendelta_adalora; assert 'opendelta_adalora.trainer' not in sys.modules; "
+        "opendelta_adalora.AdaLoraCallback; assert 'opendelta_adalora.trainer' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_budget_schedule_is_peft_s_step_by_step():
