@@ -76,8 +76,9 @@ def _check_fields(config: Mapping[str, Any], source: str) -> None:
     for field, value in config.items():
         if field in _READ or field in _INERT or _is_off(field, value):
             continue
+        names = isinstance(value, list) and all(isinstance(v, str) for v in value)
         raise CheckpointError(
-            f"{source}: {field}={file_patterns.shown(value) if isinstance(value, list) else repr(value)[:200]} is a "
+            f"{source}: {field}={file_patterns.shown(value) if names else repr(value)[:200]} is a "
             f"PEFT option VeraModel does not support (it may change what the adapter computes); VeraModel loads "
             f"target_modules, exclude_modules, r, projection_prng_key, save_projection, vera_dropout and d_initial. "
             f"Use PEFT for this adapter."
