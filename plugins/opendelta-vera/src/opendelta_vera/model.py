@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from opendelta.plugin_api import (
@@ -65,7 +66,9 @@ class VeraModel(DeltaModel):
         self.identity_at_init = self.config.init_weights
         sizes = [linear_features(t.module) for t in targets]
         max_in, max_out = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        self._projections = draw_projections(self.config.r, max_in, max_out, self.config.projection_prng_key)
+        self._projections: tuple[torch.Tensor, torch.Tensor] | None = draw_projections(
+            self.config.r, max_in, max_out, self.config.projection_prng_key
+        )
         self._owner: list[VeraLayer] = []  # a list, so that the first layer is not also a submodule of this model
 
     def _build_delta(self, target: Target) -> nn.Module:
@@ -87,6 +90,7 @@ class VeraModel(DeltaModel):
         )
         if not self._owner:
             self._owner.append(layer)  # the first layer stores the matrices; the others read them there
+            self._projections = None  # the drawn CPU copy: not kept beside the first layer's (on a GPU, say)
         return layer
 
     def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
