@@ -132,3 +132,18 @@ def test_a_seed_is_not_a_size_field_and_round_trips_through_json():
     config = VeraConfig(projection_prng_key=2**64 - 1)
     assert VeraConfig.from_dict(config.to_dict()).projection_prng_key == 2**64 - 1
     assert VeraConfig.__dataclass_fields__["projection_prng_key"].type != "int"
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])  # measured 1.4e-5, 1.1e-4
+def test_a_float32_checkpoint_loads_onto_the_backbone_in_half_precision(save_projection, dtype, tolerance, tmp_path):
+    model = tiny_model("bert").eval()
+    delta_model = VeraModel(model, r=8, save_projection=save_projection)
+    delta_model.freeze_module()
+    perturb(delta_model, scale=1.0)
+    expected = run(model)
+    folder = delta_model.save_finetuned(tmp_path / "delta")
+    half = tiny_model("bert").to(dtype).eval()
+    again = AutoDeltaModel.from_finetuned(folder, backbone_model=half)
+    assert again.deltas[0].vera_A.dtype == dtype and again.deltas[1].vera_lambda_b.dtype == dtype
+    torch.testing.assert_close(run(half).float(), expected, rtol=0, atol=tolerance)
