@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 import opendelta
 from opendelta import AutoDeltaModel, DeltaConfigError, route_rows
+from opendelta.hashing import backbone_hash
 from opendelta.plugin_api import delta_parameter_names
 from opendelta.testing import model_output_tensor, perturb, tiny_inputs, tiny_model
 from opendelta_vera import VeraConfig, VeraLayer, VeraModel
@@ -24,7 +25,9 @@ def test_importable_from_opendelta_once_installed():
 
 def test_the_shared_matrices_are_stored_once_frozen_and_are_no_delta_parameters():
     model = tiny_model("bert")
+    bare_hash = backbone_hash(model)
     delta_model = VeraModel(backbone_model=model, modified_modules=["query", "value", "intermediate.dense"], r=6)
+    assert backbone_hash(model) == bare_hash  # the matrices are the delta's, not the backbone's
     layers = list(delta_model.deltas)
     assert all(isinstance(layer, VeraLayer) for layer in layers) and len(layers) == 6
     owner = layers[0]
