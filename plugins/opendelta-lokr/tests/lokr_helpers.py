@@ -88,6 +88,16 @@ def peft_factors(peft_model):
     return out
 
 
+def peft_factors_with_grads(peft_model):
+    """``{backbone module name: {factor: parameter}}`` of a PEFT model, the parameters themselves (with ``.grad``)."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lokr_w1") and "default" in module._available_adapters:
+            key = name.removeprefix(PREFIX).removesuffix(".base_layer")
+            out[key] = {f: getattr(module, f)["default"] for f in FACTORS if "default" in getattr(module, f)}
+    return out
+
+
 def copy_factors(factors, delta_model):
     """Put PEFT's factors into ours: the same factors, of the same shapes, on the same modules."""
     placed = {t.name: i.delta for t, i in delta_model.placements()}

@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from lokr_helpers import PEFT_TARGETS, copy_factors, fresh, ours_like_peft, peft_factors, peft_lokr, run
+from lokr_helpers import (
+    PEFT_TARGETS,
+    copy_factors,
+    fresh,
+    ours_like_peft,
+    peft_factors,
+    peft_factors_with_grads,
+    peft_lokr,
+    run,
+)
 
 from opendelta.testing import model_output_tensor, tiny_inputs
 
@@ -85,3 +94,18 @@ def test_merge_equals_peft_merge_and_unload_and_unmerge_gives_the_backbone_back(
     assert max_error(run(model, kind), attached) <= TOLERANCE
     delta_model.merge_and_unload()
     assert max_error(run(model, kind), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ("bert", "llama"))
+def test_the_factors_gradients_equal_peft_s(kind):
+    model = fresh(kind)
+    peft_model = peft_lokr(model, kind, seed=6)
+    delta_model = ours_like_peft(model, kind)
+    copy_factors(peft_factors(peft_model), delta_model)
+    for net in (peft_model, model):
+        model_output_tensor(net(**tiny_inputs(kind))).square().sum().backward()
+    theirs = {f"{n}.{f}": t.grad for n, fs in peft_factors_with_grads(peft_model).items() for f, t in fs.items()}
+    ours = {f"{t.name}.{n}": p.grad for t, i in delta_model.placements() for n, p in i.delta.named_parameters()}
+    assert set(ours) == set(theirs)
+    assert max(max_error(ours[k], theirs[k]) for k in ours) <= TOLERANCE
+    assert all(g.abs().sum() > 0 for g in ours.values())
