@@ -104,6 +104,9 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     ("low_rank_adapter", "reduction_factor"): DeltaConfigError,
     # BERT's 128 learned positions are shared by prompt and input: more prompt tokens than that is refused by name.
     ("soft_prompt", "soft_token_num"): DeltaConfigError,
+    # LoKr decomposes a Kronecker factor only while r is below half its larger side (PEFT's rule): a huge r makes
+    # both factors full matrices ([4, 4] and [8, 8] on a 32-wide layer) and only shrinks the scale alpha / r.
+    ("lokr", "r"): BUILDS,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""

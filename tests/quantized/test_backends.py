@@ -69,6 +69,8 @@ METHODS: dict[str, dict[str, object]] = {
     "low_rank_adapter": {},
     "parallel_adapter": {},
     "ia3": {},
+    "loha": {},
+    "lokr": {},
 }
 """Method name (``lora-dora``: LoRA with an option) -> extra constructor arguments (their defaults otherwise: no
 modified_modules anywhere)."""
