@@ -4,7 +4,7 @@ Gao et al., 2024, "Parameter-Efficient Fine-Tuning with Discrete Fourier Transfo
 The ``n`` coefficients sit at fixed random locations of an ``[out, in]`` spectrum, zero elsewhere; the update is the
 real part of its inverse 2-D DFT, times ``scaling``. It is added beside the frozen layer, ``W x + dW x``, as PEFT
 0.21.2's ``FourierFTLinear`` computes it: the spectrum and its transform in float32 (``ifft2`` has no half-precision
-kernel on every device), the update then cast to the spectrum's dtype.
+kernel on every device), the update then cast to the spectrum's dtype. A float64 layer's transform runs in float64.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class FourierFTLayer(nn.Module):
         random_loc_seed: int,
         out_index: torch.Tensor | None = None,
         *,
-        init_weights: bool = False,
+        init_weights: bool = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -60,8 +60,9 @@ class FourierFTLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The update ``scaling * real(ifft2(F))`` as ``[rows, in_features]``, in the spectrum's dtype."""
         spectrum = self.fourierft_spectrum
-        dense = torch.zeros(self.rows, self.in_features, device=spectrum.device, dtype=torch.float32)
-        dense[self.indices[0], self.indices[1]] = spectrum.float()
+        exact = torch.promote_types(spectrum.dtype, torch.float32)  # float32 for half precision (PEFT's); float64 kept
+        dense = torch.zeros(self.rows, self.in_features, device=spectrum.device, dtype=exact)
+        dense[self.indices[0], self.indices[1]] = spectrum.to(exact)
         return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ class FourierFTModel(DeltaModel):
     def _prepare(self, targets: Sequence[Target]) -> None:
         """Refuse, before any delta is built, a layer with fewer weight entries than its ``n_frequency``.
 
-        Also record whether a fresh delta is the identity (``init_weights=True``; PEFT's default draws it at random).
+        Also record whether a fresh delta is the identity (``init_weights=True``; ``False`` draws it at random).
         """
         self.identity_at_init = self.config.init_weights
         for target in targets:
