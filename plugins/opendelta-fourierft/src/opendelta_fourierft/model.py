@@ -53,14 +53,31 @@ class FourierFTModel(DeltaModel):
         """Linear layers: ``nn.Linear``, GPT-2's ``Conv1D``, a registered quantization backend's layers."""
         return is_linear(module)
 
+    def _resolve_targets(self) -> list[Target]:
+        """The designated modules; with the defaults, refuse by size when every linear one is too small.
+
+        Otherwise leaving them all out would end in core's "found nothing it can modify", which does not say why.
+        """
+        targets = super()._resolve_targets()
+        linear = [t for t in targets if is_linear(t.module)]
+        if self.config.modified_modules is None and linear and not any(map(self._fits, linear)):
+            rows, in_features = spectrum_shape(linear[0])
+            raise DeltaConfigError(
+                f"FourierFTConfig.n_frequency={self.config.n_frequency_of(linear[0].name)} is more than every default "
+                f"target has weight entries ({linear[0].name}: {rows} x {in_features} = {rows * in_features}); "
+                f"lower n_frequency"
+            )
+        return targets
+
+    def _fits(self, target: Target) -> bool:
+        rows, in_features = spectrum_shape(target)
+        return self.config.n_frequency_of(target.name) <= rows * in_features
+
     def _expand_target(self, target: Target) -> list[Target]:
         """With the defaults, leave out what FourierFT cannot serve (see the class docstring); else keep it."""
         if self.config.modified_modules is not None:
             return [target]
-        if not is_linear(target.module):
-            return []
-        rows, in_features = spectrum_shape(target)
-        return [target] if self.config.n_frequency_of(target.name) <= rows * in_features else []
+        return [target] if is_linear(target.module) and self._fits(target) else []
 
     def _prepare(self, targets: Sequence[Target]) -> None:
         """Refuse, before any delta is built, a layer with fewer weight entries than its ``n_frequency``.
@@ -68,16 +85,16 @@ class FourierFTModel(DeltaModel):
         Also record whether a fresh delta is the identity (``init_weights=True``; ``False`` draws it at random).
         """
         self.identity_at_init = self.config.init_weights
-        for target in targets:
-            rows, in_features = spectrum_shape(target)
-            wanted = self.config.n_frequency_of(target.name)
-            if wanted > rows * in_features:
-                where = "the covered rows of " if rows != linear_features(target.module)[1] else ""
-                raise DeltaConfigError(
-                    f"FourierFTConfig.n_frequency={wanted} is more than {where}{target.name} has weight entries "
-                    f"({rows} x {in_features} = {rows * in_features}): each coefficient needs its own location; "
-                    f"lower n_frequency (or set it for this layer in n_frequency_pattern), or leave the layer out"
-                )
+        too_small = next((t for t in targets if not self._fits(t)), None)
+        if too_small is not None:
+            rows, in_features = spectrum_shape(too_small)
+            where = "the covered rows of " if rows != linear_features(too_small.module)[1] else ""
+            raise DeltaConfigError(
+                f"FourierFTConfig.n_frequency={self.config.n_frequency_of(too_small.name)} is more than {where}"
+                f"{too_small.name} has weight entries ({rows} x {in_features} = {rows * in_features}): each "
+                f"coefficient needs its own location; lower n_frequency (or set it for this layer in "
+                f"n_frequency_pattern), or leave the layer out"
+            )
 
     def _build_delta(self, target: Target) -> nn.Module:
         in_features, out_features = linear_features(target.module)
