@@ -32,6 +32,8 @@ def test_the_locations_are_distinct_in_range_and_drawn_again_equal_from_the_seed
     assert not torch.equal(frequency_locations(6, 5, 7, seed=3), frequency_locations(6, 5, 7, seed=4))
     with pytest.raises(ValueError, match=r"n_frequency must be in 1\.\.30"):
         frequency_locations(6, 5, 31, seed=3)
+    for seed in (0, -1):  # a seed, not a size: every int64 is one (as for PEFT)
+        assert FourierFTModel(tiny_model("bert"), n_frequency=8, random_loc_seed=seed).deltas
 
 
 def test_the_locations_are_no_state_and_a_reload_draws_them_bit_for_bit(tmp_path):

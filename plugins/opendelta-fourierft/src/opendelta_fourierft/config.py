@@ -43,7 +43,7 @@ class FourierFTConfig(DeltaConfig):
 
     n_frequency: int = 1000
     scaling: float = 150.0
-    random_loc_seed: int = 777
+    random_loc_seed: int = field(default=777, metadata={"size": False})  # a seed, not a size: any int64 is valid
     fan_in_fan_out: bool = False
     init_weights: bool = True
     n_frequency_pattern: dict[str, int] = field(default_factory=dict)
