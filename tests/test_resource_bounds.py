@@ -47,11 +47,21 @@ def _is(hint: typing.Any, kind: type) -> bool:
 
 
 def _fields_of(method: str, kind: type) -> list[str]:
-    """The method's own config fields annotated ``kind`` (or ``kind | None``), in declaration order."""
+    """The method's own config fields annotated ``kind`` (or ``kind | None``), in declaration order.
+
+    An ``int`` field declared ``field(metadata={"size": False})`` is no size (FourierFT's ``random_loc_seed``: a
+    seed, any int64 valid): it is left out of the size fields.
+    """
     config_class = get_method(method).model_cls.config_class
     hints = typing.get_type_hints(config_class)
     shared = set(DeltaConfig.field_names())
-    return [f.name for f in fields(config_class) if f.name not in shared and _is(hints[f.name], kind)]
+    return [
+        f.name
+        for f in fields(config_class)
+        if f.name not in shared
+        and _is(hints[f.name], kind)
+        and not (kind is int and f.metadata.get("size", True) is False)
+    ]
 
 
 def _float_mapping_fields(method: str) -> list[str]:
@@ -104,6 +114,8 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     ("low_rank_adapter", "reduction_factor"): DeltaConfigError,
     # BERT's 128 learned positions are shared by prompt and input: more prompt tokens than that is refused by name.
     ("soft_prompt", "soft_token_num"): DeltaConfigError,
+    # More spectral coefficients than a layer has weight entries (32 x 32 here): refused for that reason, by name.
+    ("fourierft", "n_frequency"): DeltaConfigError,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""
