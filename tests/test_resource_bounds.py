@@ -47,11 +47,21 @@ def _is(hint: typing.Any, kind: type) -> bool:
 
 
 def _fields_of(method: str, kind: type) -> list[str]:
-    """The method's own config fields annotated ``kind`` (or ``kind | None``), in declaration order."""
+    """The method's own config fields annotated ``kind`` (or ``kind | None``), in declaration order.
+
+    An ``int`` field declared ``field(metadata={"size": False})`` is no size (FourierFT's ``random_loc_seed``: a
+    seed, any int64 valid): it is left out of the size fields.
+    """
     config_class = get_method(method).model_cls.config_class
     hints = typing.get_type_hints(config_class)
     shared = set(DeltaConfig.field_names())
-    return [f.name for f in fields(config_class) if f.name not in shared and _is(hints[f.name], kind)]
+    return [
+        f.name
+        for f in fields(config_class)
+        if f.name not in shared
+        and _is(hints[f.name], kind)
+        and not (kind is int and f.metadata.get("size", True) is False)
+    ]
 
 
 def _float_mapping_fields(method: str) -> list[str]:
@@ -107,6 +117,8 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     # LoKr decomposes a Kronecker factor only while r is below half its larger side (PEFT's rule): a huge r makes
     # both factors full matrices ([4, 4] and [8, 8] on a 32-wide layer) and only shrinks the scale alpha / r.
     ("lokr", "r"): BUILDS,
+    # More spectral coefficients than a layer has weight entries (32 x 32 here): refused for that reason, by name.
+    ("fourierft", "n_frequency"): DeltaConfigError,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""

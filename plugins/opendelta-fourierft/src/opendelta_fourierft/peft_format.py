@@ -1,0 +1,319 @@
+"""PEFT's FourierFT adapter folders: read by ``from_finetuned`` (``read_checkpoint``), written by ``save_peft``.
+
+``PeftModel.save_pretrained`` writes ``adapter_config.json`` (``peft_type: "FOURIERFT"``, ``n_frequency``,
+``scaling``, ``random_loc_seed``, ``target_modules``, ``n_frequency_pattern``...) and ``adapter_model.safetensors``
+holding ``base_model.model.<module>.fourierft_spectrum`` (``[n_frequency]``) for each modified module, and nothing
+else: PEFT keeps the coefficients' locations in a plain dict, outside its state dict, and draws them again from
+``random_loc_seed`` on load, as :func:`~opendelta_fourierft.frequencies.frequency_locations` does. The modules are
+chosen by PEFT's rules (a list: a name or a ``.``-suffix; a string: a regex fully matching the name). Options that
+would make PEFT compute or load something ``FourierFTModel`` does not (``modules_to_save``, ``bias="all"``,
+``layers_to_transform``...) are refused by name. Reading and writing need only ``json`` and ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from opendelta.plugin_api import (
+    AddressingError,
+    CheckpointError,
+    CheckpointRecord,
+    DeltaModel,
+    backbone_module_names,
+    contained_file,
+    file_patterns,
+    is_linear,
+    read_config_dict,
+    read_safetensors,
+    write_atomically,
+)
+from opendelta_fourierft.config import FourierFTConfig
+from opendelta_fourierft.model import FourierFTModel
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "fourierft_config_from_peft",
+    "read_peft_fourierft",
+    "save_peft_fourierft",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_SUFFIX = ".fourierft_spectrum"
+_READ = frozenset(
+    {
+        "peft_type",
+        "target_modules",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "n_frequency",
+        "scaling",
+        "random_loc_seed",
+        "n_frequency_pattern",
+        "bias",
+    }
+)
+_INERT = frozenset(
+    {
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "init_weights",
+    }
+)
+"""Fields that concern initialisation or bookkeeping (``fan_in_fan_out`` only says how ``Conv1D`` stores W)."""
+_PATTERNS = ("target_modules", "exclude_modules")
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or (isinstance(value, (bool, list, dict, str)) and not value)
+
+
+def _check_fields(config: Mapping[str, Any], source: str) -> None:
+    for name, value in config.items():
+        if name in _READ or name in _INERT or _is_off(value):
+            continue
+        names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        raise CheckpointError(
+            f"{source}: {name}={file_patterns.shown(value) if names else repr(value)[:200]} is a "
+            f"PEFT option FourierFTModel does not support (it may change what the adapter computes or loads); "
+            f"FourierFTModel loads n_frequency, scaling, random_loc_seed, n_frequency_pattern, target_modules and "
+            f"exclude_modules. Use PEFT for this adapter."
+        )
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(
+            f"{source}: bias={config['bias']!r:.100} saves trained backbone biases, which FourierFTModel does not "
+            f"load; only bias='none' is supported. Use PEFT for this adapter."
+        )
+    for name in _PATTERNS:
+        value = config.get(name)
+        ok = (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        )
+        if not ok:
+            raise CheckpointError(f"{source}: {name} must be a list of names or a regex string, got {value!r:.200}")
+        file_patterns.check_limits(name, value, source)
+    targets = config.get("target_modules")
+    if not targets:
+        raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        raise CheckpointError(f"{source}: target_modules='all-linear' is not supported by FourierFTModel's PEFT reader")
+    seed = config.get("random_loc_seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CheckpointError(
+            f"{source}: random_loc_seed={seed!r:.100} is no integer; the coefficients' locations are drawn from it"
+        )
+
+
+def _matcher(name: str, value: Any, source: str) -> Any:
+    """PEFT's rule for ``name``: a regex string fully matches the module name; a list entry is the name or a suffix."""
+    if value is None:
+        return lambda key: False
+    if isinstance(value, str):
+        regex = _file_regex(name, value, value, source)
+        return lambda key: regex.fullmatch(key) is not None
+    return lambda key: key in value or any(key.endswith(f".{t}") for t in value)
+
+
+def _file_regex(name: str, expression: str, text: str, source: str) -> file_patterns.BoundedRegex:
+    try:
+        return file_patterns.compile_file_regex(expression, text, file_patterns.MatchBudget(name, source))
+    except AddressingError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _n_frequencies(config: Mapping[str, Any], names: list[str], source: str) -> dict[str, int]:
+    r"""Each target's ``n_frequency`` by PEFT's ``n_frequency_pattern`` rule, its keys matched under a time budget.
+
+    PEFT takes the first key ``k`` for which ``re.match(rf".*\.{k}$", name)`` holds, else the name itself.
+    """
+    default = config.get("n_frequency", 1000)
+    pattern = config.get("n_frequency_pattern") or {}
+    values = [default, *pattern.values()] if isinstance(pattern, dict) else []
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(
+            f"{source}: n_frequency and n_frequency_pattern must hold whole numbers, got "
+            f"{default!r:.100} and {pattern!r:.200}"
+        )
+    file_patterns.check_limits("n_frequency_pattern", list(pattern), source)
+    keys = [(k, _file_regex("n_frequency_pattern", rf"(?:.*\.{k}$).*", k, source)) for k in pattern]
+    chosen = {}
+    for name in names:
+        key = next((k for k, regex in keys if regex.fullmatch(name) is not None), name)
+        chosen[name] = pattern.get(key, default)
+    return chosen
+
+
+def fourierft_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str) -> FourierFTConfig:
+    """The :class:`FourierFTConfig` that puts on ``model`` what the PEFT FourierFT ``config`` puts there.
+
+    The targets become real names; the per-layer ``n_frequency`` (from ``n_frequency_pattern``) becomes the exact
+    names of the layers whose value differs from ``n_frequency``.
+
+    Raises:
+        CheckpointError: an unsupported option (named), targets that match nothing or are not linear layers.
+    """
+    _check_fields(config, source)
+    target = _matcher("target_modules", config["target_modules"], source)
+    exclude = _matcher("exclude_modules", config.get("exclude_modules"), source)
+    names = [n for n in backbone_module_names(model) if target(n) and not exclude(n)]
+    if not names:
+        raise CheckpointError(f"{source}: target_modules matches no module of this {type(model).__name__}")
+    modules = dict(model.named_modules())
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
+    if wrong:
+        raise CheckpointError(
+            f"{source} puts FourierFT on {', '.join(wrong[:3])}: FourierFTModel modifies linear layers only"
+        )
+    default = config.get("n_frequency", 1000)
+    chosen = _n_frequencies(config, names, source)
+    ours = FourierFTConfig(
+        modified_modules=names,
+        common_structure=False,
+        n_frequency=default,
+        scaling=config.get("scaling", 150.0),
+        random_loc_seed=config["random_loc_seed"],
+        n_frequency_pattern={n: v for n, v in chosen.items() if v != default},
+    )
+    if any(ours.n_frequency_of(n) != v for n, v in chosen.items()):  # a name read as a key matched another name
+        raise CheckpointError(f"{source}: n_frequency_pattern cannot be expressed per module name on this model")
+    return ours
+
+
+def _our_tensors(tensors: Mapping[str, torch.Tensor], config: FourierFTConfig, source: str) -> dict[str, torch.Tensor]:
+    """``base_model.model.<module>.fourierft_spectrum`` -> ``<module>.fourierft.fourierft_spectrum``."""
+    ours = {}
+    for name, tensor in tensors.items():
+        if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
+            raise CheckpointError(f"{source}: {name!r:.200} is not a FourierFT spectrum ('{_PREFIX}<module>{_SUFFIX}')")
+        module = name[len(_PREFIX) : -len(_SUFFIX)]
+        wanted = config.n_frequency_of(module)
+        if tuple(tensor.shape) != (wanted,):
+            raise CheckpointError(f"{source}: {name} has shape {list(tensor.shape)}, not [{wanted}] (n_frequency)")
+        ours[f"{module}.{FourierFTModel.delta_name}.fourierft_spectrum"] = tensor
+    return ours
+
+
+def read_peft_fourierft(
+    folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]
+) -> CheckpointRecord | None:
+    """Read a PEFT FourierFT adapter folder into a record for core's apply step; ``None`` for any other folder.
+
+    Raises:
+        CheckpointError: a PEFT FourierFT folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
+    """
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        return None
+    config = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "FOURIERFT":
+        return None  # another PEFT method: another plugin may read it
+    source = str(folder)
+    if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, FourierFTModel):
+        raise CheckpointError(
+            f"{folder} is a PEFT 'FOURIERFT' adapter, and {delta_cls.__name__} cannot read it; load it with "
+            f"FourierFTModel.from_finetuned or AutoDeltaModel.from_finetuned"
+        )
+    ours = fourierft_config_from_peft(config, backbone_model, source)
+    if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
+    weights = contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")
+    return CheckpointRecord(
+        source,
+        str(weights),
+        FourierFTModel,
+        ours,
+        _our_tensors(read_safetensors(weights), ours, source),
+        describe=f"a PEFT FourierFT adapter whose own config builds FourierFT on this {type(backbone_model).__name__}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def _short_names(targets: list[str], model: nn.Module) -> list[str]:
+    """The modules' last name components when, by PEFT's rule, they designate exactly ``targets``; else the names."""
+    leaves = sorted({t.rpartition(".")[2] for t in targets})
+    chosen = [n for n in backbone_module_names(model) if any(n == leaf or n.endswith(f".{leaf}") for leaf in leaves)]
+    return leaves if sorted(chosen) == sorted(targets) else targets
+
+
+def save_peft_fourierft(
+    delta_model: FourierFTModel, path: str | os.PathLike[str], *, task_type: str | None = None
+) -> Path:
+    """Export ``delta_model`` as a PEFT FourierFT adapter folder (``PeftModel.from_pretrained`` loads it).
+
+    Args:
+        delta_model: the FourierFT delta model to export.
+        path: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors`` into (created if needed).
+        task_type: PEFT's ``task_type`` to record (``"SEQ_CLS"``, ``"CAUSAL_LM"``...); ``None`` loads as a plain
+            ``PeftModel``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: ``delta_model`` is not a FourierFTModel.
+        CheckpointError: a delta covers some rows of a fused layer only (GPT-2's ``c_attn`` with the default
+            ``attn.q``/``attn.v``): its spectrum spans those rows, and PEFT's spans the whole layer, so no PEFT file
+            computes the same update.
+    """
+    if not isinstance(delta_model, FourierFTModel):
+        raise TypeError(f"save_peft_fourierft exports a FourierFTModel, got {type(delta_model).__name__}")
+    backbone = delta_model.backbone_model
+    tensors: dict[str, torch.Tensor] = {}
+    targets = []
+    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+        layer = insertion.delta
+        if layer.out_index is not None:
+            raise CheckpointError(
+                f"save_peft cannot export the FourierFT delta on {target.name}: it covers {layer.rows} of the "
+                f"fused layer's {layer.out_features} output rows, and PEFT's spectrum spans the whole layer; "
+                f"target the whole layer (modified_modules=[{target.name!r}]) to export it, or use save_finetuned()"
+            )
+        tensors[f"{_PREFIX}{target.name}{_SUFFIX}"] = layer.fourierft_spectrum.detach()
+        targets.append(target.name)
+    modules = dict(backbone.named_modules())
+    config = delta_model.config
+    document = {
+        "peft_type": "FOURIERFT",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(getattr(backbone, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "n_frequency": config.n_frequency,
+        "scaling": config.scaling,
+        "random_loc_seed": config.random_loc_seed,
+        "fan_in_fan_out": all(not isinstance(modules[t], nn.Linear) for t in targets),  # GPT-2's Conv1D: [in, out]
+        "target_modules": _short_names(targets, backbone),
+        "exclude_modules": None,
+        "bias": "none",
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "n_frequency_pattern": dict(config.n_frequency_pattern),  # PEFT's own rule, on the same module names
+        "init_weights": config.init_weights,
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(_contiguous(tensors), metadata={"format": "pt"}))
+    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
+    return folder
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
