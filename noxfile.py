@@ -38,7 +38,22 @@ BENCH_QUANTIZATION = ("bitsandbytes==0.50.2", "torchao==0.18.0")
 int8 weight-only); installed with the pinned torch's constraints, so neither can pull another torch."""
 PEFT = ("peft==0.21.2",)
 """The peer whose LoRA file format opendelta-lora reads and writes; its tests check interchange with the real PEFT."""
-PLUGIN_TEST_EXTRAS = {"opendelta-lora": PEFT, "opendelta-ia3": PEFT, "opendelta-ln-tuning": PEFT}
+PEFT_ORACLE_PLUGINS = (
+    "opendelta-adalora",
+    "opendelta-fourierft",
+    "opendelta-ia3",
+    "opendelta-ln-tuning",
+    "opendelta-loha",
+    "opendelta-lokr",
+    "opendelta-lora",
+    "opendelta-oft",
+    "opendelta-p-tuning",
+    "opendelta-prefix",
+    "opendelta-soft-prompt",
+    "opendelta-vera",
+)
+"""The plugins whose tests compare with real PEFT (its outputs, its folders): PEFT is their test dependency."""
+PLUGIN_TEST_EXTRAS = dict.fromkeys(PEFT_ORACLE_PLUGINS, PEFT)
 """What a plugin's tests need beyond core (never what the plugin itself needs: that is in its pyproject)."""
 TESTING = ("pytest>=8", "hypothesis==6.170.15")
 """What every test session needs: the runner, and hypothesis for the property tests (addressing, configs)."""
@@ -213,6 +228,11 @@ QUANT_METHODS = (
     "opendelta-low-rank-adapter",
     "opendelta-parallel-adapter",
     "opendelta-ia3",
+    "opendelta-loha",
+    "opendelta-lokr",
+    "opendelta-vera",
+    "opendelta-adalora",
+    "opendelta-fourierft",
 )
 """The methods ``tests_quant`` trains on quantized backbones: every one that targets linear layers or their outputs."""
 

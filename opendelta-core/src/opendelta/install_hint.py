@@ -16,16 +16,23 @@ SHIPPED = frozenset(
     {
         "opendelta-core",
         "opendelta-common-structures",
+        "opendelta-adalora",
         "opendelta-adapter",
         "opendelta-bitfit",
         "opendelta-compacter",
+        "opendelta-fourierft",
         "opendelta-ia3",
         "opendelta-ln-tuning",
+        "opendelta-loha",
+        "opendelta-lokr",
         "opendelta-lora",
         "opendelta-low-rank-adapter",
+        "opendelta-oft",
+        "opendelta-p-tuning",
         "opendelta-parallel-adapter",
         "opendelta-prefix",
         "opendelta-soft-prompt",
+        "opendelta-vera",
     }
 )
 """The distributions this repository builds into the wheelhouse (a third party's are not in it)."""
