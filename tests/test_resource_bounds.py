@@ -86,6 +86,7 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
     "lora": {"lora_r"},
     "low_rank_adapter": {"reduction_factor", "low_rank_rank"},
+    "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "encoder_num_layers"},
     "parallel_adapter": {"bottleneck_dim"},
     "prefix": {"prefix_token_num", "embed_dim", "mid_dim"},
     "soft_prompt": {"soft_token_num"},
@@ -98,6 +99,7 @@ KNOWN_FLOAT_FIELDS: dict[str, set[str]] = {
     "compacter": {"phm_init_range"},
     "lora": {"lora_alpha", "lora_dropout"},
     "low_rank_adapter": set(),
+    "p_tuning": {"encoder_dropout"},
     "parallel_adapter": {"scaled"},
     "prefix": set(),
     "soft_prompt": {"init_range"},
@@ -119,6 +121,9 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     ("lokr", "r"): BUILDS,
     # More spectral coefficients than a layer has weight entries (32 x 32 here): refused for that reason, by name.
     ("fourierft", "n_frequency"): DeltaConfigError,
+    # The MLP encoder (the default) has exactly two hidden layers: another layer count would do nothing, and is
+    # refused by name (PEFT ignores it with a warning); only the LSTM encoder has layers to count.
+    ("p_tuning", "encoder_num_layers"): DeltaConfigError,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""

@@ -10,3 +10,11 @@ class TestPrefixConformance(DeltaMethodSuite):
 class TestPlainPrefixConformance(DeltaMethodSuite):
     method_name = "prefix"
     config_kwargs = {"prefix_token_num": 3, "reparameterize": False}
+
+
+class TestPeftPositionsConformance(DeltaMethodSuite):
+    """PEFT's positions (``peft_positions``): the decoder-only and encoder models it serves."""
+
+    method_name = "prefix"
+    config_kwargs = {"prefix_token_num": 3, "reparameterize": False, "peft_positions": True}
+    architectures = ("bert", "gpt2", "opt", "llama")

@@ -21,6 +21,10 @@ class PrefixConfig(DeltaConfig):
             (for saving and serving); True by default.
         embed_dim: width of the reparameterisation's embedding; 512 by default.
         mid_dim: width of its hidden layer; 512 by default.
+        peft_positions: give the real tokens positions ``P, P+1, ...`` (their own ``position_ids`` moved up by
+            ``P``), as PEFT's prefix tuning does: its prefix occupies the first ``P`` key/value cache positions, so
+            learned positions (GPT-2, BERT) and rotary queries (Llama) count it. False by default (the prefix takes
+            no position, as in the original); the PEFT folder reader sets it. Decoder-only and encoder models only.
     """
 
     delta_type: ClassVar[str] = "prefix"
@@ -29,6 +33,7 @@ class PrefixConfig(DeltaConfig):
     reparameterize: bool = True
     embed_dim: int = 512
     mid_dim: int = 512
+    peft_positions: bool = False
 
     def validate(self) -> None:
         """Refuse sizes below 1."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -12,14 +14,18 @@ from torch import nn
 from opendelta.plugin_api import (
     SHARED_POSITIONALS,
     CheckpointError,
+    DeltaConfigError,
     DeltaModel,
     DeltaStateError,
+    Insertion,
     Target,
     attention_parts,
     factory_kwargs,
+    input_stack,
 )
 from opendelta_prefix.config import PrefixConfig
 from opendelta_prefix.layer import PrefixLayer, PrefixReparameterization
+from opendelta_prefix.positions import shift_positions
 
 LEGACY_PREFIX_ARCHITECTURES = frozenset({"gpt2"})
 """Where an OpenDelta 0.3.x prefix checkpoint gives the original's outputs here (checked against the original)."""
@@ -68,6 +74,8 @@ class PrefixModel(DeltaModel):
         Its output holds every block's keys and values side by side, so it is sized by all targets at once: each
         target's first column in it is its offset.
         """
+        if self.config.peft_positions:
+            self._check_peft_positions()
         self._parts = {t.name: attention_parts(self.backbone_model, t.name, type(self).__name__) for t in targets}
         self._offsets: dict[str, int] = {}
         total = 0
@@ -96,6 +104,46 @@ class PrefixModel(DeltaModel):
     def placement_options(self, target: Target) -> dict[str, Any]:
         """The attention's projections, read in :meth:`_prepare`, for core's prefix placer."""
         return {"parts": self._parts[target.name]}
+
+    # ------------------------------------------------------------------------------------- PEFT's positions
+    def _check_peft_positions(self) -> None:
+        """Refuse ``peft_positions`` where PEFT's prefix is placed otherwise: encoder-decoders."""
+        config = getattr(self.backbone_model, "config", None)
+        if bool(getattr(config, "is_encoder_decoder", False)):
+            raise DeltaConfigError(
+                "PrefixConfig.peft_positions=True is for decoder-only and encoder models: on an encoder-decoder PEFT "
+                "prefixes only the decoder's self-attention and gives its prefix keys the relative position bias, "
+                "which this prefix (on every self-attention, prefix keys without position) does not compute"
+            )
+        self.__dict__["_stack"] = input_stack(self.backbone_model)[1]  # the backbone's: no submodule of ours
+        self._shift = None
+
+    def _place(self, target: Target, delta: nn.Module) -> Insertion:
+        """Place the prefix; after the last one, with ``peft_positions``, move the real tokens' positions up."""
+        insertion = super()._place(target, delta)
+        if self.config.peft_positions and target is self.targets[-1]:
+            self._shift = shift_positions(self._stack, self.config.prefix_token_num, self)
+        return insertion
+
+    def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Take the prefixes out (see :meth:`DeltaModel.detach`), and the position shift with them."""
+        super().detach(module, reset_state_dict)
+        shift = self.__dict__.get("_shift")
+        if shift is not None and not self.attached:
+            shift.remove()
+            self._shift = None
+
+    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> None:
+        """Put the prefixes back (see :meth:`DeltaModel.attach`), and the position shift with them."""
+        super().attach(module, reset_state_dict)
+        if self.config.peft_positions and self.__dict__.get("_shift") is None and self.attached:
+            self._shift = shift_positions(self._stack, self.config.prefix_token_num, self)
+
+    def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Export in PEFT's ``PREFIX_TUNING`` format (see ``peft_format.save_peft_prefix_tuning``)."""
+        from opendelta_prefix.peft_format import save_peft_prefix_tuning
+
+        return save_peft_prefix_tuning(self, path, **kwargs)
 
     def fold(self) -> None:
         """Turn the reparameterised prefixes into plain ones: identical outputs, only ``P`` keys/values to save.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +72,12 @@ class SoftPromptModel(DeltaModel):
         check_prompt_length(target.module, self.config.soft_token_num, "soft_token_num")
         embeddings = prompt_embeddings(target.module)
         return SoftPromptLayer(self.config.soft_token_num, embeddings, self.config.token_init, self.config.init_range)
+
+    def save_peft(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Export in PEFT's ``PROMPT_TUNING`` format (see ``peft_format.save_peft_prompt_tuning``)."""
+        from opendelta_soft_prompt.peft_format import save_peft_prompt_tuning
+
+        return save_peft_prompt_tuning(self, path, **kwargs)
 
     @classmethod
     def translate_legacy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
