@@ -81,6 +81,7 @@ FLOAT_MAPPING_FIELDS = [(m, f) for m in METHODS for f in _float_mapping_fields(m
 BOOL_FIELDS = [(m, f) for m in METHODS for f in _fields_of(m, bool)]
 
 KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
+    "adalora": {"init_r"},
     "adapter": {"bottleneck_dim"},
     "bitfit": set(),
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
@@ -94,6 +95,7 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
 """What the discovery must find for the first-party methods (so a field re-annotated ``int | str`` is noticed)."""
 
 KNOWN_FLOAT_FIELDS: dict[str, set[str]] = {
+    "adalora": {"beta1", "beta2", "orth_reg_weight", "lora_alpha", "lora_dropout"},
     "adapter": set(),
     "bitfit": set(),
     "compacter": {"phm_init_range"},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from opendelta.plugin_api import DeltaConfig, DeltaConfigError
@@ -39,15 +39,17 @@ class AdaLoraConfig(DeltaConfig):
 
     delta_type: ClassVar[str] = "adalora"
 
-    target_r: int = 8
+    # Only init_r sizes a tensor. The others are a rank budget (0 and more than init_r are valid) and step counts:
+    # no memory size, so the resource-bounds battery does not treat them as one (metadata size=False).
+    target_r: int = field(default=8, metadata={"size": False})
     init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1  # PEFT's name
+    tinit: int = field(default=0, metadata={"size": False})
+    tfinal: int = field(default=0, metadata={"size": False})
+    deltaT: int = field(default=1, metadata={"size": False})  # PEFT's name
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    total_step: int | None = field(default=None, metadata={"size": False})
     rank_pattern: dict[str, list[bool]] | None = None
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -64,10 +66,10 @@ class AdaLoraConfig(DeltaConfig):
             raise DeltaConfigError(f"{name}.deltaT must be >= 1, got {self.deltaT}")
         if self.tinit < 0 or self.tfinal < 0:
             raise DeltaConfigError(f"{name}.tinit and tfinal must be >= 0, got {self.tinit} and {self.tfinal}")
-        for field in ("beta1", "beta2"):
-            value = getattr(self, field)
+        for beta in ("beta1", "beta2"):
+            value = getattr(self, beta)
             if not 0 < value < 1:
-                raise DeltaConfigError(f"{name}.{field} must be in (0, 1), got {value}")
+                raise DeltaConfigError(f"{name}.{beta} must be in (0, 1), got {value}")
         if self.orth_reg_weight < 0:
             raise DeltaConfigError(f"{name}.orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if self.lora_alpha <= 0:

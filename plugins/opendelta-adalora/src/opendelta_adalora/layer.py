@@ -54,10 +54,11 @@ class AdaLoraLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.init_r = in_features, out_features, init_r
-        self.pattern = [True] * init_r if pattern is None else [bool(p) for p in pattern]
-        if len(self.pattern) != init_r:
-            raise ValueError(f"pattern has {len(self.pattern)} flags, init_r is {init_r}")
-        self.r = sum(self.pattern)
+        if pattern is not None and len(pattern) != init_r:
+            raise ValueError(f"pattern has {len(pattern)} flags, init_r is {init_r}")
+        # the rank first: the tensors below are where core's memory budget refuses an absurd init_r, before a
+        # Python list of init_r flags is built (at 10**9, 8 GiB of list)
+        self.r = init_r if pattern is None else sum(bool(p) for p in pattern)
         self.ranknum = float(init_r)
         self.scaling = float(alpha)
         rows = out_features if out_index is None else int(out_index.numel())
@@ -69,6 +70,7 @@ class AdaLoraLayer(nn.Module):
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("out_index", out_index, persistent=False)
+        self.pattern = [True] * init_r if pattern is None else [bool(p) for p in pattern]
 
     def rows_kept(self, full_pattern: Sequence[bool]) -> list[bool]:
         """This layer's triplets that ``full_pattern`` (one flag per initial triplet) keeps, in its own order."""
