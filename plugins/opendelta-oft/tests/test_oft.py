@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from oft_helpers import check_rows_routed
 
 import opendelta
-from opendelta import DeltaConfigError, route_rows
-from opendelta.testing import model_output_tensor, tiny_inputs, tiny_model
+from opendelta import DeltaConfigError
+from opendelta.testing import tiny_inputs, tiny_model
 from opendelta_oft import OFTConfig, OFTModel, OFTRotation
 
 
@@ -69,18 +70,6 @@ def test_module_dropout_sets_blocks_to_the_identity_in_training_only():
 
 def test_each_routed_row_gets_exactly_what_its_delta_alone_gives():
     model = tiny_model("bert").eval()
-    inputs = tiny_inputs("bert")
     first = OFTModel(model, oft_block_size=8, init_weights=False)
     second = OFTModel(model, oft_block_size=8, init_weights=False)
-    runs = {}
-    for name, other in (("first", second), ("second", first)):
-        other.detach()
-        with torch.no_grad():
-            runs[name] = model_output_tensor(model(**inputs))
-        other.attach()
-    rows = inputs["input_ids"].shape[0]
-    plan = [first if i % 2 == 0 else second for i in range(rows)]
-    with torch.no_grad(), route_rows(model, plan):
-        routed = model_output_tensor(model(**inputs))
-    for i in range(rows):
-        torch.testing.assert_close(routed[i], runs["first" if i % 2 == 0 else "second"][i], rtol=1e-5, atol=1e-6)
+    check_rows_routed(model, tiny_inputs("bert"), first, second)

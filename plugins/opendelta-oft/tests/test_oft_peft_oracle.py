@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from oft_helpers import PEFT_TARGETS, copy_oft, fresh, max_error, peft_oft, peft_oft_blocks, quiet, run
+from oft_helpers import PEFT_TARGETS, check_merge_like_peft, copy_oft, fresh, max_error, peft_oft, peft_oft_blocks, run
 
 from opendelta_oft import OFTModel
 
@@ -51,16 +51,4 @@ def test_merge_equals_peft_merge_and_unload_and_unmerge_gives_the_backbone_back(
     peft_model = peft_oft(model, kind, seed=1, **OPTIONS[option])
     delta_model = ours_like_peft(kind, model, **OPTIONS[option])
     copy_oft(peft_oft_blocks(peft_model), delta_model)
-    attached = run(model, kind)
-    expected = run(quiet(peft_model.merge_and_unload), kind)
-    assert max_error(attached, expected) <= TOLERANCE
-    delta_model.merge()
-    assert not any(".oft" in n for n in dict(model.named_modules()))
-    assert max_error(run(model, kind), expected) <= TOLERANCE
-    delta_model.unmerge()
-    for name, param in model.named_parameters():
-        if ".oft." not in name:
-            torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6, msg=name)
-    assert max_error(run(model, kind), attached) <= TOLERANCE
-    delta_model.merge_and_unload()
-    assert max_error(run(model, kind), expected) <= TOLERANCE
+    check_merge_like_peft(kind, model, weights, peft_model, delta_model, "oft")

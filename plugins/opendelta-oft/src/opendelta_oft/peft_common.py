@@ -9,6 +9,7 @@ unknown field that is set) are refused by name: loading them otherwise would com
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 from opendelta.plugin_api import (
     AddressingError,
     CheckpointError,
+    CheckpointRecord,
+    DeltaConfig,
     DeltaModel,
     backbone_module_names,
     contained_file,
@@ -66,13 +69,44 @@ def open_folder(folder: Path, peft_type: str) -> dict[str, Any] | None:
     return config
 
 
-def check_reader(folder: Path, peft_type: str, delta_cls: type[DeltaModel], ours: type[DeltaModel]) -> None:
-    """Refuse a folder of ``peft_type`` asked for through another method's class."""
+Convert = Callable[
+    [Mapping[str, Any], nn.Module, Mapping[str, torch.Tensor], str], tuple[DeltaConfig, dict[str, torch.Tensor]]
+]
+"""``(PEFT config, backbone, PEFT tensors, source) -> (our config, our tensors)``, refusing what it cannot load."""
+
+
+def read_folder(
+    folder: Path,
+    backbone: nn.Module,
+    delta_cls: type[DeltaModel],
+    peft_type: str,
+    ours: type[DeltaModel],
+    convert: Convert,
+) -> CheckpointRecord | None:
+    """Read a PEFT ``peft_type`` adapter folder into a record for core's apply step; ``None`` for any other folder.
+
+    Raises:
+        CheckpointError: a folder of that type that cannot be loaded faithfully, or ``delta_cls`` is another method.
+    """
+    folder = Path(folder)
+    config = open_folder(folder, peft_type)
+    if config is None:
+        return None
     if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, ours):
         raise CheckpointError(
             f"{folder} is a PEFT {peft_type!r} adapter, and {delta_cls.__name__} cannot read it; load it with "
             f"{ours.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
         )
+    weights, tensors = read_weights(folder)
+    our_config, our_tensors = convert(config, backbone, tensors, str(folder))
+    return CheckpointRecord(
+        str(folder),
+        str(weights),
+        ours,
+        our_config,
+        our_tensors,
+        describe=f"a PEFT {peft_type} adapter whose own config builds it on this {type(backbone).__name__}",
+    )
 
 
 def check_fields(config: Mapping[str, Any], source: str, read: frozenset[str], owner: str) -> None:
@@ -182,10 +216,25 @@ def write_folder(folder: Path, document: dict[str, Any], tensors: dict[str, torc
     return folder
 
 
-def base_document(peft_type: str, delta_model: DeltaModel, targets: list[str]) -> dict[str, Any]:
-    """The fields every exported config has, for ``targets`` of ``delta_model``'s backbone."""
+def export_folder(
+    delta_model: DeltaModel,
+    path: str | os.PathLike[str],
+    peft_type: str,
+    tensors_of: Callable[[nn.Module], Mapping[str, torch.Tensor]],
+    fields: Mapping[str, Any],
+) -> Path:
+    """Write ``delta_model`` as a PEFT ``peft_type`` adapter folder; returns the folder.
+
+    Each delta's ``tensors_of(delta)`` (``{suffix: tensor}``) goes under ``base_model.model.<module><suffix>``, and
+    the config holds the fields every PEFT config has plus the method's ``fields``.
+    """
+    tensors, targets = {}, []
+    for target, insertion in delta_model.placements():
+        for suffix, tensor in tensors_of(insertion.delta).items():
+            tensors[f"{PREFIX}{target.name}{suffix}"] = tensor.detach()
+        targets.append(target.name)
     backbone = delta_model.backbone_model
-    return {
+    document = {
         "peft_type": peft_type,
         "peft_version": PEFT_VERSION,
         "task_type": None,
@@ -200,4 +249,6 @@ def base_document(peft_type: str, delta_model: DeltaModel, targets: list[str]) -
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
+        **fields,
     }
+    return write_folder(Path(path), document, tensors)

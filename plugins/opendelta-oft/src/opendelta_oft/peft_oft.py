@@ -116,26 +116,8 @@ def oft_config_from_peft(
 
 
 def read_peft_oft(folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
-    """Read a PEFT OFT adapter folder into a record for core's apply step; ``None`` for any other folder.
-
-    Raises:
-        CheckpointError: a PEFT OFT folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
-    """
-    folder = Path(folder)
-    config = peft_common.open_folder(folder, "OFT")
-    if config is None:
-        return None
-    peft_common.check_reader(folder, "OFT", delta_cls, OFTModel)
-    weights, tensors = peft_common.read_weights(folder)
-    oft_config, ours = oft_config_from_peft(config, backbone_model, tensors, str(folder))
-    return CheckpointRecord(
-        str(folder),
-        str(weights),
-        OFTModel,
-        oft_config,
-        ours,
-        describe=f"a PEFT OFT adapter whose own config builds OFT on this {type(backbone_model).__name__}",
-    )
+    """A PEFT OFT adapter folder for core's apply step; ``None`` for any other (see ``peft_common.read_folder``)."""
+    return peft_common.read_folder(folder, backbone_model, delta_cls, "OFT", OFTModel, oft_config_from_peft)
 
 
 def save_peft_oft(delta_model: OFTModel, path: str | os.PathLike[str]) -> Path:
@@ -149,22 +131,15 @@ def save_peft_oft(delta_model: OFTModel, path: str | os.PathLike[str]) -> Path:
     """
     if not isinstance(delta_model, OFTModel):
         raise TypeError(f"save_peft_oft exports an OFTModel, got {type(delta_model).__name__}")
-    tensors, targets = {}, []
-    for target, insertion in delta_model.placements():
-        tensors[f"{peft_common.PREFIX}{target.name}{_SUFFIX}"] = insertion.delta.oft_R.detach()
-        targets.append(target.name)
     config = delta_model.config
-    document = peft_common.base_document("OFT", delta_model, targets)
-    document.update(
-        {
-            "r": config.r,
-            "oft_block_size": config.oft_block_size,
-            "module_dropout": config.module_dropout,
-            "coft": config.coft,
-            "eps": config.eps,
-            "block_share": config.block_share,
-            "use_cayley_neumann": config.use_cayley_neumann,
-            "num_cayley_neumann_terms": config.num_cayley_neumann_terms,
-        }
-    )
-    return peft_common.write_folder(Path(path), document, tensors)
+    fields = {
+        "r": config.r,
+        "oft_block_size": config.oft_block_size,
+        "module_dropout": config.module_dropout,
+        "coft": config.coft,
+        "eps": config.eps,
+        "block_share": config.block_share,
+        "use_cayley_neumann": config.use_cayley_neumann,
+        "num_cayley_neumann_terms": config.num_cayley_neumann_terms,
+    }
+    return peft_common.export_folder(delta_model, path, "OFT", lambda delta: {_SUFFIX: delta.oft_R}, fields)
