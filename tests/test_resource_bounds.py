@@ -73,9 +73,11 @@ BOOL_FIELDS = [(m, f) for m in METHODS for f in _fields_of(m, bool)]
 KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
     "adapter": {"bottleneck_dim"},
     "bitfit": set(),
+    "boft": {"boft_block_size", "boft_n_butterfly_factor"},
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
     "lora": {"lora_r"},
     "low_rank_adapter": {"reduction_factor", "low_rank_rank"},
+    "oft": {"oft_block_size", "num_cayley_neumann_terms"},
     "parallel_adapter": {"bottleneck_dim"},
     "prefix": {"prefix_token_num", "embed_dim", "mid_dim"},
     "soft_prompt": {"soft_token_num"},
@@ -85,9 +87,11 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
 KNOWN_FLOAT_FIELDS: dict[str, set[str]] = {
     "adapter": set(),
     "bitfit": set(),
+    "boft": {"boft_dropout"},
     "compacter": {"phm_init_range"},
     "lora": {"lora_alpha", "lora_dropout"},
     "low_rank_adapter": set(),
+    "oft": {"module_dropout", "eps"},
     "parallel_adapter": {"scaled"},
     "prefix": set(),
     "soft_prompt": {"init_range"},
@@ -104,6 +108,13 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     ("low_rank_adapter", "reduction_factor"): DeltaConfigError,
     # BERT's 128 learned positions are shared by prompt and input: more prompt tokens than that is refused by name.
     ("soft_prompt", "soft_token_num"): DeltaConfigError,
+    # An orthogonal block must divide each target's in_features (32 here): refused for that reason, naming the layer.
+    ("oft", "oft_block_size"): DeltaConfigError,
+    ("boft", "boft_block_size"): DeltaConfigError,
+    # 2 ** (factors - 1) blocks must fit in in_features: refused before any power is computed.
+    ("boft", "boft_n_butterfly_factor"): DeltaConfigError,
+    # Each term is a matrix product in every forward pass and allocates nothing at build: bounded (at most 64).
+    ("oft", "num_cayley_neumann_terms"): DeltaConfigError,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""

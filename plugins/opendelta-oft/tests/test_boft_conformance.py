@@ -8,12 +8,11 @@ class TestBoft(DeltaMethodSuite):
 
 
 class TestBoftButterflyConformance(DeltaMethodSuite):
-    """Two butterfly factors of 8 blocks each, on real-name value projections."""
+    """Two butterfly factors of 8 x 8 blocks, on real-name value projections."""
 
     method_name = "boft"
     config_kwargs = {
         "modified_modules": [r"[r].*(self\.value|value_proj|SelfAttention\.v|attn\.c_attn|self_attn\.v_proj)"],
-        "boft_block_size": 0,
-        "boft_block_num": 8,
+        "boft_block_size": 8,
         "boft_n_butterfly_factor": 2,
     }

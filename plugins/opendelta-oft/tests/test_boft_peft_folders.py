@@ -33,6 +33,14 @@ def test_a_peft_boft_folder_loads_with_peft_outputs(kind, factors, tmp_path, mon
     assert torch.equal(again.deltas[0].boft_R, delta_model.deltas[0].boft_R)
 
 
+def test_a_folder_that_sets_boft_block_num_loads_with_the_block_size_it_means(tmp_path):
+    folder, expected = saved("t5", tmp_path, boft_block_size=0, boft_block_num=4)
+    model = fresh("t5")
+    delta_model = AutoDeltaModel.from_finetuned(folder, backbone_model=model)
+    assert delta_model.config.boft_block_size == 8  # in_features 32 / 4 blocks
+    assert max_error(run(model, "t5"), expected) <= TOLERANCE
+
+
 def test_a_folder_peft_wrote_without_its_cuda_extension_loads_as_the_one_factor_peft_computed(tmp_path):
     folder, expected = saved("llama", tmp_path, boft_n_butterfly_factor=2)  # PEFT falls back to one factor
     assert json.loads((folder / "adapter_config.json").read_text())["boft_n_butterfly_factor"] == 2
@@ -68,7 +76,7 @@ def test_save_peft_reads_back_in_peft_with_our_outputs(kind, factors, tmp_path, 
         ({"bias": "boft_only"}, "bias='boft_only'"),
         ({"some_future_option": 3}, "some_future_option"),
         ({"target_modules": "all-linear"}, "all-linear"),
-        ({"boft_block_size": 8}, "do not fit"),
+        ({"boft_block_size": 8}, "boft_R tensors hold other blocks"),
         ({"target_modules": ["nothing_here"]}, "matches no module"),
         ({"target_modules": ["query", "key", "value"]}, "lacks"),
     ],

@@ -28,8 +28,10 @@ def test_a_block_size_that_does_not_divide_a_layer_is_refused_naming_the_layer_a
     model = tiny_model("bert")
     with pytest.raises(DeltaConfigError, match=r"oft_block_size=5 does not divide the in_features \(32\) of bert\.enc"):
         OFTModel(model, oft_block_size=5)
-    with pytest.raises(DeltaConfigError, match=r"r=3 .*choose a r dividing it \(1, 2, 4, 8, 16, 32\)"):
-        OFTModel(model, r=3, oft_block_size=0)
+    with pytest.raises(
+        DeltaConfigError, match=r"oft_block_size=64 .*choose an oft_block_size dividing it \(1, 2, 4, 8, 1"
+    ):
+        OFTModel(model, oft_block_size=64)
     assert not any("oft" in n for n, _ in model.named_modules())
 
 
@@ -37,8 +39,9 @@ def test_a_block_size_that_does_not_divide_a_layer_is_refused_naming_the_layer_a
     "kwargs, named",
     [
         ({"bias": "all"}, "bias='all'"),
-        ({"r": 4}, "set exactly one of r"),
-        ({"r": 0, "oft_block_size": 0}, "set exactly one of r"),
+        ({"r": 4}, "r"),  # PEFT's blocks-per-layer: set oft_block_size
+        ({"oft_block_size": 0}, "oft_block_size must be at least 1, got 0"),
+        ({"num_cayley_neumann_terms": 65}, "num_cayley_neumann_terms must be between 1 and 64"),
         ({"module_dropout": 1.0}, "module_dropout"),
         ({"modules_to_save": ["classifier"]}, "modules_to_save"),
         ({"target_modules": ["query"]}, "target_modules"),

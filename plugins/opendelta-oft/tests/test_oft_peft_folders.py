@@ -33,6 +33,14 @@ def test_a_peft_oft_folder_loads_with_peft_outputs(kind, options, tmp_path):
     assert torch.equal(again.deltas[0].oft_R, delta_model.deltas[0].oft_R)
 
 
+def test_a_folder_that_sets_r_loads_with_the_block_size_it_means(tmp_path):
+    folder, expected = saved("llama", tmp_path, r=4, oft_block_size=0)
+    model = fresh("llama")
+    delta_model = AutoDeltaModel.from_finetuned(folder, backbone_model=model)
+    assert delta_model.config.oft_block_size == 8  # in_features 32 / 4 blocks
+    assert max_error(run(model, "llama"), expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("kind", tuple(PEFT_TARGETS))
 def test_save_peft_reads_back_in_peft_with_our_outputs(kind, tmp_path):
     peft = pytest.importorskip("peft")

@@ -22,7 +22,7 @@ from opendelta.plugin_api import (
     linear_features,
 )
 from opendelta_oft.boft_layer import BOFTRotation
-from opendelta_oft.butterfly import butterfly_sizes
+from opendelta_oft.butterfly import butterfly_blocks
 from opendelta_oft.config import BOFTConfig
 from opendelta_oft.targeting import WholeLinearTargets
 
@@ -46,19 +46,19 @@ class BOFTModel(WholeLinearTargets, DeltaModel):
         config = self.config
         in_features, out_features = linear_features(target.module)
         try:
-            block_size, block_num = butterfly_sizes(
-                in_features, config.boft_block_size, config.boft_block_num, config.boft_n_butterfly_factor, target.name
+            block_num = butterfly_blocks(
+                in_features, config.boft_block_size, config.boft_n_butterfly_factor, target.name
             )
         except ValueError as exc:
             raise DeltaConfigError(
-                f"BOFTModel: {exc}; choose boft_block_size / boft_block_num / boft_n_butterfly_factor that fit this "
+                f"BOFTModel: {exc}; choose a boft_block_size and boft_n_butterfly_factor that fit this "
                 f"layer, or leave it out with exclude_modules (PEFT raises here too)"
             ) from exc
         return BOFTRotation(
             target.module,
             in_features,
             out_features,
-            block_size,
+            config.boft_block_size,
             block_num,
             config.boft_n_butterfly_factor,
             dropout=config.boft_dropout,

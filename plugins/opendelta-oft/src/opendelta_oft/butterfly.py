@@ -8,42 +8,30 @@ one block of ``b 2^(m-1)``. The sizes, their checks and the permutations are PEF
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
-def butterfly_sizes(in_features: int, block_size: int, block_num: int, factors: int, where: str) -> tuple[int, int]:
-    """``(block size, blocks per factor)`` from exactly one of them (the other ``0``), checked as PEFT checks them.
+def butterfly_blocks(in_features: int, block_size: int, factors: int, where: str) -> int:
+    """The number of blocks per factor, ``in_features / block_size``, checked as PEFT checks it.
 
     Raises:
         ValueError: the combination does not fit ``in_features``; the message starts with ``where`` and says why.
     """
+    if in_features % block_size:
+        raise ValueError(f"{where}: boft_block_size={block_size} does not divide in_features={in_features}")
     extra = factors - 1  # PEFT's (and the paper's) count of butterfly factors beyond the first
-    if block_num:
-        if in_features % block_num:
-            raise ValueError(f"{where}: boft_block_num={block_num} does not divide in_features={in_features}")
-        if extra and (extra > int(math.log2(block_num)) or block_num % (2**extra)):
-            raise ValueError(
-                f"{where}: boft_block_num={block_num} must be a multiple of 2 ** (boft_n_butterfly_factor - 1) = "
-                f"{2**extra} for boft_n_butterfly_factor={factors}"
-            )
-        block_size = in_features // block_num
-    else:
-        if in_features % block_size:
-            raise ValueError(f"{where}: boft_block_size={block_size} does not divide in_features={in_features}")
-        if extra and in_features % (block_size * 2**extra):
-            raise ValueError(
-                f"{where}: in_features={in_features} must be a multiple of boft_block_size * 2 ** "
-                f"(boft_n_butterfly_factor - 1) = {block_size * 2**extra} for boft_n_butterfly_factor={factors}"
-            )
-        block_num = in_features // block_size
+    if extra and (extra >= in_features.bit_length() or in_features % (block_size * 2**extra)):
+        raise ValueError(
+            f"{where}: in_features={in_features} must be a multiple of boft_block_size * 2 ** "
+            f"(boft_n_butterfly_factor - 1) for boft_block_size={block_size}, boft_n_butterfly_factor={factors}"
+        )
+    block_num = in_features // block_size
     if extra and (block_num % 2 or block_size % 2):
         raise ValueError(
             f"{where}: with boft_n_butterfly_factor={factors} both the block size ({block_size}) and the number of "
             f"blocks ({block_num}) must be even"
         )
-    return block_size, block_num
+    return block_num
 
 
 def _sorted_order(width: int, half: int) -> torch.Tensor:

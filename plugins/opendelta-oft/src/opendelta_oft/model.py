@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from opendelta.plugin_api import SHARED_POSITIONALS, DeltaModel, Target, factory_kwargs, linear_features
+from opendelta.plugin_api import SHARED_POSITIONALS, DeltaModel, Target, factory_kwargs
 from opendelta_oft.config import OFTConfig
 from opendelta_oft.layer import OFTRotation
-from opendelta_oft.targeting import WholeLinearTargets, block_size_for
+from opendelta_oft.targeting import WholeLinearTargets, check_block_size
 
 
 class OFTModel(WholeLinearTargets, DeltaModel):
@@ -35,10 +35,9 @@ class OFTModel(WholeLinearTargets, DeltaModel):
 
     def _build_delta(self, target: Target) -> nn.Module:
         config = self.config
-        block_size, _ = block_size_for(target, config.oft_block_size, config.r, ("oft_block_size", "r"), "OFTModel")
         return OFTRotation(
-            linear_features(target.module)[0],
-            block_size,
+            check_block_size(target, config.oft_block_size, "OFTModel"),
+            config.oft_block_size,
             block_share=config.block_share,
             coft=config.coft,
             eps=config.eps,

@@ -3,6 +3,8 @@
 The weights are ``base_model.model.<module>.boft_R`` ``[factors, blocks, H, H]`` and ``.boft_s`` ``[out, 1]``, as
 ours. PEFT without its CUDA extension (``fbd_cuda``) silently builds one factor whatever ``boft_n_butterfly_factor``
 says, and saves one: the number of factors is read from the tensors, which is what PEFT computes with the folder.
+The block size is read from the tensors too (PEFT derives it from ``boft_block_num`` when that is set); layers of
+different block sizes are refused by name, since ``BOFTModel`` has one ``boft_block_size``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from opendelta.plugin_api import CheckpointError, CheckpointRecord, DeltaModel, linear_features
 from opendelta_oft import peft_common
 from opendelta_oft.boft_model import BOFTModel
-from opendelta_oft.butterfly import butterfly_sizes
+from opendelta_oft.butterfly import butterfly_blocks
 from opendelta_oft.config import BOFTConfig
 
 __all__ = ["boft_config_from_peft", "read_peft_boft", "save_peft_boft"]
@@ -50,22 +52,33 @@ def boft_config_from_peft(
     names = peft_common.peft_targets(config, model, source, "BOFTModel")
     found = peft_common.by_module(tensors, names, (_ROTATION, _SCALE), source)
     factors = _factors(found, config, source)
-    size, num = int(config.get("boft_block_size", 0) or 0), int(config.get("boft_block_num", 0) or 0)
     modules = dict(model.named_modules())
+    sizes = {}
     for name in names:
         in_features, out_features = linear_features(modules[name])
+        rotation, scale = found[name][_ROTATION], found[name][_SCALE]
+        size = rotation.shape[-1]
         try:
-            block_size, block_num = butterfly_sizes(in_features, size, num, factors, name)
+            block_num = butterfly_blocks(in_features, size, factors, name)
         except ValueError as exc:
             raise CheckpointError(f"{source}: {exc}") from exc
-        shapes = [list(found[name][_ROTATION].shape), list(found[name][_SCALE].shape)]
-        if shapes != [[factors, block_num, block_size, block_size], [out_features, 1]]:
+        shapes = [list(rotation.shape), list(scale.shape)]
+        if shapes != [[factors, block_num, size, size], [out_features, 1]]:
             raise CheckpointError(f"{source}: {name} has BOFT tensors of shapes {shapes}, which do not fit the layer")
+        sizes[name] = size
+    if len(set(sizes.values())) > 1:  # boft_block_num set, on layers of different widths
+        shown = ", ".join(f"{n}: {s}" for n, s in list(sizes.items())[:4])
+        raise CheckpointError(
+            f"{source}: the layers have different block sizes ({shown}, from boft_block_num); BOFTModel uses one "
+            f"boft_block_size for all layers, so this adapter is not loaded"
+        )
+    written = int(config.get("boft_block_size", 0) or 0)
+    if written and written != next(iter(sizes.values())):
+        raise CheckpointError(f"{source}: boft_block_size={written}, but the boft_R tensors hold other blocks")
     ours = BOFTConfig(
         modified_modules=names,
         common_structure=False,
-        boft_block_size=size,
-        boft_block_num=num,
+        boft_block_size=next(iter(sizes.values())),
         boft_n_butterfly_factor=factors,
         boft_dropout=float(config.get("boft_dropout", 0.0) or 0.0),
     )
@@ -96,7 +109,7 @@ def save_peft_boft(delta_model: BOFTModel, path: str | os.PathLike[str]) -> Path
     config = delta_model.config
     fields = {
         "boft_block_size": config.boft_block_size,
-        "boft_block_num": config.boft_block_num,
+        "boft_block_num": 0,
         "boft_n_butterfly_factor": config.boft_n_butterfly_factor,
         "boft_dropout": config.boft_dropout,
     }

@@ -1,10 +1,11 @@
 """PEFT's OFT adapter folders: read into an :class:`OFTModel` by ``from_finetuned``, and written by ``save_peft``.
 
 The weights are ``base_model.model.<module>.oft_R.weight``, ``[blocks, H (H - 1) / 2]`` (``[1, ...]`` with
-``block_share``): the strict upper triangles of the skew-symmetric blocks, as our ``oft_R``. PEFT silently adjusts an
-``oft_block_size`` (or ``r``) that does not divide a layer's width; the reader reads each layer's block size from its
-tensor and loads when they agree on one size, refusing by name otherwise. Adapters from before PEFT 0.14 (another
-parameterisation) and Cayley-Neumann ones from before 0.18 (another series) are refused, as PEFT refuses or warns.
+``block_share``): the strict upper triangles of the skew-symmetric blocks, as our ``oft_R``. The reader reads each
+layer's block size from its tensor (PEFT derives it from ``r`` when that is set, and silently adjusts one that does
+not divide a layer's width) and loads when all layers agree on one ``oft_block_size``, refusing by name otherwise.
+Adapters from before PEFT 0.14 (another parameterisation) and Cayley-Neumann ones from before 0.18 (another series)
+are refused, as PEFT refuses or warns.
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ def oft_config_from_peft(
     ours = OFTConfig(
         modified_modules=names,
         common_structure=False,
-        r=0,
         oft_block_size=next(iter(sizes.values())),
         module_dropout=float(config.get("module_dropout", 0.0) or 0.0),
         coft=bool(config.get("coft", False)),
@@ -133,7 +133,7 @@ def save_peft_oft(delta_model: OFTModel, path: str | os.PathLike[str]) -> Path:
         raise TypeError(f"save_peft_oft exports an OFTModel, got {type(delta_model).__name__}")
     config = delta_model.config
     fields = {
-        "r": config.r,
+        "r": 0,
         "oft_block_size": config.oft_block_size,
         "module_dropout": config.module_dropout,
         "coft": config.coft,

@@ -33,21 +33,19 @@ class WholeLinearTargets:
         return [target]
 
 
-def block_size_for(target: Target, size: int, count: int, names: tuple[str, str], owner: str) -> tuple[int, int]:
-    """``(block size, block count)`` for ``target``'s input, from exactly one of them given (the other ``0``).
+def check_block_size(target: Target, block_size: int, owner: str) -> int:
+    """``target``'s ``in_features``, checked to be a multiple of ``block_size`` (``oft_block_size``).
 
     Raises:
-        DeltaConfigError: the given one does not divide the layer's ``in_features``; names the layer, its width
-            and the values that would fit.
+        DeltaConfigError: it is not; names the layer, its width and the block sizes that would fit.
     """
     in_features = linear_features(target.module)[0]
-    given, name = (size, names[0]) if size else (count, names[1])
-    if given > in_features or in_features % given:
+    if block_size > in_features or in_features % block_size:
         fits = [d for d in range(1, in_features + 1) if in_features % d == 0]
         shown = fits if len(fits) <= 12 else [*fits[:6], "...", *fits[-3:]]
         raise DeltaConfigError(
-            f"{owner}: {name}={given} does not divide the in_features ({in_features}) of {target.name}; choose a "
-            f"{name} dividing it ({', '.join(map(str, shown))}), or leave this layer out with exclude_modules "
-            f"(PEFT would silently pick another value)"
+            f"{owner}: oft_block_size={block_size} does not divide the in_features ({in_features}) of {target.name}; "
+            f"choose an oft_block_size dividing it ({', '.join(map(str, shown))}), or leave this layer out with "
+            f"exclude_modules (PEFT would silently pick another block size)"
         )
-    return (given, in_features // given) if size else (in_features // given, given)
+    return in_features
