@@ -34,7 +34,7 @@ def test_defaults_scale_and_rotate_q_and_v_as_parallel_deltas_and_the_whole_fuse
         ({"boft_block_size": 8, "boft_n_butterfly_factor": 4}, r"multiple of boft_block_size \* 2"),
         ({"boft_n_butterfly_factor": 10**9}, "boft_n_butterfly_factor=1000000000"),
         ({"boft_block_size": 0}, "boft_block_size must be at least 1, got 0"),
-        ({"boft_block_num": 8}, "boft_block_num"),  # PEFT's blocks-per-factor: set boft_block_size
+        ({"boft_block_num": 8}, r"boft_block_num=8 is not supported: .*set boft_block_size"),
         ({"boft_n_butterfly_factor": 0}, "boft_n_butterfly_factor"),
         ({"bias": "all"}, "bias='all'"),
         ({"modules_to_save": ["classifier"]}, "modules_to_save"),

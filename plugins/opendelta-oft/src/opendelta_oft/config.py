@@ -11,10 +11,13 @@ unknown keyword).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from opendelta.plugin_api import DeltaConfig, DeltaConfigError
+
+C = TypeVar("C", bound=DeltaConfig)
 
 MAX_NEUMANN_TERMS = 64
 """The most Cayley-Neumann terms ``OFTConfig`` accepts."""
@@ -32,6 +35,27 @@ def _check_size(owner: str, name: str, value: int, most: int | None = None) -> N
     if value < 1 or (most is not None and value > most):
         bound = f"between 1 and {most}" if most is not None else "at least 1"
         raise DeltaConfigError(f"{owner}.{name} must be {bound}, got {value}")
+
+
+_PEFT_ONLY = {
+    "modules_to_save": "it ships whole copies of other modules with the adapter; train a head with "
+    "unfrozen_modules (or freeze_module(exclude=[...])) and save it with save_finetuned",
+    "target_modules": "OpenDelta calls it modified_modules",
+    "r": "PEFT's number of blocks per layer (0: derived); set oft_block_size (in_features / r) instead",
+    "boft_block_num": "PEFT's number of blocks per factor (0: derived); set boft_block_size (in_features / "
+    "boft_block_num) instead",
+    "layers_to_transform": "name the layers in modified_modules instead",
+    "layers_pattern": "name the layers in modified_modules instead",
+    "fan_in_fan_out": "the layout of GPT-2's Conv1D is read from the layer",
+}
+"""PEFT config names that are no fields here, and what to do instead (named in the refusal)."""
+
+
+def refuse_peft_only(owner: str, given: Mapping[str, Any]) -> None:
+    """Refuse PEFT option names with the reason and the OpenDelta way (core would only say "unknown field")."""
+    for name, hint in _PEFT_ONLY.items():
+        if name in given and not (name == "r" and owner == "BOFTConfig"):
+            raise DeltaConfigError(f"{owner}: {name}={given[name]!r:.100} is not supported: {hint}")
 
 
 def _check_probability(owner: str, name: str, value: float) -> None:
@@ -61,6 +85,12 @@ class OFTConfig(DeltaConfig):
     """
 
     delta_type: ClassVar[str] = "oft"
+
+    @classmethod
+    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
+        """Core's ``from_dict``, refusing PEFT-only option names in ``kwargs`` with what to do instead."""
+        refuse_peft_only("OFTConfig", kwargs)
+        return super().from_dict(config_dict, **kwargs)  # type: ignore[misc]
 
     oft_block_size: int = 32
     module_dropout: float = 0.0
@@ -102,6 +132,12 @@ class BOFTConfig(DeltaConfig):
     """
 
     delta_type: ClassVar[str] = "boft"
+
+    @classmethod
+    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
+        """Core's ``from_dict``, refusing PEFT-only option names in ``kwargs`` with what to do instead."""
+        refuse_peft_only("BOFTConfig", kwargs)
+        return super().from_dict(config_dict, **kwargs)  # type: ignore[misc]
 
     boft_block_size: int = 4
     boft_n_butterfly_factor: int = 1
