@@ -63,8 +63,18 @@ def _check_probability(owner: str, name: str, value: float) -> None:
         raise DeltaConfigError(f"{owner}.{name} must be in [0, 1), got {value}")
 
 
+class _RefusesPeftOnlyNames:
+    """Mixin of both configs (before ``DeltaConfig``): ``from_dict`` refuses PEFT-only names, saying what to set."""
+
+    @classmethod
+    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
+        """Core's ``from_dict``, refusing PEFT-only option names in ``kwargs`` with what to do instead."""
+        refuse_peft_only(cls.__name__, kwargs)
+        return super().from_dict(config_dict, **kwargs)  # type: ignore[misc]
+
+
 @dataclass(kw_only=True)
-class OFTConfig(DeltaConfig):
+class OFTConfig(_RefusesPeftOnlyNames, DeltaConfig):
     """Configuration of :class:`~opendelta_oft.OFTModel` (PEFT's ``OFTConfig`` names and defaults).
 
     Attributes:
@@ -85,12 +95,6 @@ class OFTConfig(DeltaConfig):
     """
 
     delta_type: ClassVar[str] = "oft"
-
-    @classmethod
-    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
-        """Core's ``from_dict``, refusing PEFT-only option names in ``kwargs`` with what to do instead."""
-        refuse_peft_only("OFTConfig", kwargs)
-        return super().from_dict(config_dict, **kwargs)  # type: ignore[misc]
 
     oft_block_size: int = 32
     module_dropout: float = 0.0
@@ -114,7 +118,7 @@ class OFTConfig(DeltaConfig):
 
 
 @dataclass(kw_only=True)
-class BOFTConfig(DeltaConfig):
+class BOFTConfig(_RefusesPeftOnlyNames, DeltaConfig):
     """Configuration of :class:`~opendelta_oft.BOFTModel` (PEFT's ``BOFTConfig`` names and defaults).
 
     Attributes:
@@ -132,12 +136,6 @@ class BOFTConfig(DeltaConfig):
     """
 
     delta_type: ClassVar[str] = "boft"
-
-    @classmethod
-    def from_dict(cls: type[C], config_dict: dict[str, Any], **kwargs: Any) -> C:
-        """Core's ``from_dict``, refusing PEFT-only option names in ``kwargs`` with what to do instead."""
-        refuse_peft_only("BOFTConfig", kwargs)
-        return super().from_dict(config_dict, **kwargs)  # type: ignore[misc]
 
     boft_block_size: int = 4
     boft_n_butterfly_factor: int = 1
