@@ -84,9 +84,11 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
     "adalora": {"init_r"},
     "adapter": {"bottleneck_dim"},
     "bitfit": set(),
+    "boft": {"boft_block_size", "boft_n_butterfly_factor"},
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
     "lora": {"lora_r"},
     "low_rank_adapter": {"reduction_factor", "low_rank_rank"},
+    "oft": {"oft_block_size", "num_cayley_neumann_terms"},
     "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "encoder_num_layers"},
     "parallel_adapter": {"bottleneck_dim"},
     "prefix": {"prefix_token_num", "embed_dim", "mid_dim"},
@@ -98,9 +100,11 @@ KNOWN_FLOAT_FIELDS: dict[str, set[str]] = {
     "adalora": {"beta1", "beta2", "orth_reg_weight", "lora_alpha", "lora_dropout"},
     "adapter": set(),
     "bitfit": set(),
+    "boft": {"boft_dropout"},
     "compacter": {"phm_init_range"},
     "lora": {"lora_alpha", "lora_dropout"},
     "low_rank_adapter": set(),
+    "oft": {"module_dropout", "eps"},
     "p_tuning": {"encoder_dropout"},
     "parallel_adapter": {"scaled"},
     "prefix": set(),
@@ -126,6 +130,13 @@ HUGE_OUTCOMES: dict[tuple[str, str], type[OpenDeltaError] | str] = {
     # The MLP encoder (the default) has exactly two hidden layers: another layer count would do nothing, and is
     # refused by name (PEFT ignores it with a warning); only the LSTM encoder has layers to count.
     ("p_tuning", "encoder_num_layers"): DeltaConfigError,
+    # An orthogonal block must divide each target's in_features (32 here): refused for that reason, naming the layer.
+    ("oft", "oft_block_size"): DeltaConfigError,
+    ("boft", "boft_block_size"): DeltaConfigError,
+    # 2 ** (factors - 1) blocks must fit in in_features: refused before any power is computed.
+    ("boft", "boft_n_butterfly_factor"): DeltaConfigError,
+    # Each term is a matrix product in every forward pass and allocates nothing at build: bounded (at most 64).
+    ("oft", "num_cayley_neumann_terms"): DeltaConfigError,
 }
 """Size fields for which 10**9 is not "too much memory" and what happens instead; every other size field (third-party
 methods' too) must give ResourceLimitError. The error must name the field either way."""
