@@ -233,6 +233,7 @@ QUANT_METHODS = (
     "opendelta-vera",
     "opendelta-adalora",
     "opendelta-fourierft",
+    "opendelta-oft",
 )
 """The methods ``tests_quant`` trains on quantized backbones: every one that targets linear layers or their outputs."""
 

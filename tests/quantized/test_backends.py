@@ -75,6 +75,8 @@ METHODS: dict[str, dict[str, object]] = {
     "adalora": {"lora_alpha": 256.0},  # its update starts at E = 0 with A, B ~ N(0, 0.02): two steps would move
     # tiny BERT's logits by < 1e-6 at the default scale (8 / init_r), too little to show training did anything
     "fourierft": {},
+    "oft": {},
+    "boft": {},
 }
 """Method name (``lora-dora``: LoRA with an option) -> extra constructor arguments (their defaults otherwise: no
 modified_modules anywhere)."""
