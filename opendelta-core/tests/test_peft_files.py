@@ -43,6 +43,9 @@ def test_unknown_options_are_refused_by_name_and_unset_ones_pass(tmp_path):
     found = peft_folder(_folder(tmp_path, {"peft_type": "IA3", "future_option": 3}), "IA3")
     with pytest.raises(CheckpointError, match="future_option=3 is a PEFT option IA3Model does not support"):
         found.refuse_unknown({"target_modules"}, "IA3Model")
+    found = peft_folder(_folder(tmp_path, {"peft_type": "IA3", "layers_to_transform": [0, 1]}), "IA3")
+    with pytest.raises(CheckpointError, match=r"layers_to_transform=\[0, 1\] is a PEFT option"):
+        found.refuse_unknown({"target_modules"}, "IA3Model")
 
 
 def test_a_tensor_of_another_shape_is_refused_rather_than_dropped(tmp_path):

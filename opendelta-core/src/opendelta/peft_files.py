@@ -95,7 +95,8 @@ class PeftFolder:
         for field, value in self.config.items():
             if field in PEFT_BOOKKEEPING or field in understood or _is_off(value):
                 continue
-            shown = file_patterns.shown(value) if isinstance(value, list) else repr(value)[:200]
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            shown = file_patterns.shown(value) if names else repr(value)[:200]  # layers_to_transform=[0]: numbers
             raise CheckpointError(
                 f"{self.source}: {field}={shown} is a PEFT option {method} does not support (it may change what the "
                 f"adapter computes); {method} reads {', '.join(sorted(understood))}. Use PEFT for this adapter."
