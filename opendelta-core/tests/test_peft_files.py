@@ -43,6 +43,9 @@ def test_unknown_options_are_refused_by_name_and_unset_ones_pass(tmp_path):
     found = peft_folder(_folder(tmp_path, {"peft_type": "IA3", "future_option": 3}), "IA3")
     with pytest.raises(CheckpointError, match="future_option=3 is a PEFT option IA3Model does not support"):
         found.refuse_unknown({"target_modules"}, "IA3Model")
+    found = peft_folder(_folder(tmp_path, {"peft_type": "IA3", "layers_to_transform": [0, 1]}), "IA3")
+    with pytest.raises(CheckpointError, match=r"layers_to_transform=\[0, 1\] is a PEFT option"):
+        found.refuse_unknown({"target_modules"}, "IA3Model")
 
 
 def test_a_tensor_of_another_shape_is_refused_rather_than_dropped(tmp_path):
@@ -103,3 +106,32 @@ def test_the_reader_refuses_a_from_finetuned_of_another_class(tmp_path):
     found.refuse_other_class(Generic, Ours)
     with pytest.raises(CheckpointError, match=r"Other cannot read it; load it with Ours\.from_finetuned"):
         found.refuse_other_class(Other, Ours)
+
+
+def test_a_config_without_targets_or_with_all_linear_is_refused(tmp_path):
+    peft_folder(_folder(tmp_path, {"peft_type": "LOHA", "target_modules": ["q"]}), "LOHA").require_targets("LoHaModel")
+    for targets, named in (
+        (None, "has no target_modules"),
+        ([], "has no target_modules"),
+        ("ALL-LINEAR", "all-linear"),
+    ):
+        found = peft_folder(_folder(tmp_path, {"peft_type": "LOHA", "target_modules": targets}), "LOHA")
+        with pytest.raises(CheckpointError, match=named):
+            found.require_targets("LoHaModel")
+
+
+def test_only_an_untrained_bias_passes(tmp_path):
+    for bias in (None, "none"):
+        peft_folder(_folder(tmp_path, {"peft_type": "VERA", "bias": bias}), "VERA").refuse_trained_bias("VeraModel")
+    found = peft_folder(_folder(tmp_path, {"peft_type": "VERA", "bias": "lora_only"}), "VERA")
+    with pytest.raises(CheckpointError, match="bias='lora_only' saves trained backbone biases, which VeraModel"):
+        found.refuse_trained_bias("VeraModel")
+
+
+def test_a_reader_may_accept_safetensors_only(tmp_path):
+    _folder(tmp_path, {"peft_type": "IA3"})
+    torch.save({f"{PEFT_PREFIX}a.ia3_l": torch.ones(3)}, tmp_path / "adapter_model.bin")
+    found = peft_folder(tmp_path, "IA3")
+    assert found.weights_file().name == "adapter_model.bin"
+    with pytest.raises(CheckpointError, match=r"no adapter_model\.safetensors"):
+        found.tensors(nn.Linear(2, 2), pickled=False)

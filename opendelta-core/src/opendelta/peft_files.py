@@ -95,11 +95,53 @@ class PeftFolder:
         for field, value in self.config.items():
             if field in PEFT_BOOKKEEPING or field in understood or _is_off(value):
                 continue
-            shown = file_patterns.shown(value) if isinstance(value, list) else repr(value)[:200]
+            names = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            shown = file_patterns.shown(value) if names else repr(value)[:200]  # layers_to_transform=[0]: numbers
             raise CheckpointError(
                 f"{self.source}: {field}={shown} is a PEFT option {method} does not support (it may change what the "
                 f"adapter computes); {method} reads {', '.join(sorted(understood))}. Use PEFT for this adapter."
             )
+
+    def require_targets(self, method: str) -> None:
+        """Refuse a config without ``target_modules``, or with ``"all-linear"``.
+
+        PEFT records the modules it modified in ``target_modules``, so a folder without them was not written by
+        ``save_pretrained``; ``"all-linear"`` is resolved by PEFT against the model class (every linear layer but the
+        output head), which a reader matching names cannot reproduce faithfully.
+
+        Args:
+            method: the delta model class, for the message (``"LoHaModel"``).
+
+        Raises:
+            CheckpointError: no ``target_modules``, or ``"all-linear"``.
+        """
+        targets = self.config.get("target_modules")
+        if not targets:
+            raise CheckpointError(f"{self.source} has no target_modules: PEFT records the modules it modified there")
+        if isinstance(targets, str) and targets.lower() == "all-linear":
+            raise CheckpointError(
+                f"{self.source}: target_modules='all-linear' is not supported by {method}'s PEFT reader"
+            )
+
+    def refuse_trained_bias(self, method: str) -> None:
+        """Refuse a ``bias`` other than ``"none"`` (PEFT's LoRA-family option to train and save backbone biases).
+
+        Such a folder holds trained biases besides the method's tensors, which a plugin that loads only its own
+        tensors would drop. A plugin calling this lists ``bias`` among the fields :meth:`refuse_unknown` accepts.
+
+        Args:
+            method: the delta model class, for the message (``"VeraModel"``).
+
+        Raises:
+            CheckpointError: naming the value.
+        """
+        value = self.config.get("bias")
+        if _is_off(value) or value == "none":
+            return
+        raise CheckpointError(
+            f"{self.source}: bias={value!r:.100} saves trained backbone biases, which {method} does not load; only "
+            f"bias='none' is supported. Use PEFT for this adapter."
+        )
 
     def refuse_other_class(self, delta_cls: type, ours: type) -> None:
         """Refuse a ``from_finetuned`` called on a delta class other than ``ours`` (or the generic one).
@@ -154,24 +196,33 @@ class PeftFolder:
         listed = frozenset(value)
         return lambda name: name in listed or any(name.endswith(f".{entry}") for entry in listed)
 
-    def weights_file(self) -> Path:
+    def weights_file(self, *, pickled: bool = True) -> Path:
         """The weights file: ``adapter_model.safetensors``, else old PEFT's ``adapter_model.bin``.
+
+        Args:
+            pickled: whether ``adapter_model.bin`` is accepted too; ``False`` for a reader whose folders come only
+                from PEFT versions that write safetensors, or that has not been checked against old pickles.
 
         Raises:
             CheckpointError: neither is there, or it is a link out of the folder.
         """
-        for name in (PEFT_WEIGHTS_NAME, PEFT_PICKLED_WEIGHTS_NAME):
+        names = (PEFT_WEIGHTS_NAME, PEFT_PICKLED_WEIGHTS_NAME) if pickled else (PEFT_WEIGHTS_NAME,)
+        for name in names:
             if (self.folder / name).is_file():
                 return contained_file(self.folder, name, "the PEFT weights file")
         raise CheckpointError(f"{self.folder} has {PEFT_CONFIG_NAME} but no {PEFT_WEIGHTS_NAME}")
 
-    def tensors(self, backbone_model: nn.Module) -> dict[str, torch.Tensor]:
+    def tensors(self, backbone_model: nn.Module, *, pickled: bool = True) -> dict[str, torch.Tensor]:
         """The weights, names unchanged; a pickle is read without running code and bounded by the backbone's size.
+
+        Args:
+            backbone_model: the model the adapter is for (bounds a pickle's size).
+            pickled: whether ``adapter_model.bin`` is read too (see :meth:`weights_file`).
 
         Raises:
             CheckpointError: a missing, damaged or oversized weights file.
         """
-        path = self.weights_file()
+        path = self.weights_file(pickled=pickled)
         if path.name == PEFT_WEIGHTS_NAME:
             return read_safetensors(path)
         return read_pickled_tensors(path, max_bytes=legacy_size_limit(backbone_model))

@@ -125,8 +125,10 @@ what a ``merge_update`` returns). ``factory_kwargs`` and ``linear_features`` rea
 backend, so a method that sizes and places its deltas with them works on quantized layers unchanged.
 
 1.4: PEFT adapter folders: ``peft_folder`` (a folder of one ``peft_type``, as a :class:`PeftFolder` with its checked
-config, tensors on demand and refusals by name), ``write_peft_folder``, ``PEFT_PREFIX``; what a plugin reading or
-exporting its method's PEFT format shares with the others."""
+config, tensors on demand and refusals by name: ``refuse_unknown``, ``refuse_other_class``, ``require_targets``
+for a missing or ``all-linear`` ``target_modules``, ``refuse_trained_bias`` for a ``bias`` other than ``"none"``;
+``weights_file``/``tensors`` with ``pickled=False`` for safetensors only), ``write_peft_folder``, ``PEFT_PREFIX``;
+what a plugin reading or exporting its method's PEFT format shares with the others."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",

@@ -11,43 +11,34 @@ Options that would make PEFT compute something ``LoKrModel`` does not (``modules
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
-    AddressingError,
+    PEFT_PREFIX,
     CheckpointError,
     CheckpointRecord,
     DeltaConfigError,
     DeltaModel,
-    backbone_module_names,
-    contained_file,
+    PeftFolder,
     file_patterns,
     is_linear,
-    read_config_dict,
-    read_safetensors,
-    write_atomically,
+    peft_folder,
+    write_peft_folder,
 )
 from opendelta_lokr.config import LoKrConfig
 from opendelta_lokr.model import LoKrModel
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "read_peft_lokr", "save_peft_lokr"]
+__all__ = ["read_peft_lokr", "save_peft_lokr"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "LOKR"
-_PREFIX = "base_model.model."
 _PARAMETERS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-_READ = frozenset(
+_UNDERSTOOD = frozenset(
     {
-        "peft_type",
         "r",
         "alpha",
         "rank_dropout",
@@ -60,85 +51,35 @@ _READ = frozenset(
         "rank_pattern",
         "alpha_pattern",
         "init_weights",
-    }
-)
-_INERT = frozenset(
-    {
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "auto_mapping",
-        "peft_version",
         "use_effective_conv2d",
     }
 )
-"""Bookkeeping, and ``use_effective_conv2d``, which PEFT ignores on the linear layers LoKrModel modifies."""
-_PATTERNS = ("target_modules", "exclude_modules")
+"""What the reader reads, and ``use_effective_conv2d``, which PEFT ignores on the linear layers LoKrModel modifies."""
 
 
-def _is_off(value: Any) -> bool:
-    return value is None or (isinstance(value, (bool, list, dict, str)) and not value)
-
-
-def _check_fields(config: Mapping[str, Any], source: str) -> None:
-    for field, value in config.items():
-        if field in _READ or field in _INERT or _is_off(value):
-            continue
-        raise CheckpointError(
-            f"{source}: {field}={value!r:.200} is a "
-            f"PEFT option LoKrModel does not support (it may change what the adapter computes); LoKrModel loads "
-            f"r, alpha, rank_dropout, rank_dropout_scale, module_dropout, decompose_both, decompose_factor, "
-            f"target_modules, exclude_modules, rank_pattern and alpha_pattern. Use PEFT for this adapter."
-        )
-    for field in _PATTERNS:
-        value = config.get(field)
-        ok = (
-            value is None
-            or isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        )
-        if not ok:
-            raise CheckpointError(f"{source}: {field} must be a list of names or a regex string, got {value!r:.200}")
-        file_patterns.check_limits(field, value, source)
+def _check_patterns(adapter: PeftFolder) -> None:
+    """``rank_pattern``/``alpha_pattern`` are mappings whose keys are matched later: bounded like the targets."""
     for field in ("rank_pattern", "alpha_pattern"):
-        value = config.get(field) or {}
+        value = adapter.config.get(field) or {}
         if not isinstance(value, dict):
-            raise CheckpointError(f"{source}: {field} must be a mapping of patterns to numbers, got {value!r:.200}")
-        file_patterns.check_limits(field, list(value), source)
-    targets = config.get("target_modules")
-    if not targets:
-        raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        raise CheckpointError(f"{source}: target_modules='all-linear' is not supported by LoKrModel's PEFT reader")
+            raise CheckpointError(
+                f"{adapter.source}: {field} must be a mapping of patterns to numbers, got {value!r:.200}"
+            )
+        file_patterns.check_limits(field, list(value), adapter.source)
 
 
-def _matcher(field: str, value: Any, source: str) -> Any:
-    """PEFT's rule for ``field``: a regex string fully matches the name; a list entry is the name or a suffix."""
-    if value is None:
-        return lambda key: False
-    if isinstance(value, str):
-        try:
-            regex = file_patterns.compile_file_regex(value, value, file_patterns.MatchBudget(field, source))
-        except AddressingError as exc:
-            raise CheckpointError(str(exc)) from exc
-        return lambda key: regex.fullmatch(key) is not None
-    return lambda key: key in value or any(key.endswith(f".{t}") for t in value)
-
-
-def lokr_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str) -> LoKrConfig:
-    """The :class:`LoKrConfig` that puts on ``model`` what the PEFT LoKr ``config`` puts there (by full names).
+def lokr_config_from_peft(adapter: PeftFolder, model: nn.Module) -> LoKrConfig:
+    """The :class:`LoKrConfig` that puts on ``model`` what the PEFT LoKr adapter puts there (by full names).
 
     Raises:
         CheckpointError: an unsupported option (named), a value of the wrong type or range, targets that match
             nothing or are not linear layers.
     """
-    _check_fields(config, source)
-    target = _matcher("target_modules", config["target_modules"], source)
-    exclude = _matcher("exclude_modules", config.get("exclude_modules"), source)
-    names = [n for n in backbone_module_names(model) if target(n) and not exclude(n)]
-    if not names:
-        raise CheckpointError(f"{source}: target_modules matches no module of this {type(model).__name__}")
+    adapter.refuse_unknown(_UNDERSTOOD, "LoKrModel")
+    _check_patterns(adapter)
+    adapter.require_targets("LoKrModel")
+    source = adapter.source
+    names = adapter.targeted_modules(model)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
     if wrong:
@@ -155,6 +96,7 @@ def lokr_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: s
         "alpha_pattern",
         "init_weights",
     )
+    config = adapter.config
     try:
         return LoKrConfig(
             modified_modules=names,
@@ -169,11 +111,11 @@ def _our_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
     """``base_model.model.<module>.lokr_w1`` ... -> ``<module>.lokr.lokr_w1`` ...; anything else is refused."""
     ours = {}
     for name, tensor in tensors.items():
-        module, _, parameter = name.removeprefix(_PREFIX).rpartition(".")
-        if not name.startswith(_PREFIX) or parameter not in _PARAMETERS:
+        module, _, parameter = name.removeprefix(PEFT_PREFIX).rpartition(".")
+        if not name.startswith(PEFT_PREFIX) or parameter not in _PARAMETERS:
             raise CheckpointError(
-                f"{source}: {name!r:.200} is not a LoKr factor of a linear layer ('{_PREFIX}<module>.lokr_w1' and "
-                f"the like; the convolution factor lokr_t2 is not supported)"
+                f"{source}: {name!r:.200} is not a LoKr factor of a linear layer ('{PEFT_PREFIX}<module>.lokr_w1' "
+                f"and the like; the convolution factor lokr_t2 is not supported)"
             )
         ours[f"{module}.{LoKrModel.delta_name}.{parameter}"] = tensor
     return ours
@@ -182,32 +124,23 @@ def _our_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
 def read_peft_lokr(folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
     """Read a PEFT LoKr adapter folder into a record for core's apply step; ``None`` for any other folder.
 
+    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+
     Raises:
         CheckpointError: a PEFT LoKr folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
     """
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        return None
-    config = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type.upper() != PEFT_TYPE:
-        return None  # another PEFT method: another plugin may read it
-    source = str(folder)
-    if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, LoKrModel):
-        raise CheckpointError(
-            f"{folder} is a PEFT 'LOKR' adapter, and {delta_cls.__name__} cannot read it; load it with "
-            f"LoKrModel.from_finetuned or AutoDeltaModel.from_finetuned"
-        )
-    lokr_config = lokr_config_from_peft(config, backbone_model, source)
-    if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
-    weights = contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")
+    adapter = peft_folder(folder, PEFT_TYPE)
+    if adapter is None:
+        return None  # not PEFT's, or another PEFT method: another plugin may read it
+    adapter.refuse_other_class(delta_cls, LoKrModel)
+    lokr_config = lokr_config_from_peft(adapter, backbone_model)
+    weights = adapter.weights_file(pickled=False)
     return CheckpointRecord(
-        source,
+        adapter.source,
         str(weights),
         LoKrModel,
         lokr_config,
-        _our_tensors(read_safetensors(weights), source),
+        _our_tensors(adapter.tensors(backbone_model, pickled=False), adapter.source),
         describe=f"a PEFT LoKr adapter whose own config builds LoKr on this {type(backbone_model).__name__}",
     )
 
@@ -246,7 +179,7 @@ def save_peft_lokr(delta_model: LoKrModel, path: str | os.PathLike[str]) -> Path
                 f"those rows only, and PEFT's LoKr spans the whole layer; address whole layers, or save_finetuned()"
             )
         for parameter, value in insertion.delta.named_parameters():
-            tensors[f"{_PREFIX}{target.name}.{parameter}"] = value.detach().to("cpu").contiguous().clone()
+            tensors[f"{PEFT_PREFIX}{target.name}.{parameter}"] = value
     config = delta_model.config
     backbone = delta_model.backbone_model
     document = {
@@ -272,8 +205,4 @@ def save_peft_lokr(delta_model: LoKrModel, path: str | os.PathLike[str]) -> Path
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": None,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
+    return write_peft_folder(path, document, tensors)
