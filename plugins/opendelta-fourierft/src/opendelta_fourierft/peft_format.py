@@ -12,47 +12,36 @@ would make PEFT compute or load something ``FourierFTModel`` does not (``modules
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
+    PEFT_PREFIX,
     AddressingError,
     CheckpointError,
     CheckpointRecord,
     DeltaModel,
+    PeftFolder,
     backbone_module_names,
-    contained_file,
     file_patterns,
     is_linear,
-    read_config_dict,
-    read_safetensors,
-    write_atomically,
+    peft_folder,
+    write_peft_folder,
 )
 from opendelta_fourierft.config import FourierFTConfig
 from opendelta_fourierft.model import FourierFTModel
 
-__all__ = [
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_WEIGHTS_NAME",
-    "fourierft_config_from_peft",
-    "read_peft_fourierft",
-    "save_peft_fourierft",
-]
+__all__ = ["fourierft_config_from_peft", "read_peft_fourierft", "save_peft_fourierft"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PEFT_TYPE = "FOURIERFT"
 _SUFFIX = ".fourierft_spectrum"
-_READ = frozenset(
+_UNDERSTOOD = frozenset(
     {
-        "peft_type",
         "target_modules",
         "exclude_modules",
         "fan_in_fan_out",
@@ -61,73 +50,20 @@ _READ = frozenset(
         "random_loc_seed",
         "n_frequency_pattern",
         "bias",
-    }
-)
-_INERT = frozenset(
-    {
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "auto_mapping",
-        "peft_version",
         "init_weights",
     }
 )
-"""Fields that concern initialisation or bookkeeping (``fan_in_fan_out`` only says how ``Conv1D`` stores W)."""
-_PATTERNS = ("target_modules", "exclude_modules")
+"""What the reader reads, and ``init_weights``, which concerns initialisation only (``fan_in_fan_out`` only says
+how ``Conv1D`` stores W)."""
 
 
-def _is_off(value: Any) -> bool:
-    return value is None or (isinstance(value, (bool, list, dict, str)) and not value)
-
-
-def _check_fields(config: Mapping[str, Any], source: str) -> None:
-    for name, value in config.items():
-        if name in _READ or name in _INERT or _is_off(value):
-            continue
-        names = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        raise CheckpointError(
-            f"{source}: {name}={file_patterns.shown(value) if names else repr(value)[:200]} is a "
-            f"PEFT option FourierFTModel does not support (it may change what the adapter computes or loads); "
-            f"FourierFTModel loads n_frequency, scaling, random_loc_seed, n_frequency_pattern, target_modules and "
-            f"exclude_modules. Use PEFT for this adapter."
-        )
-    if config.get("bias", "none") != "none":
-        raise CheckpointError(
-            f"{source}: bias={config['bias']!r:.100} saves trained backbone biases, which FourierFTModel does not "
-            f"load; only bias='none' is supported. Use PEFT for this adapter."
-        )
-    for name in _PATTERNS:
-        value = config.get(name)
-        ok = (
-            value is None
-            or isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        )
-        if not ok:
-            raise CheckpointError(f"{source}: {name} must be a list of names or a regex string, got {value!r:.200}")
-        file_patterns.check_limits(name, value, source)
-    targets = config.get("target_modules")
-    if not targets:
-        raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        raise CheckpointError(f"{source}: target_modules='all-linear' is not supported by FourierFTModel's PEFT reader")
-    seed = config.get("random_loc_seed")
+def _check_seed(adapter: PeftFolder) -> None:
+    seed = adapter.config.get("random_loc_seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise CheckpointError(
-            f"{source}: random_loc_seed={seed!r:.100} is no integer; the coefficients' locations are drawn from it"
+            f"{adapter.source}: random_loc_seed={seed!r:.100} is no integer; the coefficients' locations are drawn "
+            f"from it"
         )
-
-
-def _matcher(name: str, value: Any, source: str) -> Any:
-    """PEFT's rule for ``name``: a regex string fully matches the module name; a list entry is the name or a suffix."""
-    if value is None:
-        return lambda key: False
-    if isinstance(value, str):
-        regex = _file_regex(name, value, value, source)
-        return lambda key: regex.fullmatch(key) is not None
-    return lambda key: key in value or any(key.endswith(f".{t}") for t in value)
 
 
 def _file_regex(name: str, expression: str, text: str, source: str) -> file_patterns.BoundedRegex:
@@ -159,8 +95,8 @@ def _n_frequencies(config: Mapping[str, Any], names: list[str], source: str) -> 
     return chosen
 
 
-def fourierft_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str) -> FourierFTConfig:
-    """The :class:`FourierFTConfig` that puts on ``model`` what the PEFT FourierFT ``config`` puts there.
+def fourierft_config_from_peft(adapter: PeftFolder, model: nn.Module) -> FourierFTConfig:
+    """The :class:`FourierFTConfig` that puts on ``model`` what the PEFT FourierFT adapter puts there.
 
     The targets become real names; the per-layer ``n_frequency`` (from ``n_frequency_pattern``) becomes the exact
     names of the layers whose value differs from ``n_frequency``.
@@ -168,12 +104,12 @@ def fourierft_config_from_peft(config: Mapping[str, Any], model: nn.Module, sour
     Raises:
         CheckpointError: an unsupported option (named), targets that match nothing or are not linear layers.
     """
-    _check_fields(config, source)
-    target = _matcher("target_modules", config["target_modules"], source)
-    exclude = _matcher("exclude_modules", config.get("exclude_modules"), source)
-    names = [n for n in backbone_module_names(model) if target(n) and not exclude(n)]
-    if not names:
-        raise CheckpointError(f"{source}: target_modules matches no module of this {type(model).__name__}")
+    adapter.refuse_unknown(_UNDERSTOOD, "FourierFTModel")
+    adapter.refuse_trained_bias("FourierFTModel")
+    adapter.require_targets("FourierFTModel")
+    _check_seed(adapter)
+    config, source = adapter.config, adapter.source
+    names = adapter.targeted_modules(model)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
     if wrong:
@@ -199,9 +135,11 @@ def _our_tensors(tensors: Mapping[str, torch.Tensor], config: FourierFTConfig, s
     """``base_model.model.<module>.fourierft_spectrum`` -> ``<module>.fourierft.fourierft_spectrum``."""
     ours = {}
     for name, tensor in tensors.items():
-        if not (name.startswith(_PREFIX) and name.endswith(_SUFFIX)):
-            raise CheckpointError(f"{source}: {name!r:.200} is not a FourierFT spectrum ('{_PREFIX}<module>{_SUFFIX}')")
-        module = name[len(_PREFIX) : -len(_SUFFIX)]
+        if not (name.startswith(PEFT_PREFIX) and name.endswith(_SUFFIX)):
+            raise CheckpointError(
+                f"{source}: {name!r:.200} is not a FourierFT spectrum ('{PEFT_PREFIX}<module>{_SUFFIX}')"
+            )
+        module = name[len(PEFT_PREFIX) : -len(_SUFFIX)]
         wanted = config.n_frequency_of(module)
         if tuple(tensor.shape) != (wanted,):
             raise CheckpointError(f"{source}: {name} has shape {list(tensor.shape)}, not [{wanted}] (n_frequency)")
@@ -214,32 +152,23 @@ def read_peft_fourierft(
 ) -> CheckpointRecord | None:
     """Read a PEFT FourierFT adapter folder into a record for core's apply step; ``None`` for any other folder.
 
+    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+
     Raises:
         CheckpointError: a PEFT FourierFT folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
     """
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        return None
-    config = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type.upper() != "FOURIERFT":
-        return None  # another PEFT method: another plugin may read it
-    source = str(folder)
-    if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, FourierFTModel):
-        raise CheckpointError(
-            f"{folder} is a PEFT 'FOURIERFT' adapter, and {delta_cls.__name__} cannot read it; load it with "
-            f"FourierFTModel.from_finetuned or AutoDeltaModel.from_finetuned"
-        )
-    ours = fourierft_config_from_peft(config, backbone_model, source)
-    if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
-    weights = contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")
+    adapter = peft_folder(folder, PEFT_TYPE)
+    if adapter is None:
+        return None  # not PEFT's, or another PEFT method: another plugin may read it
+    adapter.refuse_other_class(delta_cls, FourierFTModel)
+    ours = fourierft_config_from_peft(adapter, backbone_model)
+    weights = adapter.weights_file(pickled=False)
     return CheckpointRecord(
-        source,
+        adapter.source,
         str(weights),
         FourierFTModel,
         ours,
-        _our_tensors(read_safetensors(weights), ours, source),
+        _our_tensors(adapter.tensors(backbone_model, pickled=False), ours, adapter.source),
         describe=f"a PEFT FourierFT adapter whose own config builds FourierFT on this {type(backbone_model).__name__}",
     )
 
@@ -285,12 +214,12 @@ def save_peft_fourierft(
                 f"fused layer's {layer.out_features} output rows, and PEFT's spectrum spans the whole layer; "
                 f"target the whole layer (modified_modules=[{target.name!r}]) to export it, or use save_finetuned()"
             )
-        tensors[f"{_PREFIX}{target.name}{_SUFFIX}"] = layer.fourierft_spectrum.detach()
+        tensors[f"{PEFT_PREFIX}{target.name}{_SUFFIX}"] = layer.fourierft_spectrum
         targets.append(target.name)
     modules = dict(backbone.named_modules())
     config = delta_model.config
     document = {
-        "peft_type": "FOURIERFT",
+        "peft_type": PEFT_TYPE,
         "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(backbone, "config", None), "_name_or_path", None) or None,
         "revision": None,
@@ -308,12 +237,4 @@ def save_peft_fourierft(
         "n_frequency_pattern": dict(config.n_frequency_pattern),  # PEFT's own rule, on the same module names
         "init_weights": config.init_weights,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(_contiguous(tensors), metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
-
-
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return write_peft_folder(path, document, tensors)
