@@ -11,52 +11,37 @@ not (``modules_to_save``, ``layers_to_transform``, a bias, ``lora_alpha <= 0``..
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
-    AddressingError,
+    PEFT_PREFIX,
     CheckpointError,
     CheckpointRecord,
     DeltaConfigError,
     DeltaModel,
-    backbone_module_names,
-    contained_file,
-    file_patterns,
+    PeftFolder,
     is_linear,
-    read_config_dict,
-    read_safetensors,
-    write_atomically,
+    peft_folder,
+    write_peft_folder,
 )
 from opendelta_adalora.config import AdaLoraConfig
 from opendelta_adalora.model import AdaLoraModel
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "read_peft_adalora", "save_peft_adalora"]
+__all__ = ["read_peft_adalora", "save_peft_adalora"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PEFT_TYPE = "ADALORA"
 _PARTS = ("lora_A", "lora_E", "lora_B")
 _SCHEDULE = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
-_READ = frozenset(
-    {"peft_type", "target_modules", "exclude_modules", "fan_in_fan_out", "rank_pattern", "lora_alpha", "lora_dropout"}
+_UNDERSTOOD = frozenset(
+    {"target_modules", "exclude_modules", "fan_in_fan_out", "rank_pattern", "lora_alpha", "lora_dropout", "bias"}
     | set(_SCHEDULE)
-)
-_INERT = frozenset(
-    {
-        "task_type",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-        "auto_mapping",
-        "peft_version",
+    | {
         "init_lora_weights",
         "r",  # PEFT's AdaLoRA ignores LoRA's r (init_r is the rank)
         "alpha_pattern",  # and LoRA's alpha_pattern and use_rslora: its layers read lora_alpha only
@@ -65,58 +50,8 @@ _INERT = frozenset(
         "qalora_group_size",
     }
 )
-"""Fields PEFT's AdaLoRA does not read, or only at initialisation (``fan_in_fan_out`` says how Conv1D stores W)."""
-_PATTERNS = ("target_modules", "exclude_modules")
-
-
-def _is_off(value: Any) -> bool:
-    return value is None or (isinstance(value, (bool, list, dict, str)) and not value)
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return file_patterns.shown(value)
-    return repr(value)[:200]
-
-
-def _check_fields(config: Mapping[str, Any], source: str) -> None:
-    for field, value in config.items():
-        if field in _READ or field in _INERT or _is_off(value) or (field == "bias" and value == "none"):
-            continue
-        raise CheckpointError(
-            f"{source}: {field}={_shown(value)} is a "
-            f"PEFT option AdaLoraModel does not support (it may change what the adapter computes); AdaLoraModel "
-            f"loads target_modules, exclude_modules, lora_alpha, lora_dropout, rank_pattern and AdaLoRA's schedule. "
-            f"Use PEFT for this adapter."
-        )
-    for field in _PATTERNS:
-        value = config.get(field)
-        ok = (
-            value is None
-            or isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        )
-        if not ok:
-            raise CheckpointError(f"{source}: {field} must be a list of names or a regex string, got {value!r:.200}")
-        file_patterns.check_limits(field, value, source)
-    targets = config.get("target_modules")
-    if not targets:
-        raise CheckpointError(f"{source} has no target_modules: PEFT records the modules it modified there")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        raise CheckpointError(f"{source}: target_modules='all-linear' is not supported by AdaLoraModel's PEFT reader")
-
-
-def _matcher(field: str, value: Any, source: str) -> Any:
-    """PEFT's rule for ``field``: a regex string fully matches the name; a list entry is the name or its suffix."""
-    if value is None:
-        return lambda key: False
-    if isinstance(value, str):
-        try:
-            regex = file_patterns.compile_file_regex(value, value, file_patterns.MatchBudget(field, source))
-        except AddressingError as exc:
-            raise CheckpointError(str(exc)) from exc
-        return lambda key: regex.fullmatch(key) is not None
-    return lambda key: key in value or any(key.endswith(f".{t}") for t in value)
+"""What the reader reads (``bias`` only as ``"none"``), and fields PEFT's AdaLoRA does not read, or only at
+initialisation (``fan_in_fan_out`` says how Conv1D stores W)."""
 
 
 def _module_of(key: str) -> str:
@@ -139,18 +74,17 @@ def _rank_pattern(value: Any, names: list[str], source: str) -> dict[str, list[b
     return pattern
 
 
-def adalora_config_from_peft(config: Mapping[str, Any], model: nn.Module, source: str) -> AdaLoraConfig:
-    """The :class:`AdaLoraConfig` that puts on ``model`` what the PEFT AdaLoRA ``config`` puts there (full names).
+def adalora_config_from_peft(adapter: PeftFolder, model: nn.Module) -> AdaLoraConfig:
+    """The :class:`AdaLoraConfig` that puts on ``model`` what the PEFT AdaLoRA adapter puts there (full names).
 
     Raises:
         CheckpointError: an unsupported option (named), targets that match nothing or are not linear layers.
     """
-    _check_fields(config, source)
-    target = _matcher("target_modules", config["target_modules"], source)
-    exclude = _matcher("exclude_modules", config.get("exclude_modules"), source)
-    names = [n for n in backbone_module_names(model) if target(n) and not exclude(n)]
-    if not names:
-        raise CheckpointError(f"{source}: target_modules matches no module of this {type(model).__name__}")
+    adapter.refuse_unknown(_UNDERSTOOD, "AdaLoraModel")
+    adapter.refuse_trained_bias("AdaLoraModel")
+    adapter.require_targets("AdaLoraModel")
+    config, source = adapter.config, adapter.source
+    names = adapter.targeted_modules(model)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_linear(modules[n])]
     if wrong:
@@ -172,41 +106,34 @@ def _our_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
     ours = {}
     for name, tensor in tensors.items():
         part = name.rpartition(".")[2]
-        if not name.startswith(_PREFIX) or part not in _PARTS:
-            raise CheckpointError(f"{source}: {name!r:.200} is not an AdaLoRA tensor ('{_PREFIX}<module>.lora_A/E/B')")
-        ours[f"{name[len(_PREFIX) : -len(part) - 1]}.{AdaLoraModel.delta_name}.{part}"] = tensor
+        if not name.startswith(PEFT_PREFIX) or part not in _PARTS:
+            raise CheckpointError(
+                f"{source}: {name!r:.200} is not an AdaLoRA tensor ('{PEFT_PREFIX}<module>.lora_A/E/B')"
+            )
+        ours[f"{name[len(PEFT_PREFIX) : -len(part) - 1]}.{AdaLoraModel.delta_name}.{part}"] = tensor
     return ours
 
 
 def read_peft_adalora(folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
     """Read a PEFT AdaLoRA adapter folder into a record for core's apply step; ``None`` for any other folder.
 
+    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+
     Raises:
         CheckpointError: a PEFT AdaLoRA folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
     """
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        return None
-    config = read_config_dict(contained_file(folder, ADAPTER_CONFIG_NAME, "the PEFT config"))
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type.upper() != "ADALORA":
-        return None  # another PEFT method: another plugin may read it
-    source = str(folder)
-    if delta_cls.delta_type not in ("", None) and not issubclass(delta_cls, AdaLoraModel):
-        raise CheckpointError(
-            f"{folder} is a PEFT 'ADALORA' adapter, and {delta_cls.__name__} cannot read it; load it with "
-            f"AdaLoraModel.from_finetuned or AutoDeltaModel.from_finetuned"
-        )
-    adalora_config = adalora_config_from_peft(config, backbone_model, source)
-    if not (folder / ADAPTER_WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}")
-    weights = contained_file(folder, ADAPTER_WEIGHTS_NAME, "the PEFT weights file")
+    adapter = peft_folder(folder, PEFT_TYPE)
+    if adapter is None:
+        return None  # not PEFT's, or another PEFT method: another plugin may read it
+    adapter.refuse_other_class(delta_cls, AdaLoraModel)
+    adalora_config = adalora_config_from_peft(adapter, backbone_model)
+    weights = adapter.weights_file(pickled=False)
     return CheckpointRecord(
-        source,
+        adapter.source,
         str(weights),
         AdaLoraModel,
         adalora_config,
-        _our_tensors(read_safetensors(weights), source),
+        _our_tensors(adapter.tensors(backbone_model, pickled=False), adapter.source),
         describe=f"a PEFT AdaLoRA adapter whose own config builds AdaLoRA on this {type(backbone_model).__name__}",
     )
 
@@ -257,7 +184,7 @@ def save_peft_adalora(
             up = parts["lora_B"]
             parts["lora_B"] = up.new_zeros(layer.out_features, up.shape[1]).index_copy(0, layer.out_index, up)
         for part, tensor in parts.items():
-            tensors[f"{_PREFIX}{target.name}.{part}"] = tensor
+            tensors[f"{PEFT_PREFIX}{target.name}.{part}"] = tensor
         if config.rank_pattern and target.name in config.rank_pattern:
             pattern[f"{target.name}.lora_E"] = list(config.rank_pattern[target.name])
         elif not all(layer.pattern):
@@ -265,7 +192,7 @@ def save_peft_adalora(
         names.append(target.name)
     modules = dict(backbone.named_modules())
     document = {
-        "peft_type": "ADALORA",
+        "peft_type": PEFT_TYPE,
         "task_type": task_type,
         "base_model_name_or_path": getattr(getattr(backbone, "config", None), "_name_or_path", None) or None,
         "revision": None,
@@ -283,9 +210,4 @@ def save_peft_adalora(
         "total_step": steps,
         "rank_pattern": pattern or None,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(contiguous, metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
+    return write_peft_folder(path, document, tensors)
