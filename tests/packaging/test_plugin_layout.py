@@ -41,3 +41,25 @@ def test_each_method_of_each_plugin_has_its_conformance_battery_in_the_plugins_o
     assert methods, f"{plugin.name}: no config class with a delta_type found"
     missing = methods - _battery_methods(plugin)
     assert not missing, f"{plugin.name}: no DeltaMethodSuite subclass with method_name in {sorted(missing)}"
+
+
+def _public_classes(plugin: Path) -> set[str]:
+    """The ``XxxModel`` / ``XxxConfig`` names in the ``__all__`` of the plugin's package (what ``from opendelta``
+    serves once it is installed)."""
+    names = set()
+    for init in (plugin / "src").glob("*/__init__.py"):
+        for node in ast.walk(ast.parse(init.read_text())):
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "__all__":
+                names |= {e.value for e in node.value.elts if e.value.endswith(("Model", "Config"))}
+    return names
+
+
+@pytest.mark.parametrize("plugin", PLUGINS, ids=[p.name for p in PLUGINS])
+def test_every_class_and_method_name_of_a_plugin_points_the_install_hint_at_that_plugin(plugin):
+    """``from opendelta import BOFTModel`` without the plugin must say ``pip install opendelta-oft``."""
+    from opendelta.plugins import first_party_distribution
+
+    names = _public_classes(plugin) | _registered_methods(plugin)
+    assert names
+    wrong = {n: first_party_distribution(n) for n in names if first_party_distribution(n) != plugin.name}
+    assert not wrong, f"the install hint for these names does not name {plugin.name}: {wrong}"

@@ -100,7 +100,8 @@ def first_party_distribution(name: str) -> str:
     """
     stem = re.sub(r"(Model|Config)$", "", name)
     kebab = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", stem).lower().replace("_", "-")
-    return _SHIPPED_BY_SQUASHED.get(_squashed(kebab), "opendelta-" + kebab)
+    squashed = _squashed(kebab)
+    return _SHIPPED_BY_SQUASHED.get(squashed) or SHIPPED_BESIDE.get(squashed, "opendelta-" + kebab)
 
 
 def _squashed(name: str) -> str:
@@ -113,6 +114,8 @@ def _squashed(name: str) -> str:
 
 
 _SHIPPED_BY_SQUASHED = {_squashed(dist.removeprefix("opendelta-")): dist for dist in SHIPPED}
+SHIPPED_BESIDE = {"boft": "opendelta-oft"}
+"""First-party methods shipped in a distribution named after another (BOFT beside OFT), by squashed name."""
 
 
 def owns(plugin_name: str, name: str) -> bool:
