@@ -152,7 +152,7 @@ def read_peft_fourierft(
 ) -> CheckpointRecord | None:
     """Read a PEFT FourierFT adapter folder into a record for core's apply step; ``None`` for any other folder.
 
-    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+    Only ``adapter_model.safetensors`` is read, not an old ``adapter_model.bin`` pickle (PEFT saves safetensors).
 
     Raises:
         CheckpointError: a PEFT FourierFT folder that cannot be loaded faithfully, or ``delta_cls`` is another method.

@@ -124,7 +124,7 @@ def _our_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, 
 def read_peft_lokr(folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
     """Read a PEFT LoKr adapter folder into a record for core's apply step; ``None`` for any other folder.
 
-    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+    Only ``adapter_model.safetensors`` is read, not an old ``adapter_model.bin`` pickle (PEFT saves safetensors).
 
     Raises:
         CheckpointError: a PEFT LoKr folder that cannot be loaded faithfully, or ``delta_cls`` is another method.

@@ -110,7 +110,7 @@ def _place_projections(delta_model: DeltaModel, tensors: Mapping[str, torch.Tens
 def read_peft_vera(folder: Path, backbone_model: nn.Module, delta_cls: type[DeltaModel]) -> CheckpointRecord | None:
     """Read a PEFT VeRA adapter folder into a record for core's apply step; ``None`` for any other folder.
 
-    Only ``adapter_model.safetensors`` is read (no old pickle), as before core shared the reading.
+    Only ``adapter_model.safetensors`` is read, not an old ``adapter_model.bin`` pickle (PEFT saves safetensors).
 
     Raises:
         CheckpointError: a PEFT VeRA folder that cannot be loaded faithfully, or ``delta_cls`` is another method.
