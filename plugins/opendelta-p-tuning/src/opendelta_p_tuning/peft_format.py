@@ -12,14 +12,12 @@ are refused by name.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
@@ -29,7 +27,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
-    write_atomically,
+    write_peft_folder,
 )
 from opendelta_p_tuning.config import PTuningConfig
 from opendelta_p_tuning.model import PTuningModel
@@ -266,9 +264,5 @@ def save_peft_p_tuning(
         "encoder_num_layers": config.encoder_num_layers,
         "encoder_dropout": config.encoder_dropout,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors[TENSOR_NAME] = table.to("cpu").contiguous().clone()
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
+    tensors[TENSOR_NAME] = table
+    return write_peft_folder(path, document, tensors)

@@ -15,14 +15,12 @@ against PEFT (RoBERTa's padding-aware positions, Mistral's sliding window, Gemma
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
@@ -32,7 +30,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
-    write_atomically,
+    write_peft_folder,
 )
 from opendelta_prefix.config import PrefixConfig
 from opendelta_prefix.model import PrefixModel
@@ -254,7 +252,7 @@ def save_peft_prefix_tuning(
         for head in _head_names(backbone, entries)
         for name, param in backbone.get_submodule(head).named_parameters()
     }
-    tensors[TENSOR_NAME] = table.to("cpu").contiguous().clone()
+    tensors[TENSOR_NAME] = table
     model_config = getattr(backbone, "config", None)
     heads = getattr(model_config, "num_key_value_heads", None) or getattr(model_config, "num_attention_heads", None)
     document = {
@@ -272,8 +270,4 @@ def save_peft_prefix_tuning(
         "prefix_projection": False,
         "modules_to_save": entries or None,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
+    return write_peft_folder(path, document, tensors)

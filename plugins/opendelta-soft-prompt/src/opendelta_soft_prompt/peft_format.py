@@ -13,14 +13,12 @@ not read; any other option that is set is refused by name.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
@@ -30,7 +28,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
-    write_atomically,
+    write_peft_folder,
 )
 from opendelta_soft_prompt.config import SoftPromptConfig
 from opendelta_soft_prompt.model import SoftPromptModel
@@ -256,8 +254,4 @@ def save_peft_prompt_tuning(
         "tokenizer_name_or_path": None,
         "tokenizer_kwargs": None,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    write_atomically(folder / ADAPTER_CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
-    return folder
+    return write_peft_folder(path, document, tensors)
