@@ -10,6 +10,8 @@ it implements none, some or all of these:
   backbone's own parameters keep their names inside it;
 * :class:`PrefixSource`: keys and values placed in front of an attention's (the ``"prefix"`` insertion kind);
 * :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind);
+* :class:`LowRankBranch`: a parallel delta that is, right now, exactly ``scale * x A^T B^T`` (LoRA), so core can run
+  many of them as one batched product (per-row serving) and combine several (``combine_deltas``);
 * :class:`ParameterUpdate`: a change of one parameter of its host as the host's forward reads it (a low-rank update
   of a stack of expert weights), placed on a target whose ``parameter`` is set.
 """
@@ -17,13 +19,15 @@ it implements none, some or all of these:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 __all__ = [
     "FusedParallel",
+    "LowRankBranch",
+    "LowRankFactors",
     "Mergeable",
     "ParameterUpdate",
     "PrefixSource",
@@ -56,6 +60,36 @@ class FusedParallel(Protocol):
 
     def add_to(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``hidden + self(x)``, exactly as the unfused sum would be (not in place: autograd needs ``hidden``)."""
+        ...
+
+
+class LowRankFactors(NamedTuple):
+    """A low-rank branch's factors: it adds ``scale * x @ down.T @ up.T`` to the ``out_index`` output features."""
+
+    down: torch.Tensor
+    """``[r, in_features]`` (LoRA's ``A``); the tensor itself (a parameter), so autograd reaches it."""
+    up: torch.Tensor
+    """``[rows, r]`` (LoRA's ``B``), unscaled; ``rows`` is the output size, or ``len(out_index)``."""
+    scale: float
+    """The branch's multiplier (LoRA's ``alpha / r``)."""
+    out_index: torch.Tensor | None = None
+    """The output features ``up``'s rows write to (a slice of a fused projection); ``None``: all of them."""
+
+
+@runtime_checkable
+class LowRankBranch(Protocol):
+    """A parallel delta whose output may be exactly a scaled low-rank product of its input (LoRA).
+
+    Core uses it to run many such deltas of one module as one batched product (per-row serving: each row gathers its
+    own factors) and to combine several into one (``combine_deltas``). Nothing else about the delta changes.
+    """
+
+    def low_rank_factors(self) -> LowRankFactors | None:
+        """The factors when ``self(x)`` equals ``scale * x @ down.T @ up.T`` (on ``out_index``) now, else ``None``.
+
+        ``None`` whenever anything else takes part in the output at this moment: dropout in training mode, a
+        residual base (PiSSA), a weight-norm rescaling (DoRA). Core then calls the delta as usual.
+        """
         ...
 
 

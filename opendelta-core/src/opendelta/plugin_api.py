@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from opendelta.config import INT64_RANGE, DeltaConfig
     from opendelta.delta_protocols import (
         FusedParallel,
+        LowRankBranch,
+        LowRankFactors,
         Mergeable,
         ParameterUpdate,
         PrefixSource,
@@ -99,7 +101,7 @@ if TYPE_CHECKING:
     from opendelta.targets import Target, backbone_module_names, resolve_targets
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.4"
+PLUGIN_API_VERSION = "1.5"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
@@ -128,7 +130,10 @@ backend, so a method that sizes and places its deltas with them works on quantiz
 config, tensors on demand and refusals by name: ``refuse_unknown``, ``refuse_other_class``, ``require_targets``
 for a missing or ``all-linear`` ``target_modules``, ``refuse_trained_bias`` for a ``bias`` other than ``"none"``;
 ``weights_file``/``tensors`` with ``pickled=False`` for safetensors only), ``write_peft_folder``, ``PEFT_PREFIX``;
-what a plugin reading or exporting its method's PEFT format shares with the others."""
+what a plugin reading or exporting its method's PEFT format shares with the others.
+
+1.5: many deltas on one backbone: ``LowRankBranch`` and ``LowRankFactors`` (a parallel delta that is exactly a scaled
+low-rank product, so per-row serving batches many of them into one gathered product)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -141,6 +146,8 @@ _SOURCES: dict[str, str] = {
     "INT64_RANGE": "opendelta.config",
     "DeltaConfig": "opendelta.config",
     "FusedParallel": "opendelta.delta_protocols",
+    "LowRankBranch": "opendelta.delta_protocols",
+    "LowRankFactors": "opendelta.delta_protocols",
     "Mergeable": "opendelta.delta_protocols",
     "PrefixSource": "opendelta.delta_protocols",
     "PromptSource": "opendelta.delta_protocols",
@@ -237,6 +244,8 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "FusedParallel",
+    "LowRankBranch",
+    "LowRankFactors",
     "Insertion",
     "Mergeable",
     "ModuleNotFoundInStructureError",

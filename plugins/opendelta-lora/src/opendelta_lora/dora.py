@@ -82,6 +82,10 @@ class DoraLayer(LoraLayer):
         bias = getattr(self._host, "bias", None)
         return None if bias is None else self._rows(bias, 0)
 
+    def low_rank_factors(self) -> None:
+        """Never: DoRA rescales the layer's output by its weight norms, which no low-rank product alone expresses."""
+        return None
+
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """What the branch adds to the layer's output ``hidden`` (``W x + b``; computed from ``x`` when not given)."""

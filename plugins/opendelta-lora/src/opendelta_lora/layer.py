@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from opendelta.plugin_api import is_linear, stored_update
+from opendelta.plugin_api import LowRankFactors, is_linear, stored_update
 from opendelta_lora.config import init_kind, pissa_niter
 
 
@@ -163,6 +163,13 @@ class LoraLayer(nn.Module):
             hidden.view(-1, self.out_features).addmm_(low, up)  # a view of the same memory: (N, out)
             return hidden
         return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
+
+    def low_rank_factors(self) -> LowRankFactors | None:
+        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``: not with a residual base
+        (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself)."""
+        if self.rewrites_base or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return None
+        return LowRankFactors(self.lora_A, self.lora_B, self.scaling, self.out_index)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging).
