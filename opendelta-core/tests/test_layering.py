@@ -9,7 +9,7 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the
    parameter placement included), freezing, preparing a quantized backbone for training, hashing, visualization;
 2. plugins: the hook specifications, the plugin loader, the structure lookup, core's quantization backends;
-3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
+3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms, task heads,
    ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
    checkpoint readers and the apply step, PEFT's adapter folders, the Auto classes;
@@ -83,6 +83,7 @@ LAYERS: dict[int, set[str]] = {
         "prefix",
         "prompt",
         "stack_prompt",
+        "task_heads",
         "classic_api",
         "method_class_checks",
         "base",

@@ -54,6 +54,8 @@ from opendelta.quantized_merge import dequantize_into
 from opendelta.save_options import check_save_options, positional_032
 from opendelta.shapes import known_features, module_features, pseudo_call
 from opendelta.targets import Target, resolve_targets
+from opendelta.task_heads import TaskHead, build_heads, detached_heads, resolve_heads, sync_all
+from opendelta.task_heads import state_dict as heads_state_dict
 from opendelta.visualization import log_model
 
 __all__ = ["DeltaConfig", "DeltaModel", "Placement", "Target"]
@@ -223,6 +225,7 @@ class DeltaModel(ClassicDeltaApi):
         self.config = config
         targets = self._expand_all(self._resolve_targets())
         self._check_targets(targets)
+        head_names = resolve_heads(backbone_model, config.modules_to_save, targets, type(self).__name__)
         self.targets = targets
         budget = DeltaMemoryBudget(self, len(targets))  # a rank of 10**9 fails here, at once (see opendelta.budget)
         with self._building():
@@ -233,6 +236,8 @@ class DeltaModel(ClassicDeltaApi):
                     delta = self._build_delta(target)
                 budget.built(delta, count)
                 self._record(self._place(target, delta), target)
+            self._heads = build_heads(backbone_model, head_names)  # modules_to_save: see opendelta.task_heads
+            self.deltas.extend(head.copy for head in self._heads)
         self._record_backbone(config)
 
     def _init_state(self, backbone_model: nn.Module) -> None:
@@ -244,6 +249,7 @@ class DeltaModel(ClassicDeltaApi):
         self._unloaded = False
         self.deltas = nn.ModuleList()
         self.targets: list[Target] = []
+        self._heads: list[TaskHead] = []
         self._features: dict[int, tuple[int, int]] = {}
         self._dummy_inputs: Any = None  # the constructor's dummy_inputs=, as a call (see opendelta.shapes.pseudo_call)
 
@@ -256,6 +262,7 @@ class DeltaModel(ClassicDeltaApi):
             except BaseException:
                 for insertion in reversed(self._insertions):
                     insertion.detach()
+                sync_all(self._heads)
                 raise
 
     def _record(self, insertion: Insertion, target: Target, *, discovered: bool = False) -> None:
@@ -270,8 +277,11 @@ class DeltaModel(ClassicDeltaApi):
 
     @property
     def _insertions(self) -> list[Insertion]:
-        """The placed deltas, in placement order (read-only: :attr:`_placed` is the record)."""
-        return [p.insertion for p in self._placed]
+        """The placed deltas in placement order, then the task heads' copies (read-only).
+
+        :attr:`_placed` is the record of the deltas, :attr:`_heads` of the heads (see :mod:`opendelta.task_heads`).
+        """
+        return [p.insertion for p in self._placed] + [h.insertion for h in self.__dict__.get("_heads", ())]
 
     def placements(self) -> Iterator[Placement]:
         """Each placed delta with the target it is on: ``(target, insertion)`` pairs, in placement order."""
@@ -504,7 +514,10 @@ class DeltaModel(ClassicDeltaApi):
         if self.merged:
             self.unmerge()
         if self.attached:
-            _switch_all(reversed(self._insertions), attach=False)
+            try:
+                _switch_all(reversed(self._insertions), attach=False)
+            finally:
+                sync_all(self._heads)
         if reset_state_dict and has_trainable_only_state_dict(self.backbone_model):
             trainable_only_state_dict(self.backbone_model, enable=False)
             self._trim_on_attach = True  # freeze_module's trimmed state_dict comes back with the deltas
@@ -534,7 +547,10 @@ class DeltaModel(ClassicDeltaApi):
         if self.merged:
             raise DeltaStateError(f"{type(self).__name__} is merged into the weights; call unmerge() to attach it")
         if not self.attached:
-            _switch_all(self._insertions, attach=True)
+            try:
+                _switch_all(self._insertions, attach=True)
+            finally:
+                sync_all(self._heads)
         if reset_state_dict and getattr(self, "_trim_on_attach", False):
             trainable_only_state_dict(self.backbone_model)
             self._trim_on_attach = False
@@ -627,6 +643,11 @@ class DeltaModel(ClassicDeltaApi):
             DeltaStateError: some delta cannot be merged (nothing is changed then); the message lists them.
         """
         self._check_not_unloaded("merge_and_unload")
+        if self._heads:
+            raise DeltaStateError(
+                f"{type(self).__name__} holds task heads (modules_to_save={self.config.modules_to_save!r}), which are "
+                f"copies beside the backbone's modules, not weight changes; merge() merges the rest and keeps them"
+            )
         pending = [i for i in self._insertions if i not in self._merged]
         unmergeable = unmergeable_names(pending)
         if unmergeable:
@@ -696,6 +717,7 @@ class DeltaModel(ClassicDeltaApi):
         for i in self._insertions:
             if id(i.host) in names:
                 placed[i.attached][f"{names[id(i.host)]}.{i.attr}" if names[id(i.host)] else i.attr] = i.delta
+        placed[False].update(detached_heads(self._heads, target))
         own = {name for prefix, delta in placed[True].items() for name, _ in own_parameters(prefix, delta)}
         freeze_module(target, patterns, set_state_dict, own=own)
         freeze_outside(placed[False], patterns)
@@ -739,6 +761,7 @@ class DeltaModel(ClassicDeltaApi):
                 if wrapped and (name == wrapped or name.startswith(wrapped + ".")):
                     continue
                 state[f"{prefix}.{name}"] = tensor
+        state.update(heads_state_dict(self._heads))
         return state
 
     @classmethod

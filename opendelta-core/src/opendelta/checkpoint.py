@@ -41,6 +41,7 @@ from opendelta.saving import (
     weights_name,
     write_checkpoint,
 )
+from opendelta.task_heads import shadowed_parameter_names
 from opendelta.tensor_checks import checked_tensors
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def config_document(config: DeltaConfig, record: dict[str, Any] | None = None) -
 
 
 def _trainable_backbone_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    deltas = delta_parameter_names(backbone)
+    deltas = delta_parameter_names(backbone) | shadowed_parameter_names(backbone)  # a head copy stands in for these
     return {n: p for n, p in backbone.named_parameters() if p.requires_grad and n not in deltas}
 
 

@@ -96,6 +96,9 @@ class DeltaConfig:
         unfrozen_modules: what ``freeze_module()`` leaves trainable by default; ``"deltas"`` means every delta
             parameter.
         common_structure: whether ``modified_modules`` are common names (``attn.q``) rather than real ones.
+        modules_to_save: real names (end-matched like ``modified_modules``) of backbone modules the delta model
+            copies as its own trainable task heads (PEFT's ``modules_to_save``; see ``opendelta.task_heads``).
+            Keyword only; ``None`` (the default, and what a checkpoint without it means): no head.
         backbone_class: the backbone's class name, recorded on save.
         backbone_checkpoint_name: the backbone's checkpoint (``config._name_or_path``), recorded on save.
         backbone_hash: the backbone's fingerprint (see ``opendelta.hashing``), recorded on save and checked on load.
@@ -113,6 +116,7 @@ class DeltaConfig:
     exclude_modules: list[str] | None = None
     unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
     common_structure: bool | None = None
+    modules_to_save: list[str] | None = None
     backbone_class: str | None = None
     backbone_checkpoint_name: str | None = None
     backbone_hash: str | None = None

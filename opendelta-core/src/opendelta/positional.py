@@ -36,6 +36,8 @@ SHARED_POSITIONALS = (
 method's own hyper-parameters (``positional_args = ("bottleneck_dim", "non_linearity", *SHARED_POSITIONALS)``)."""
 RECORD_FIELDS = ("backbone_class", "backbone_checkpoint_name", "backbone_hash")
 """Config fields the library records on save; never given by position."""
+KEYWORD_ONLY_FIELDS = ("modules_to_save",)
+"""Shared config fields added after 0.3.2's signatures: by name only, so no method's positional order shifts."""
 
 
 def positional_names(owner: str, declared: Sequence[str] | None, field_names: Sequence[str]) -> tuple[str, ...]:
@@ -46,7 +48,7 @@ def positional_names(owner: str, declared: Sequence[str] | None, field_names: Se
             twice (a plugin's mistake, reported when its class is defined).
     """
     if declared is None:
-        return tuple(n for n in field_names if n not in RECORD_FIELDS)
+        return tuple(n for n in field_names if n not in RECORD_FIELDS and n not in KEYWORD_ONLY_FIELDS)
     known = [*field_names, *CONSTRUCTOR_OPTIONS]
     unknown = [n for n in declared if n not in known]
     repeated = sorted({n for n in declared if list(declared).count(n) > 1})
