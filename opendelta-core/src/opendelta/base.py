@@ -463,8 +463,12 @@ class DeltaModel(ClassicDeltaApi):
         return bool(self._insertions) and all(i.attached for i in self._insertions)
 
     def insertions(self) -> Iterator[Insertion]:
-        """Each placed delta with its host module and child name."""
+        """Each placed delta with its host module and child name, then each task head's copy (``modules_to_save``)."""
         return iter(self._insertions)
+
+    def task_heads(self) -> dict[str, nn.Module]:
+        """This model's copy of each module ``modules_to_save`` designates, by module name (see ``task_heads``)."""
+        return {head.name: head.copy for head in self._heads}
 
     def _check_not_unloaded(self, call: str) -> None:
         """Refuse every call on a delta model whose deltas :meth:`merge_and_unload` folded into the backbone for good.
@@ -883,4 +887,4 @@ class DeltaModel(ClassicDeltaApi):
 
     def extra_repr(self) -> str:
         state = "attached" if self.attached else "detached"
-        return f"delta_type={self.delta_type!r}, targets={len(self._insertions)}, {state}"
+        return f"delta_type={self.delta_type!r}, targets={len(self._placed)}, {state}"

@@ -99,9 +99,10 @@ if TYPE_CHECKING:
         stored_update,
     )
     from opendelta.targets import Target, backbone_module_names, resolve_targets
+    from opendelta.task_heads import TASK_HEAD_NAME, head_module_names
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.5"
+PLUGIN_API_VERSION = "1.6"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
@@ -133,9 +134,15 @@ for a missing or ``all-linear`` ``target_modules``, ``refuse_trained_bias`` for 
 what a plugin reading or exporting its method's PEFT format shares with the others.
 
 1.5: many deltas on one backbone: ``LowRankBranch`` and ``LowRankFactors`` (a parallel delta that is exactly a scaled
-low-rank product, so per-row serving batches many of them into one gathered product)."""
+low-rank product, so per-row serving batches many of them into one gathered product).
+
+1.6: per-task heads: ``DeltaModel.task_heads()`` (a delta model's copies of its ``modules_to_save``) and
+``TASK_HEAD_NAME``, the middle of their tensors' names (``classifier.task_head.weight``), and ``head_module_names``
+(what ``modules_to_save`` may designate on a backbone), for a PEFT format's reader and writer."""
 
 _SOURCES: dict[str, str] = {
+    "TASK_HEAD_NAME": "opendelta.task_heads",
+    "head_module_names": "opendelta.task_heads",
     "write_atomically": "opendelta.saving",
     "apply_checkpoint": "opendelta.checkpoint",
     "CheckpointRecord": "opendelta.checkpoint_record",
@@ -233,6 +240,7 @@ __all__ = [
     "PEFT_PREFIX",
     "PLUGIN_API_VERSION",
     "SHARED_POSITIONALS",
+    "TASK_HEAD_NAME",
     "AddressingError",
     "AttentionParts",
     "BottleneckAdapter",
@@ -280,6 +288,7 @@ __all__ = [
     "file_patterns",
     "fused_output_index",
     "get_activation",
+    "head_module_names",
     "hookimpl",
     "init_weight_",
     "input_stack",

@@ -518,7 +518,7 @@ def place_prefix(delta_model: Any, target: Any, delta: nn.Module, parts: Attenti
     if parts is None:
         parts = attention_parts(delta_model.backbone_model, target.name, type(delta_model).__name__)
     backend = attention_backend(target.module)
-    first_rows = backend == "rows" and not any(i.option.backend == "rows" for i in delta_model.insertions())
+    first_rows = backend == "rows" and not any(p.insertion.option.backend == "rows" for p in delta_model.placements())
     return insert_prefix(
         target.module,
         delta,

@@ -18,8 +18,9 @@ How the copy takes the original's place, and why that way:
   ``route_rows`` keys rows by), freezing and the all-or-nothing switching all treat it like any delta. ``heads`` is
   a container that is never called, so that placement's forward hooks never fire: the dispatcher is what reads it.
 * When no copy is attached any more the dispatcher swaps itself out again: the backbone is exactly the bare model
-  (same module in the same place, same ``state_dict`` names). It is remembered in the parent's ``__dict__``, so
-  the next head on that module (of any delta model) finds it, including after ``deepcopy`` or pickle.
+  (same module in the same place, same ``state_dict`` names, no attribute added). A registry outside the backbone,
+  weak on both sides, remembers it by its original, so the next head on that module (of any delta model) joins it;
+  a deep copy or unpickled copy registers itself for its own copy of the original.
 
 Under :func:`opendelta.route_rows`, row ``i`` goes through the copy of its own delta model; rows routed to a delta
 model without a head, or to ``None``, get the head that applies without routing (the newest copy of an attached
@@ -35,6 +36,7 @@ Names are real module names matched at their end as ``modified_modules`` matches
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +54,13 @@ from opendelta.targets import Target, backbone_module_names
 if TYPE_CHECKING:
     from opendelta.routing import Routing
 
-__all__ = ["HEAD_NAME", "HeadDispatcher", "TaskHead", "resolve_heads"]
+__all__ = ["TASK_HEAD_NAME", "HeadDispatcher", "TaskHead", "head_module_names", "resolve_heads"]
 
-HEAD_NAME = "task_head"
+TASK_HEAD_NAME = "task_head"
 """The child name of a copy in ``HeadDispatcher.heads`` and the middle of its tensors' saved names."""
-_REGISTRY_ATTR = "_opendelta_head_dispatchers"
-"""On a parent module (in its ``__dict__``): ``{child name: HeadDispatcher}``, kept while the dispatcher is out."""
+_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[HeadDispatcher]] = weakref.WeakKeyDictionary()
+"""Each original module's dispatcher, kept while the dispatcher is out of the backbone; weak on both sides, so it
+keeps neither alive (a dispatcher no delta model holds any more may be collected)."""
 _PLACEMENT_ATTR = "_opendelta_head_placement"
 """On a dispatcher (in its ``__dict__``): the "replace" :class:`Insertion` that puts it in its parent."""
 
@@ -81,6 +84,12 @@ class HeadDispatcher(nn.Module):
         super().__init__()
         self.original = original
         self.heads = nn.ModuleDict()
+        _DISPATCHERS[original] = weakref.ref(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A deep or unpickled copy is the dispatcher of its own copy of the original (see :data:`_DISPATCHERS`)."""
+        super().__setstate__(state)
+        _DISPATCHERS[self.original] = weakref.ref(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         live = list(self.heads._modules.values())
@@ -136,7 +145,7 @@ class TaskHead:
     def __init__(self, name: str, dispatcher: HeadDispatcher, copy_: nn.Module) -> None:
         self.name = name
         self.dispatcher = dispatcher
-        self.insertion: Insertion = insert_sequential_module(dispatcher.heads, copy_, HEAD_NAME, position="after")
+        self.insertion: Insertion = insert_sequential_module(dispatcher.heads, copy_, TASK_HEAD_NAME, position="after")
         self.sync()
 
     @property
@@ -160,7 +169,7 @@ class TaskHead:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The copy's tensors under ``<module name>.task_head.<tensor>`` (stable whatever its child name is)."""
-        return {f"{self.name}.{HEAD_NAME}.{k}": v for k, v in self.copy.state_dict().items()}
+        return {f"{self.name}.{TASK_HEAD_NAME}.{k}": v for k, v in self.copy.state_dict().items()}
 
     def attached_name(self, backbone: nn.Module) -> str | None:
         """The copy's dotted name in ``backbone`` as it is (or would be) attached; ``None``: the module is gone."""
@@ -183,12 +192,23 @@ def _dispatcher_at(backbone: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
     module = parent._modules[child]
     if isinstance(module, HeadDispatcher):
         return parent, child, module.original, module
-    known = parent.__dict__.get(_REGISTRY_ATTR, {}).get(child)
+    ref = _DISPATCHERS.get(module)
+    known = ref() if ref is not None else None
     return parent, child, module, known if known is not None and known.original is module else None
 
 
 def _carries_deltas(module: nn.Module) -> bool:
     return any(getattr(m, SLOTS_ATTR, None) or getattr(m, DELTA_MARK, False) for m in module.modules())
+
+
+def head_module_names(backbone: nn.Module) -> list[str]:
+    """The names ``modules_to_save`` may designate: the backbone's own modules, and those a head stands in for now.
+
+    A module with a head copy attached is a dispatcher (a delta, so left out of
+    :func:`~opendelta.targets.backbone_module_names`), yet another delta model may give it a head of its own.
+    """
+    dispatchers = [n for n, m in iter_delta_modules(backbone) if isinstance(m, HeadDispatcher)]
+    return [*backbone_module_names(backbone), *dispatchers]
 
 
 def resolve_heads(
@@ -204,8 +224,7 @@ def resolve_heads(
     if not patterns:
         return []
     compiled = compile_patterns(patterns, argument="modules_to_save")
-    dispatchers = [n for n, m in iter_delta_modules(backbone) if isinstance(m, HeadDispatcher)]
-    names = [*backbone_module_names(backbone), *dispatchers]
+    names = head_module_names(backbone)
     chosen: list[str] = []
     for pattern in compiled:
         hits = [n for n in names if pattern.matches(n)]
@@ -261,7 +280,6 @@ def build_heads(backbone: nn.Module, names: Sequence[str]) -> list[TaskHead]:
             placement = replace_module(parent, child, module, dispatcher, wrapped="original")
             placement.detach()  # placed by TaskHead.sync, once it holds a copy
             dispatcher.__dict__[_PLACEMENT_ATTR] = placement
-            parent.__dict__.setdefault(_REGISTRY_ATTR, {})[child] = dispatcher
         duplicate = copy.deepcopy(module)  # a tied weight becomes the copy's own: the embeddings are left alone
         duplicate.requires_grad_(True)
         heads.append(TaskHead(name, dispatcher, duplicate))

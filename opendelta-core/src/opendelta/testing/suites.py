@@ -174,6 +174,28 @@ class DeltaMethodSuite:
         AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
         assert torch.equal(_run(fresh, arch), expected)
 
+    def test_task_head_is_its_own_copy_and_round_trips(
+        self, method_name: str, arch: str, config_kwargs: dict[str, Any], tmp_path: Any
+    ) -> None:
+        head_class = TASK_HEADS[arch][1]  # the first class with a head on top of the bare model
+        model = tiny_model(arch, head_class)
+        name = next(n for n, m in reversed(list(model.named_children())) if any(True for _ in m.parameters()))
+        original, bare = model.get_submodule(name), _run(model, arch)
+        weights = {k: v.clone() for k, v in original.state_dict().items()}
+        delta_model = get_method(method_name).model_cls(model, **config_kwargs, modules_to_save=[name])
+        delta_model.freeze_module()
+        perturb(delta_model)
+        expected = _run(model, arch)
+        assert not torch.equal(expected, bare), "the perturbed head copy did not change the output"
+        delta_model.save_finetuned(tmp_path / "delta")
+        fresh = tiny_model(arch, head_class)
+        AutoDeltaModel.from_finetuned(tmp_path / "delta", backbone_model=fresh)
+        torch.testing.assert_close(_run(fresh, arch), expected, rtol=0, atol=0)
+        delta_model.detach()
+        assert model.get_submodule(name) is original
+        assert all(torch.equal(v, weights[k]) for k, v in original.state_dict().items())
+        assert torch.equal(_run(model, arch), bare)
+
     def test_kernels_do_not_depend_on_freezing(
         self, method_name: str, arch: str, config_kwargs: dict[str, Any]
     ) -> None:

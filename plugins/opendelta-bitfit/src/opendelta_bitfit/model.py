@@ -108,7 +108,7 @@ class BitFitModel(DeltaModel):
         """
         out = dict(tensors)
         params = dict(self.backbone_model.named_parameters())
-        for target, insertion in zip(self.targets, self.insertions(), strict=True):
+        for target, insertion in self.placements():
             saved = out.pop(f"{target.name}.bias", None)
             if saved is None:
                 continue

@@ -206,7 +206,7 @@ def save_peft_fourierft(
     backbone = delta_model.backbone_model
     tensors: dict[str, torch.Tensor] = {}
     targets = []
-    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+    for target, insertion in delta_model.placements():
         layer = insertion.delta
         if layer.out_index is not None:
             raise CheckpointError(

@@ -152,7 +152,7 @@ def save_peft_loha(delta_model: LoHaModel, path: str | os.PathLike[str]) -> Path
     if not isinstance(delta_model, LoHaModel):
         raise TypeError(f"save_peft_loha exports a LoHaModel, got {type(delta_model).__name__}")
     tensors: dict[str, torch.Tensor] = {}
-    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+    for target, insertion in delta_model.placements():
         if type(target.module) is not nn.Linear:
             raise CheckpointError(
                 f"save_peft cannot export LoHa on {target.name} ({type(target.module).__name__}): PEFT 0.21.2 builds "

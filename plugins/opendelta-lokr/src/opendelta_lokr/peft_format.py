@@ -166,7 +166,7 @@ def save_peft_lokr(delta_model: LoKrModel, path: str | os.PathLike[str]) -> Path
     if not isinstance(delta_model, LoKrModel):
         raise TypeError(f"save_peft_lokr exports a LoKrModel, got {type(delta_model).__name__}")
     tensors: dict[str, torch.Tensor] = {}
-    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+    for target, insertion in delta_model.placements():
         if type(target.module) is not nn.Linear:
             raise CheckpointError(
                 f"save_peft cannot export LoKr on {target.name} ({type(target.module).__name__}): PEFT 0.21.2 builds "

@@ -157,7 +157,7 @@ def save_peft_vera(delta_model: VeraModel, path: str | os.PathLike[str], *, task
     backbone = delta_model.backbone_model
     tensors: dict[str, torch.Tensor] = {}
     targets = []
-    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+    for target, insertion in delta_model.placements():
         layer = insertion.delta
         lambda_b = layer.vera_lambda_b.detach()
         if layer.out_index is not None:  # some slices of a fused layer: zero scales for the others
