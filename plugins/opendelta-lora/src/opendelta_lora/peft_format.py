@@ -38,6 +38,7 @@ from safetensors.torch import save
 from torch import nn
 
 from opendelta.plugin_api import (
+    TASK_HEAD_NAME,
     AddressingError,
     CheckpointError,
     CheckpointRecord,
@@ -47,6 +48,7 @@ from opendelta.plugin_api import (
     contained_file,
     delta_parameter_names,
     file_patterns,
+    head_module_names,
     is_linear,
     legacy_size_limit,
     read_config_dict,
@@ -432,6 +434,7 @@ def read_peft_checkpoint(
         odd = [n for n in tensors if not n.startswith(_PREFIX)]
         raise CheckpointError(f"{source}: PEFT names every tensor '{_PREFIX}...', but the file holds {odd[:3]}")
     ours = {_our_name(name[len(_PREFIX) :], LoraModel.delta_name): t for name, t in tensors.items()}
+    ours = _as_task_heads(config, backbone_model, lora_config, ours)
     _check_magnitudes(ours, lora_config, source)
     return CheckpointRecord(
         source,
@@ -442,6 +445,35 @@ def read_peft_checkpoint(
         translate=_with_initial_update if lora_config.rewrites_base else None,
         describe=f"a PEFT LoRA adapter whose own config builds LoRA on this {type(backbone_model).__name__}",
     )
+
+
+def _as_task_heads(
+    config: Mapping[str, Any], model: nn.Module, lora_config: LoraConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Load PEFT's ``modules_to_save`` as the delta model's own task heads, as PEFT keeps them beside the originals.
+
+    A head is a module PEFT's rule designates (its name ends with an entry: PEFT's sequence classification adds
+    ``classifier`` and ``score``, of which a model has one) whose tensors the file holds; the outermost one where
+    two are nested. Its tensors are renamed to the head copy's (``classifier.weight`` ->
+    ``classifier.task_head.weight``), and ``lora_config.modules_to_save`` names it exactly.
+    """
+    entries = [e for e in config.get("modules_to_save") or [] if isinstance(e, str)]
+    names = head_module_names(model)
+    held = [n for n in names if any(n.endswith(e) for e in entries) and any(t.startswith(f"{n}.") for t in tensors)]
+    heads = [n for n in held if not any(n.startswith(f"{h}.") for h in held)]
+    if not heads:
+        return tensors
+    lora_config.modules_to_save = [h if _designates_alone(h, names) else f"[r]{re.escape(h)}" for h in heads]
+    renamed = {}
+    for name, tensor in tensors.items():
+        head = next((h for h in heads if name.startswith(f"{h}.")), None)
+        renamed[f"{head}.{TASK_HEAD_NAME}.{name[len(head) + 1 :]}" if head else name] = tensor
+    return renamed
+
+
+def _designates_alone(name: str, names: Sequence[str]) -> bool:
+    """Whether ``name`` read as an OpenDelta pattern (end-matched) designates the module ``name`` only."""
+    return [n for n in names if n == name or n.endswith(f".{name}")] == [name]
 
 
 def _check_magnitudes(tensors: Mapping[str, torch.Tensor], config: LoraConfig, source: str) -> None:
@@ -574,7 +606,7 @@ def save_peft_adapter(
         )
     tensors: dict[str, torch.Tensor] = {}
     targets = []
-    for target, insertion in zip(delta_model.targets, delta_model.insertions(), strict=True):
+    for target, insertion in delta_model.placements():
         layer = insertion.delta
         down, up = layer.lora_A.detach(), layer.lora_B.detach()  # (r, in), (rows, r)
         if layer.lora_A0 is not None and layer.lora_B0 is not None:  # PEFT's conversion: [A; A0], [B, -B0]
@@ -586,12 +618,17 @@ def save_peft_adapter(
         if isinstance(layer, DoraLayer):
             tensors[f"{_PREFIX}{target.name}.lora_magnitude_vector"] = _full_magnitude(layer)
         targets.append(target.name)
-    heads = _resolve_modules(modules_to_save, backbone, targets)
+    own = delta_model.task_heads()  # the delta model's own heads: PEFT's modules_to_save, from the copies
+    given = [m for m in modules_to_save if not any(n == m or n.endswith(f".{m}") for n in own)]
+    heads = _resolve_modules(given, backbone, targets)
     skip = delta_parameter_names(backbone)
     for head in heads:
         for name, param in backbone.get_submodule(head).named_parameters():
             if f"{head}.{name}" not in skip:
                 tensors[f"{_PREFIX}{head}.{name}"] = param.detach()
+    for head, module in own.items():
+        tensors.update({f"{_PREFIX}{head}.{name}": param.detach() for name, param in module.named_parameters()})
+    heads = [*own, *heads]
     modules = dict(backbone.named_modules())
     config = delta_model.config
     r, alpha = config.lora_r, config.lora_alpha
