@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from opendelta import AutoDeltaModel, DeltaStateError, LoraModel, route_rows
+from opendelta import AutoDeltaModel, CheckpointError, DeltaStateError, LoraModel, route_rows
 from opendelta.task_heads import HeadDispatcher
 from opendelta.testing import perturb, tiny_inputs, tiny_model
 
@@ -116,3 +116,12 @@ def test_an_lm_head_tied_to_the_embeddings_is_untied_in_the_copy():
     task.detach()
     assert model.lm_head.weight is embeddings and torch.equal(embeddings, saved)
     assert torch.equal(logits(model, inputs), bare)
+
+
+def test_a_peft_writer_that_does_not_ship_heads_refuses_them(tmp_path):
+    from opendelta_loha import LoHaModel
+
+    delta_model = LoHaModel(tiny_model("bert", CLS), modified_modules=["query"], modules_to_save=["classifier"])
+    with pytest.raises(CheckpointError, match=r"task heads \(modules_to_save=\['classifier'\]\).*save_finetuned"):
+        delta_model.save_peft(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()

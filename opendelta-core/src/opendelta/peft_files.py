@@ -36,6 +36,7 @@ __all__ = [
     "PEFT_WEIGHTS_NAME",
     "PeftFolder",
     "peft_folder",
+    "refuse_task_heads",
     "write_peft_folder",
 ]
 
@@ -289,3 +290,20 @@ def write_peft_folder(
     write_atomically(path / PEFT_WEIGHTS_NAME, save(stored, metadata={"format": "pt"}))
     write_atomically(path / PEFT_CONFIG_NAME, (json.dumps(dict(document), indent=2) + "\n").encode())
     return path
+
+
+def refuse_task_heads(delta_model: Any, method: str) -> None:
+    """Refuse, before anything is written, to export a delta model's task heads where the writer does not ship them.
+
+    A PEFT folder written without its ``modules_to_save`` would load with the backbone's own heads: silently another
+    model. (LoRA's writer ships them; the others refuse until they do.)
+
+    Raises:
+        CheckpointError: the delta model has task heads (``modules_to_save``); the message says how to save them.
+    """
+    heads = list(delta_model.task_heads())
+    if heads:
+        raise CheckpointError(
+            f"{type(delta_model).__name__} has task heads (modules_to_save={heads!r}), which the PEFT {method} export "
+            f"does not write; save it with save_finetuned(), which keeps them, or build it without modules_to_save"
+        )

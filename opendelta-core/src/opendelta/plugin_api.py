@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from opendelta.legacy import legacy_size_limit, read_pickled_tensors
     from opendelta.markers import DELTA_MARK, backbone_submodules, delta_parameter_names
     from opendelta.parameter_insertion import insert_parameter_delta
-    from opendelta.peft_files import PEFT_PREFIX, PeftFolder, peft_folder, write_peft_folder
+    from opendelta.peft_files import PEFT_PREFIX, PeftFolder, peft_folder, refuse_task_heads, write_peft_folder
     from opendelta.positional import SHARED_POSITIONALS
     from opendelta.prefix import AttentionParts, attention_parts, insert_prefix
     from opendelta.prompt import check_prompt_length, input_stack, insert_soft_prompt, prompt_embeddings, prompt_sites
@@ -138,11 +138,13 @@ low-rank product, so per-row serving batches many of them into one gathered prod
 
 1.6: per-task heads: ``DeltaModel.task_heads()`` (a delta model's copies of its ``modules_to_save``) and
 ``TASK_HEAD_NAME``, the middle of their tensors' names (``classifier.task_head.weight``), and ``head_module_names``
-(what ``modules_to_save`` may designate on a backbone), for a PEFT format's reader and writer."""
+(what ``modules_to_save`` may designate on a backbone), for a PEFT format's reader and writer; ``refuse_task_heads``
+for a PEFT writer that does not ship them."""
 
 _SOURCES: dict[str, str] = {
     "TASK_HEAD_NAME": "opendelta.task_heads",
     "head_module_names": "opendelta.task_heads",
+    "refuse_task_heads": "opendelta.peft_files",
     "write_atomically": "opendelta.saving",
     "apply_checkpoint": "opendelta.checkpoint",
     "CheckpointRecord": "opendelta.checkpoint_record",
@@ -314,6 +316,7 @@ __all__ = [
     "read_config_dict",
     "read_pickled_tensors",
     "read_safetensors",
+    "refuse_task_heads",
     "register_placement",
     "replace_module",
     "resolve_targets",

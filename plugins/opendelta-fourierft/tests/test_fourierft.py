@@ -81,7 +81,6 @@ def test_with_the_defaults_a_layer_too_small_is_left_out_and_all_too_small_is_re
     [
         ({"bias": "all"}, "bias='all'"),
         ({"bias": "fourier_only"}, "bias='fourier_only'"),
-        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
         ({"n_frequency": 0}, "n_frequency must be >= 1"),
         ({"n_frequency_pattern": {"value": 0}}, r"n_frequency_pattern\['value'\] must be >= 1"),
         ({"n_frequency_pattern": {"(": 5}}, "is no regex"),

@@ -37,7 +37,6 @@ def test_defaults_scale_and_rotate_q_and_v_as_parallel_deltas_and_the_whole_fuse
         ({"boft_block_num": 8}, r"boft_block_num=8 is not supported: .*set boft_block_size"),
         ({"boft_n_butterfly_factor": 0}, "boft_n_butterfly_factor"),
         ({"bias": "all"}, "bias='all'"),
-        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
     ],
 )
 def test_unsupported_or_unfitting_options_are_refused_by_name(kwargs, named):

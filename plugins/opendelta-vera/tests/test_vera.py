@@ -118,7 +118,6 @@ def test_dropout_acts_in_training_only():
         ({"r": 0}, "r must be a positive"),
         ({"bias": "all"}, "bias='all'"),
         ({"bias": "vera_only"}, "bias='vera_only'"),
-        ({"modules_to_save": ["classifier"]}, "modules_to_save"),
         ({"vera_dropout": 1.0}, "vera_dropout"),
         ({"d_initial": float("nan")}, "d_initial"),
         ({"projection_prng_key": True}, "projection_prng_key"),

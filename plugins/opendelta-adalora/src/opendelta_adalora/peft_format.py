@@ -28,6 +28,7 @@ from opendelta.plugin_api import (
     PeftFolder,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_adalora.config import AdaLoraConfig
@@ -210,4 +211,5 @@ def save_peft_adalora(
         "total_step": steps,
         "rank_pattern": pattern or None,
     }
+    refuse_task_heads(delta_model, "AdaLoRA")
     return write_peft_folder(path, document, tensors)

@@ -31,6 +31,7 @@ from opendelta.plugin_api import (
     file_patterns,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_fourierft.config import FourierFTConfig
@@ -237,4 +238,5 @@ def save_peft_fourierft(
         "n_frequency_pattern": dict(config.n_frequency_pattern),  # PEFT's own rule, on the same module names
         "init_weights": config.init_weights,
     }
+    refuse_task_heads(delta_model, "FourierFT")
     return write_peft_folder(path, document, tensors)

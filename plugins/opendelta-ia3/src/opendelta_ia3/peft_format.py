@@ -31,6 +31,7 @@ from opendelta.plugin_api import (
     file_patterns,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_ia3.config import IA3Config
@@ -178,4 +179,5 @@ def save_peft_ia3(delta_model: IA3Model, path: str | os.PathLike[str], *, task_t
         "modules_to_save": None,
         "init_ia3_weights": True,
     }
+    refuse_task_heads(delta_model, "IA3")
     return write_peft_folder(path, document, tensors)

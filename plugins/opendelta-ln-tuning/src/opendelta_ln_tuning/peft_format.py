@@ -25,6 +25,7 @@ from opendelta.plugin_api import (
     CheckpointRecord,
     DeltaModel,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_ln_tuning.config import LNTuningConfig
@@ -138,4 +139,5 @@ def save_peft_ln_tuning(
         "exclude_modules": None,
         "modules_to_save": None,
     }
+    refuse_task_heads(delta_model, "LN tuning")
     return write_peft_folder(path, document, tensors)

@@ -28,6 +28,7 @@ from opendelta.plugin_api import (
     file_patterns,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_loha.config import LoHaConfig
@@ -187,4 +188,5 @@ def save_peft_loha(delta_model: LoHaModel, path: str | os.PathLike[str]) -> Path
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": None,
     }
+    refuse_task_heads(delta_model, "LoHa")
     return write_peft_folder(path, document, tensors)

@@ -28,6 +28,7 @@ from opendelta.plugin_api import (
     file_patterns,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_lokr.config import LoKrConfig
@@ -205,4 +206,5 @@ def save_peft_lokr(delta_model: LoKrModel, path: str | os.PathLike[str]) -> Path
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": None,
     }
+    refuse_task_heads(delta_model, "LoKr")
     return write_peft_folder(path, document, tensors)

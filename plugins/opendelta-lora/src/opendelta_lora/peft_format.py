@@ -405,8 +405,8 @@ def read_peft_checkpoint(
 
     This is the ``read_checkpoint`` hook's implementation (see ``plugin``): ``from_finetuned`` on such a folder comes
     here. The config is translated (features this LoRA does not compute are refused by name), the weights are read
-    as OpenDelta's own are, and their names become ``delta_state_dict``'s (``<module>.lora.lora_A``...) and, for
-    the ``modules_to_save``, the backbone's.
+    as OpenDelta's own are, and their names become ``delta_state_dict``'s (``<module>.lora.lora_A``..., and
+    ``<module>.task_head.<param>`` for the ``modules_to_save``: see ``_as_task_heads``).
 
     ``others``: refuse another PEFT method's folder by name (``load_peft_adapter``) instead of returning ``None``
     (the hook: another plugin may read it).
@@ -505,9 +505,10 @@ def _with_initial_update(delta_model: DeltaModel, tensors: Mapping[str, torch.Te
 def load_peft_adapter(path: str | os.PathLike[str], backbone_model: nn.Module) -> LoraModel:
     """Load a LoRA adapter saved by PEFT (``PeftModel.save_pretrained``) into a new :class:`LoraModel`.
 
-    The backbone gets the adapter's LoRA layers with its weights, and the weights of its ``modules_to_save`` (a task
-    head); outputs equal the PEFT model's. Everything is checked before the backbone changes; on an error it is
-    left as it was (core's apply step, as for every format). The backbone is put in eval mode, as ``from_finetuned``
+    The backbone gets the adapter's LoRA layers with its weights, and its ``modules_to_save`` (a task head) become
+    the delta model's own head copies, as PEFT keeps them beside the originals; outputs equal the PEFT model's.
+    Everything is checked before the backbone changes; on an error it is left as it was (core's apply step, as for
+    every format). The backbone is put in eval mode, as ``from_finetuned``
     does.
 
     Args:
@@ -578,7 +579,8 @@ def save_peft_adapter(
         delta_model: the LoRA delta model to export.
         path: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors`` into (created if needed).
         modules_to_save: backbone modules to ship whole with the adapter (a task head trained with it, such as
-            ``["classifier"]``); patterns like ``modified_modules``' real names.
+            ``["classifier"]``); patterns like ``modified_modules``' real names. The delta model's own task heads
+            (its ``modules_to_save``) are always shipped, from its copies, and need not be listed.
         task_type: PEFT's ``task_type`` to record (``"SEQ_CLS"``, ``"CAUSAL_LM"``...); ``None`` loads as a plain
             ``PeftModel``.
 

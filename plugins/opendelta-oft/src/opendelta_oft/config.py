@@ -5,8 +5,8 @@
 (PEFT recommends setting the block size): a ``0`` meaning "derived" would be a size that is not one. PEFT folders
 that set ``r`` or ``boft_block_num`` still load (see :mod:`opendelta_oft.peft_oft`). PEFT options that change what
 the adapter computes and that these methods do not implement are refused by name: a ``bias`` other than ``"none"``
-(train biases with ``unfrozen_modules`` instead), and ``modules_to_save`` (not a field: core refuses it as an
-unknown keyword).
+(train biases with ``unfrozen_modules`` instead). ``modules_to_save`` is core's (per-task heads), as for every
+method.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def _check_size(owner: str, name: str, value: int, most: int | None = None) -> N
 
 
 _PEFT_ONLY = {
-    "modules_to_save": "it ships whole copies of other modules with the adapter; train a head with "
-    "unfrozen_modules (or freeze_module(exclude=[...])) and save it with save_finetuned",
     "target_modules": "OpenDelta calls it modified_modules",
     "r": "PEFT's number of blocks per layer (0: derived); set oft_block_size (in_features / r) instead",
     "boft_block_num": "PEFT's number of blocks per factor (0: derived); set boft_block_size (in_features / "

@@ -30,6 +30,7 @@ from opendelta.plugin_api import (
     is_linear,
     read_config_dict,
     read_safetensors,
+    refuse_task_heads,
     write_atomically,
 )
 
@@ -251,4 +252,5 @@ def export_folder(
         "layers_pattern": None,
         **fields,
     }
+    refuse_task_heads(delta_model, peft_type)
     return write_folder(Path(path), document, tensors)

@@ -27,6 +27,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_p_tuning.config import PTuningConfig
@@ -265,4 +266,5 @@ def save_peft_p_tuning(
         "encoder_dropout": config.encoder_dropout,
     }
     tensors[TENSOR_NAME] = table
+    refuse_task_heads(delta_model, "P-tuning")
     return write_peft_folder(path, document, tensors)

@@ -30,6 +30,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_prefix.config import PrefixConfig
@@ -270,4 +271,5 @@ def save_peft_prefix_tuning(
         "prefix_projection": False,
         "modules_to_save": entries or None,
     }
+    refuse_task_heads(delta_model, "prefix tuning")
     return write_peft_folder(path, document, tensors)

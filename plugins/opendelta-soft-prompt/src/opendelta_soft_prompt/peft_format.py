@@ -28,6 +28,7 @@ from opendelta.plugin_api import (
     contained_file,
     read_config_dict,
     read_safetensors,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_soft_prompt.config import SoftPromptConfig
@@ -254,4 +255,5 @@ def save_peft_prompt_tuning(
         "tokenizer_name_or_path": None,
         "tokenizer_kwargs": None,
     }
+    refuse_task_heads(delta_model, "prompt tuning")
     return write_peft_folder(path, document, tensors)

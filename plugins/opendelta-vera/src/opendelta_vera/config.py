@@ -35,8 +35,6 @@ class VeraConfig(DeltaConfig):
             type here, as PEFT itself corrects it, so it changes nothing; kept so PEFT configs read as they are.
         bias: PEFT's bias training (``"none"``, ``"all"``, ``"vera_only"``). Only ``"none"``: to train biases, name
             them in ``unfrozen_modules``.
-        modules_to_save: PEFT's whole-module copies; refused (name the modules in ``unfrozen_modules`` instead:
-            trainable backbone parameters are saved with the delta).
         init_weights: ``lambda_b = 0``, ``lambda_d = d_initial`` (the identity); ``False`` starts ``lambda_b`` at
             ones and ``lambda_d`` at ``N(0, 1)``, as PEFT does (for tests only).
     """
@@ -50,7 +48,6 @@ class VeraConfig(DeltaConfig):
     d_initial: float = 0.1
     fan_in_fan_out: bool = False
     bias: str = "none"
-    modules_to_save: list[str] | None = None
     init_weights: bool = True
 
     def validate(self) -> None:
@@ -71,9 +68,4 @@ class VeraConfig(DeltaConfig):
             raise DeltaConfigError(
                 f"VeraConfig.bias={self.bias!r} is not supported (only 'none'): to train biases, list them in "
                 f"unfrozen_modules, which saves them with the delta"
-            )
-        if self.modules_to_save:
-            raise DeltaConfigError(
-                f"VeraConfig.modules_to_save={self.modules_to_save!r:.200} is not supported: list those modules in "
-                f"unfrozen_modules (trainable backbone parameters are saved with the delta)"
             )

@@ -28,6 +28,7 @@ from opendelta.plugin_api import (
     PeftFolder,
     is_linear,
     peft_folder,
+    refuse_task_heads,
     write_peft_folder,
 )
 from opendelta_vera.config import PRNGKey, VeraConfig
@@ -189,4 +190,5 @@ def save_peft_vera(delta_model: VeraModel, path: str | os.PathLike[str], *, task
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    refuse_task_heads(delta_model, "VeRA")
     return write_peft_folder(path, document, tensors)
