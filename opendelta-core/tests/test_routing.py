@@ -198,3 +198,22 @@ def test_threads_serving_their_own_plans_at_once_each_get_their_rows(toy):
         results = list(pool.map(serve, [i % 3 for i in range(24)]))
     for which, got in results:
         torch.testing.assert_close(got, expected[which], rtol=1e-5, atol=1e-5)
+
+
+def test_unlisted_delta_models_apply_to_every_row_or_with_no_rows_to_none(toy):
+    model, tasks = low_rank_tasks(3)
+    inputs = tiny_inputs("bert", batch=2)
+    everything = run(model, inputs)
+    with route_rows(model, [tasks[0], None]):  # tasks 1 and 2 are shared: every row
+        shared = run(model, inputs)
+    with route_rows(model, [tasks[0], None], unlisted="no_rows"):  # tenants: only the rows' own
+        own = run(model, inputs)
+    tasks[0].detach()
+    without_first = run(model, inputs)
+    tasks[0].attach()
+    torch.testing.assert_close(shared[0], everything[0])
+    torch.testing.assert_close(shared[1], without_first[1])
+    torch.testing.assert_close(own[0], alone(model, tasks, tasks[0], inputs)[0])
+    torch.testing.assert_close(own[1], alone(model, tasks, None, inputs)[1])
+    with pytest.raises(ValueError, match="no_rows"), route_rows(model, [tasks[0]], unlisted="none"):
+        pass

@@ -3,8 +3,9 @@
 Several delta models (trained for different tasks) are attached to one backbone at once. Inside
 ``with route_rows(model, [delta_a, delta_b, None, ...]):`` row ``i`` of every batch goes through the deltas of the
 ``i``-th delta model only (``None``: through none of the routed ones), while delta models not listed keep applying to
-every row. A row gets exactly what it gets with only its delta attached; how the rows are grouped so that this costs
-little more than one bare pass is :mod:`opendelta.row_groups`' job.
+every row; with ``unlisted="no_rows"`` they apply to none (a server holding many tenants' deltas attached routes a
+batch of requests for a few of them). A row gets exactly what it gets with only its delta attached; how the rows are
+grouped so that this costs little more than one bare pass is :mod:`opendelta.row_groups`' job.
 
 ``generate()`` works inside the context: when the batch it runs is a whole multiple of the routed rows (beam search
 repeats each row ``num_beams`` times in a row), each routing entry is repeated to match.
@@ -20,12 +21,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from opendelta.errors import DeltaStateError
+from opendelta.markers import DELTA_MARK
 
 if TYPE_CHECKING:
     from opendelta.base import DeltaModel
@@ -62,12 +64,20 @@ class Routing:
         owners: for each row, the index of its delta model in ``models`` (``-1``: none).
         modules: for each routed delta model, the ids of its delta modules.
         backbone: the model routed (a thread routes one plan per model at a time).
+        unrouted: ids of delta modules that apply to no row (owner ``count``, which owns no rows).
     """
 
-    def __init__(self, owners: list[int], modules: list[set[int]], backbone: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        owners: list[int],
+        modules: list[set[int]],
+        backbone: nn.Module | None = None,
+        unrouted: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         self.owners = owners
         self.count = len(modules)
-        self.module_owner = {module: index for index, ids in enumerate(modules) for module in ids}
+        self.module_owner = dict.fromkeys(unrouted, self.count)  # owner ``count`` has no rows
+        self.module_owner.update({module: index for index, ids in enumerate(modules) for module in ids})
         self.backbone = backbone
         self._plans: dict[tuple[int, torch.device], RowPlan] = {}
         self.cache: dict[tuple[object, ...], object] = {}
@@ -135,12 +145,19 @@ def active_routing(module: nn.Module) -> Routing | None:
 
 
 @contextmanager
-def route_rows(backbone: nn.Module, per_row: Sequence[DeltaModel | None]) -> Iterator[Routing]:
+def route_rows(
+    backbone: nn.Module,
+    per_row: Sequence[DeltaModel | None],
+    *,
+    unlisted: Literal["all_rows", "no_rows"] = "all_rows",
+) -> Iterator[Routing]:
     """Run each batch row through its own delta model (see the module docstring).
 
     Args:
         backbone: the model the delta models are attached to.
         per_row: for each row of the batches run inside the context, its delta model or ``None``.
+        unlisted: what the delta models attached to ``backbone`` but not in ``per_row`` apply to: every row (the
+            default: a delta shared by all tasks) or none (many tenants attached, a batch for a few of them).
 
     Raises:
         DeltaStateError: a delta model is not attached to ``backbone``, is merged, or places deltas that cannot
@@ -166,7 +183,14 @@ def route_rows(backbone: nn.Module, per_row: Sequence[DeltaModel | None]) -> Ite
             f"route_rows is already active in this thread (on {what}); a thread routes one batch plan at a time: "
             f"leave the first context before entering another (other threads route plans of their own)"
         )
-    routing = Routing(owners, [{id(i.delta) for i in m.insertions()} for m in models], backbone)
+    if unlisted not in ("all_rows", "no_rows"):
+        raise ValueError(f"route_rows(unlisted={unlisted!r}): use 'all_rows' or 'no_rows'")
+    modules = [{id(i.delta) for i in m.insertions()} for m in models]
+    unrouted: set[int] = set()
+    if unlisted == "no_rows":
+        listed = set().union(*modules)
+        unrouted = {id(m) for m in backbone.modules() if getattr(m, DELTA_MARK, False) and id(m) not in listed}
+    routing = Routing(owners, modules, backbone, unrouted)
     _local.plan = routing
     try:
         yield routing

@@ -130,9 +130,13 @@ def _low_rank_stacks(deltas: Sequence[nn.Module], x: torch.Tensor, routing: Rout
     found: dict[int, LowRankFactors] = {}
     for delta in deltas:
         owner, factors = routing.owner_of(delta), _factors(delta)
+        if owner == routing.count:  # routed to no row
+            continue
         if factors is None or owner is None or owner in found:
             return None
         found[owner] = factors
+    if not found:
+        return None
     versions = tuple((f.down._version, f.up._version, f.scale, id(f.down), id(f.up)) for f in found.values())
     key = ("low-rank", *(id(d) for d in deltas))
     cache = routing.cache
