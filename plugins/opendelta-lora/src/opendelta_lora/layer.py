@@ -165,11 +165,24 @@ class LoraLayer(nn.Module):
         return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
 
     def low_rank_factors(self) -> LowRankFactors | None:
-        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``: not with a residual base
-        (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself)."""
+        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``, else ``None``.
+
+        Not with a residual base (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself).
+        """
         if self.rewrites_base or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
         return LowRankFactors(self.lora_A, self.lora_B, self.scaling, self.out_index)
+
+    def load_low_rank_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Overwrite ``A`` with ``down`` and ``B`` with ``up`` in place (``combine_deltas``); the scale stays."""
+        if down.shape != self.lora_A.shape or up.shape != self.lora_B.shape:
+            raise ValueError(
+                f"factors of shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit A {tuple(self.lora_A.shape)}, "
+                f"B {tuple(self.lora_B.shape)}"
+            )
+        with torch.no_grad():
+            self.lora_A.copy_(down)
+            self.lora_B.copy_(up)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging).
