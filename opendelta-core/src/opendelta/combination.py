@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from opendelta.base import DeltaModel
 from opendelta.delta_protocols import LoadsLowRankFactors, LowRankBranch, LowRankFactors, class_implements
 from opendelta.errors import DeltaConfigError, DeltaStateError
 from opendelta.merge_arithmetic import BASE_KINDS, combine_tensors, svd_factors
-
-if TYPE_CHECKING:
-    from opendelta.base import DeltaModel
 
 __all__ = ["COMBINATION_TYPES", "combine_deltas"]
 
@@ -107,8 +105,6 @@ def combine_deltas(
 
 def _checked_inputs(deltas: Sequence[DeltaModel], weights: Sequence[float]) -> tuple[list[DeltaModel], list[float]]:
     """The deltas and weights as lists, refused unless they can be combined at all (see ``combine_deltas``)."""
-    from opendelta.base import DeltaModel
-
     models, weights = _as_list(deltas, "deltas"), _as_list(weights, "weights")
     if not models:
         raise DeltaConfigError("combine_deltas needs at least one delta model in deltas=; got none")
