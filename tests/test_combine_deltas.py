@@ -433,3 +433,43 @@ def test_low_rank_fields_must_name_config_fields():
 
     assert LoraModel.low_rank_fields == ("lora_r", "lora_alpha") and DeltaModel.low_rank_fields is None
     assert BitFitModel.combines_linearly and IA3Model.combines_linearly and not LoraModel.combines_linearly
+
+
+@pytest.mark.parametrize("kind", ["linear", "svd"])
+def test_rslora_scales_as_peft_does(kind):
+    """With use_rslora the combined delta's scale is alpha / sqrt(r) = sqrt(r), which PEFT leaves as it is too."""
+    _, deltas, pm = setup("bert", [4, 4], use_rslora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_weighted_adapter(["a0", "a1"], [0.5, 0.5], "combo", combination_type=kind)
+    combined = combine_deltas(deltas, [0.5, 0.5], kind)
+    layers = peft_layers(pm)
+    for name, dense in ours_dense(combined).items():
+        torch.testing.assert_close(dense, peft_dense(layers[name], "combo"), atol=ATOL, rtol=1e-4)
+    assert next(combined.insertions()).delta.scaling == 2.0  # 4 / sqrt(4)
+
+
+def test_training_mode_dropout_is_refused_until_eval():
+    model = tiny_model("bert")
+    deltas = [LoraModel(model, modified_modules=["query"], lora_r=2, lora_dropout=0.1) for _ in range(2)]
+    model.train()
+    with pytest.raises(DeltaStateError, match=r"dropout in training mode.*call backbone.eval\(\)"):
+        combine_deltas(deltas, [0.5, 0.5])
+    model.eval()
+    assert combine_deltas(deltas, [0.5, 0.5]).attached
+
+
+def test_stacked_expert_weights_are_refused_as_peft_does():
+    """transformers 5's experts hold 3-D weights (a parameter delta, PEFT's target_parameters): refused by name.
+
+    transformers 4.57's experts are lists of linear layers, whose LoRA deltas combine like any other.
+    """
+    model = tiny_model("mixtral")
+    deltas = [LoraModel(model, modified_modules=["experts"], lora_r=2) for _ in range(2)]
+    if any(t.parameter is not None for t in deltas[0].targets):
+        names = [n for n, _ in model.named_modules()]
+        with pytest.raises(DeltaStateError, match=r"has no low-rank factors to combine .* stacked expert weights"):
+            combine_deltas(deltas, [0.5, 0.5])
+        assert [n for n, _ in model.named_modules()] == names  # nothing built
+    else:
+        assert combine_deltas(deltas, [0.5, 0.5], "cat").config.lora_r == 4

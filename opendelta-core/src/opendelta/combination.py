@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +45,17 @@ _SAME_RANK = BASE_KINDS
 """The kinds that combine factors entry by entry, so every input needs the same rank (PEFT refuses others)."""
 
 _PRUNING = tuple(t for t in COMBINATION_TYPES if t not in ("svd", "linear", "cat"))
+
+
+class _Options(NamedTuple):
+    """``combine_deltas``'s keyword options, checked, as one value passed down to each placement."""
+
+    density: float | None
+    svd_rank: int | None
+    svd_clamp: float | None
+    svd_full_matrices: bool
+    majority_sign_method: Literal["total", "frequency"]
+    generator: torch.Generator | None
 
 
 def combine_deltas(
@@ -87,19 +98,10 @@ def combine_deltas(
     """
     models, weights = _checked_inputs(deltas, weights)
     method = type(models[0])
-    _check_options(method, combination_type, density, svd_rank, svd_clamp, majority_sign_method, generator)
+    options = _Options(density, svd_rank, svd_clamp, svd_full_matrices, majority_sign_method, generator)
+    _check_options(method, combination_type, options)
     if method.low_rank_fields is not None:
-        return _combine_low_rank(
-            models,
-            weights,
-            combination_type,
-            density,
-            svd_rank,
-            svd_clamp,
-            svd_full_matrices,
-            majority_sign_method,
-            generator,
-        )
+        return _combine_low_rank(models, weights, combination_type, options)
     return _combine_linearly(models, weights)
 
 
@@ -119,7 +121,7 @@ def _checked_inputs(deltas: Sequence[DeltaModel], weights: Sequence[float]) -> t
         raise DeltaConfigError(f"combine_deltas weights must be finite numbers, got {weights!r}")
     first = models[0]
     methods = sorted({type(m).__name__ for m in models})
-    if len(methods) > 1:
+    if len({type(m) for m in models}) > 1:
         raise DeltaConfigError(
             f"combine_deltas combines delta models of one method, got {', '.join(methods)}; combine each method's "
             f"deltas separately"
@@ -130,11 +132,15 @@ def _checked_inputs(deltas: Sequence[DeltaModel], weights: Sequence[float]) -> t
                 "combine_deltas combines delta models on one backbone, but they sit on different models; load them "
                 "onto one backbone (save_finetuned, then from_finetuned onto it) first"
             )
-        if m.__dict__.get("_unloaded", False) or m.merged:
-            state = "unloaded into the weights (merge_and_unload)" if m.__dict__.get("_unloaded") else "merged"
+        if m.__dict__.get("_unloaded", False):
             raise DeltaStateError(
-                f"a {type(m).__name__} given to combine_deltas is {state}: its deltas are in the backbone's weights, "
-                f"not its own; unmerge() it first (or combine the saved delta, loaded with from_finetuned)"
+                f"a {type(m).__name__} given to combine_deltas was merge_and_unload()ed: its deltas are part of the "
+                f"backbone's weights for good; combine deltas that are still their own (from_finetuned a saved one)"
+            )
+        if m.merged:
+            raise DeltaStateError(
+                f"a {type(m).__name__} given to combine_deltas is merged: its update is already in the backbone's "
+                f"weights, so the combined delta would add it a second time; unmerge() it first"
             )
     targets = _target_names(first)
     for m in models[1:]:
@@ -160,17 +166,10 @@ def _target_names(model: DeltaModel) -> list[tuple[str, tuple[int, ...] | None, 
     return [(p.target.name, p.target.parts, p.target.parameter) for p in model.placements()]
 
 
-def _check_options(
-    method: type[DeltaModel],
-    combination_type: str,
-    density: float | None,
-    svd_rank: int | None,
-    svd_clamp: float | None,
-    majority_sign_method: str,
-    generator: torch.Generator | None,
-) -> None:
+def _check_options(method: type[DeltaModel], combination_type: str, options: _Options) -> None:
     """Refuse a combination the method does not offer and options out of range, before anything is built."""
     name = method.__name__
+    density, svd_rank, svd_clamp, _, majority_sign_method, generator = options
     if combination_type not in COMBINATION_TYPES:
         raise DeltaConfigError(
             f"combine_deltas combination_type={combination_type!r} is unknown; use one of "
@@ -209,15 +208,7 @@ def _check_options(
 
 
 def _combine_low_rank(
-    models: list[DeltaModel],
-    weights: list[float],
-    combination_type: str,
-    density: float | None,
-    svd_rank: int | None,
-    svd_clamp: float | None,
-    svd_full_matrices: bool,
-    majority_sign_method: Literal["total", "frequency"],
-    generator: torch.Generator | None,
+    models: list[DeltaModel], weights: list[float], combination_type: str, options: _Options
 ) -> DeltaModel:
     """PEFT's LoRA ``add_weighted_adapter`` (see the module docstring), placement by placement."""
     rank_field, alpha_field = type(models[0]).low_rank_fields or ("", "")
@@ -229,21 +220,10 @@ def _combine_low_rank(
             f"same {rank_field}, got {ranks}; use 'cat' or an svd kind ('svd', 'ties_svd'...), which take any ranks"
         )
     factors = [_low_rank_factors(m) for m in models]  # [model][placement]
-    rank = sum(ranks) if kind == "cat" else (svd_rank or max(ranks)) if kind.endswith("svd") else ranks[0]
+    rank = sum(ranks) if kind == "cat" else (options.svd_rank or max(ranks)) if kind.endswith("svd") else ranks[0]
     with torch.no_grad():
         combined = [
-            _combine_factors(
-                kind,
-                [f[j] for f in factors],
-                weights,
-                rank,
-                density,
-                svd_clamp,
-                svd_full_matrices,
-                majority_sign_method,
-                generator,
-            )
-            for j in range(len(factors[0]))
+            _combine_factors(kind, [f[j] for f in factors], weights, rank, options) for j in range(len(factors[0]))
         ]
     new = _build_like(models[0], {rank_field: rank, alpha_field: rank})
     _fill(new, lambda j, delta: delta.load_low_rank_factors(*combined[j]))  # type: ignore[attr-defined]
@@ -254,31 +234,30 @@ def _low_rank_factors(model: DeltaModel) -> list[LowRankFactors]:
     """Each placed delta's factors, refused unless every one is a plain low-rank product whose factors load."""
     found = []
     for placement in model.placements():
-        delta = placement.insertion.delta
-        factors = delta.low_rank_factors() if class_implements(delta, LowRankBranch) else None
-        if factors is None or not class_implements(delta, LoadsLowRankFactors):
+        delta, where = placement.insertion.delta, f"the {type(model).__name__} delta on {placement.target.name}"
+        if not (class_implements(delta, LowRankBranch) and class_implements(delta, LoadsLowRankFactors)):
             raise DeltaStateError(
-                f"the {type(model).__name__} delta on {placement.target.name} is not a plain low-rank product now "
-                f"(DoRA's rescaling, PiSSA's or OLoRA's residual base, or dropout in training mode), so combine_deltas "
-                f"cannot combine its factors; call backbone.eval() for dropout, or combine plain LoRA deltas"
+                f"{where}{'.' + placement.target.parameter if placement.target.parameter else ''} has no low-rank "
+                f"factors to combine (a {type(delta).__name__}; PEFT's add_weighted_adapter refuses stacked expert "
+                f"weights too); combine deltas on linear layers"
+            )
+        factors = delta.low_rank_factors()
+        if factors is None:
+            raise DeltaStateError(
+                f"{where} is not a plain low-rank product now (DoRA's rescaling, PiSSA's or OLoRA's residual base, "
+                f"or dropout in training mode), so combine_deltas cannot combine its factors; call backbone.eval() "
+                f"for dropout, or combine plain LoRA deltas"
             )
         found.append(factors)
     return found
 
 
 def _combine_factors(
-    kind: str,
-    factors: list[LowRankFactors],
-    weights: list[float],
-    rank: int,
-    density: float | None,
-    svd_clamp: float | None,
-    svd_full_matrices: bool,
-    majority_sign_method: Literal["total", "frequency"],
-    generator: torch.Generator | None,
+    kind: str, factors: list[LowRankFactors], weights: list[float], rank: int, options: _Options
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(down, up)`` of one combined placement, for a scale of one (see the module docstring)."""
     dtype, device = factors[0].down.dtype, factors[0].down.device
+    pruning = (options.density, options.majority_sign_method, options.generator)
     shapes = {(f.down.shape[1], f.up.shape[0]) for f in factors}
     if len(shapes) > 1:
         raise DeltaConfigError(
@@ -290,16 +269,13 @@ def _combine_factors(
     if kind.endswith("svd"):
         base = "linear" if kind == "svd" else kind.removesuffix("_svd")
         dense = [f.up @ f.down * f.scale for f in factors]
-        total = combine_tensors(
-            base, dense, torch.tensor(weights, device=device), density, majority_sign_method, generator
-        )
-        return svd_factors(total, rank, svd_clamp, svd_full_matrices)
+        total = combine_tensors(base, dense, torch.tensor(weights, device=device), *pruning)
+        return svd_factors(total, rank, options.svd_clamp, options.svd_full_matrices)
     scaled = [w * f.scale for f, w in zip(factors, weights, strict=True)]
     root = [math.sqrt(abs(s)) for s in scaled]
     signed = torch.tensor([r if s >= 0 else -r for r, s in zip(root, scaled, strict=True)], device=device)
-    args = (density, majority_sign_method, generator)
-    down = combine_tensors(kind, [f.down for f in factors], signed, *args)  # the sign on one side only
-    up = combine_tensors(kind, [f.up for f in factors], torch.tensor(root, device=device), *args)
+    down = combine_tensors(kind, [f.down for f in factors], signed, *pruning)  # the sign on one side only
+    up = combine_tensors(kind, [f.up for f in factors], torch.tensor(root, device=device), *pruning)
     return down.to(dtype), up.to(dtype)
 
 
