@@ -473,3 +473,22 @@ def test_stacked_expert_weights_are_refused_as_peft_does():
         assert [n for n, _ in model.named_modules()] == names  # nothing built
     else:
         assert combine_deltas(deltas, [0.5, 0.5], "cat").config.lora_r == 4
+
+
+def test_a_failure_while_writing_takes_the_new_delta_out(monkeypatch):
+    """Should writing the combined factors fail half-way, the half-built delta leaves the backbone."""
+    model, deltas, _ = setup("bert", [2, 2])
+    names, output = _state(model)
+    calls = []
+
+    def failing(self, down, up):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(type(next(deltas[0].insertions()).delta), "load_low_rank_factors", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        combine_deltas(deltas, [0.5, 0.5], "linear")
+    assert len(calls) == 2
+    assert _state(model)[0] == names
+    torch.testing.assert_close(_state(model)[1], output)
