@@ -165,9 +165,9 @@ class LoraLayer(nn.Module):
         return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
 
     def low_rank_factors(self) -> LowRankFactors | None:
-        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``, else ``None``.
+        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``.
 
-        Not with a residual base (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself).
+        Not with a residual base (PiSSA, OLoRA), nor with dropout in training mode: core then calls the layer itself.
         """
         if self.rewrites_base or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
