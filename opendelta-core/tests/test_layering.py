@@ -5,12 +5,12 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 0. foundation: errors, marker names and delta-module queries, a call's main input and output, the optional
    behaviours' Protocols, shapes, addressing, file patterns, structures and their schema, sequences, reusable layers,
    the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks,
-   the quantized-layer protocol;
+   the quantized-layer protocol, the tensor arithmetic of combining deltas;
 1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the
    parameter placement included), freezing, preparing a quantized backbone for training, hashing, visualization;
 2. plugins: the hook specifications, the plugin loader, the structure lookup, core's quantization backends;
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
-   ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
+   ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves, combining delta models;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
    checkpoint readers and the apply step, PEFT's adapter folders, the Auto classes;
 5. faces: the package ``__init__``, the CLI, the interactive page, integrations, testing, the scaffold, 0.3.2's
@@ -59,6 +59,7 @@ LAYERS: dict[int, set[str]] = {
         "legacy_names",
         "expert_stacks",
         "quantization",
+        "merge_arithmetic",
     },
     1: {
         "concurrency",
@@ -91,6 +92,7 @@ LAYERS: dict[int, set[str]] = {
         "delta_configs",
         "registry",
         "method_classes",
+        "combination",
     },
     4: {
         "saving",

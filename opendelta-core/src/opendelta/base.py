@@ -122,7 +122,8 @@ class DeltaModel(ClassicDeltaApi):
     * ``supported_layer_types``: module types a target must be (``None``: any), or a function returning them
       (``linear_types``, so transformers is imported only when targets are checked); or override :meth:`supports`;
     * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
-    * ``cover_common_scopes``, ``identity_at_init``, ``positional_args``: see each.
+    * ``cover_common_scopes``, ``identity_at_init``, ``positional_args``: see each;
+    * ``low_rank_fields``, ``combines_linearly``: how :func:`opendelta.combine_deltas` combines several (see each).
 
     Override points, in the order construction calls them. The naming rule: a name with a leading underscore is
     called by core only (override it, never call it from outside); a name without one is also public API, which a
@@ -160,6 +161,14 @@ class DeltaModel(ClassicDeltaApi):
     """Whether a common name also designates everything named under it (see ``resolve_targets(cover_scopes=)``)."""
     identity_at_init: ClassVar[bool] = True
     """Whether a freshly built delta leaves the backbone's outputs unchanged (checked by the conformance battery)."""
+    low_rank_fields: ClassVar[tuple[str, str] | None] = None
+    """``(rank field, alpha field)`` of ``config_class`` when every delta is a low-rank branch scaled by a function
+    of the two (LoRA's ``("lora_r", "lora_alpha")``), its layers :class:`~opendelta.delta_protocols.LowRankBranch`
+    and :class:`~opendelta.delta_protocols.LoadsLowRankFactors`: what :func:`opendelta.combine_deltas` sets to build
+    the combined delta at a new rank. ``None``: the method's deltas are not combined as low-rank factors."""
+    combines_linearly: ClassVar[bool] = False
+    """Whether a weighted sum of each delta parameter combines several of this method's delta models (BitFit's
+    biases, IA3's vectors as PEFT's IA3 sums them): :func:`opendelta.combine_deltas` with ``"linear"``."""
 
     positional_args: ClassVar[tuple[str, ...] | None] = None
     """The hyper-parameters the constructor takes by position after the backbone, in the manual's order for this

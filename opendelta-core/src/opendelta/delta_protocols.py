@@ -12,6 +12,7 @@ it implements none, some or all of these:
 * :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind);
 * :class:`LowRankBranch`: a parallel delta that is, right now, exactly ``scale * x A^T B^T`` (LoRA), so core can run
   many of them as one batched product (per-row serving) and combine several (``combine_deltas``);
+* :class:`LoadsLowRankFactors`: a low-rank branch whose factors core may overwrite (the combined ones);
 * :class:`ParameterUpdate`: a change of one parameter of its host as the host's forward reads it (a low-rank update
   of a stack of expert weights), placed on a target whose ``parameter`` is set.
 """
@@ -26,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "FusedParallel",
+    "LoadsLowRankFactors",
     "LowRankBranch",
     "LowRankFactors",
     "Mergeable",
@@ -90,6 +92,19 @@ class LowRankBranch(Protocol):
         ``None`` whenever anything else takes part in the output at this moment: dropout in training mode, a
         residual base (PiSSA), a weight-norm rescaling (DoRA). Core then calls the delta as usual.
         """
+        ...
+
+
+@runtime_checkable
+class LoadsLowRankFactors(Protocol):
+    """A low-rank branch whose factors core may overwrite in place: ``combine_deltas`` writes the combined ones.
+
+    The branch keeps its own scale; the combined factors are computed for it (from the rank and alpha the method's
+    ``low_rank_fields`` name), so the method needs no knowledge of how they were combined.
+    """
+
+    def load_low_rank_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Copy ``down`` (``[r, in_features]``) and ``up`` (``[rows, r]``) into the factors; refuse other shapes."""
         ...
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from opendelta.config import INT64_RANGE, DeltaConfig
     from opendelta.delta_protocols import (
         FusedParallel,
+        LoadsLowRankFactors,
         LowRankBranch,
         LowRankFactors,
         Mergeable,
@@ -133,7 +134,12 @@ for a missing or ``all-linear`` ``target_modules``, ``refuse_trained_bias`` for 
 what a plugin reading or exporting its method's PEFT format shares with the others.
 
 1.5: many deltas on one backbone: ``LowRankBranch`` and ``LowRankFactors`` (a parallel delta that is exactly a scaled
-low-rank product, so per-row serving batches many of them into one gathered product)."""
+low-rank product, so per-row serving batches many of them into one gathered product).
+
+Also 1.5: combining several delta models into one (``opendelta.combine_deltas``): ``LoadsLowRankFactors`` (a
+low-rank branch whose factors core overwrites) with the ``DeltaModel`` class attribute ``low_rank_fields`` (the
+config's rank and alpha fields), and the ``DeltaModel`` class attribute ``combines_linearly`` (its delta parameters
+combine as a weighted sum)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -146,6 +152,7 @@ _SOURCES: dict[str, str] = {
     "INT64_RANGE": "opendelta.config",
     "DeltaConfig": "opendelta.config",
     "FusedParallel": "opendelta.delta_protocols",
+    "LoadsLowRankFactors": "opendelta.delta_protocols",
     "LowRankBranch": "opendelta.delta_protocols",
     "LowRankFactors": "opendelta.delta_protocols",
     "Mergeable": "opendelta.delta_protocols",
@@ -245,6 +252,7 @@ __all__ = [
     "DeltaStateError",
     "FusedParallel",
     "Insertion",
+    "LoadsLowRankFactors",
     "LowRankBranch",
     "LowRankFactors",
     "Mergeable",

@@ -173,6 +173,17 @@ class LoraLayer(nn.Module):
             return None
         return LowRankFactors(self.lora_A, self.lora_B, self.scaling, self.out_index)
 
+    def load_low_rank_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Overwrite ``A`` with ``down`` and ``B`` with ``up`` in place (``combine_deltas``); the scale stays."""
+        if down.shape != self.lora_A.shape or up.shape != self.lora_B.shape:
+            raise ValueError(
+                f"factors of shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit A {tuple(self.lora_A.shape)}, "
+                f"B {tuple(self.lora_B.shape)}"
+            )
+        with torch.no_grad():
+            self.lora_A.copy_(down)
+            self.lora_B.copy_(up)
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging).
 

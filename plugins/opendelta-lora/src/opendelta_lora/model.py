@@ -62,6 +62,7 @@ class LoraModel(DeltaModel):
     """The manual's positional order: ``LoraModel(model, x)`` binds x to ``lora_r``."""
     supported_layer_types = linear_types
     supports_fused_targets = True
+    low_rank_fields = ("lora_r", "lora_alpha")
     config: LoraConfig
 
     def _expand_target(self, target: Target) -> list[Target]:
