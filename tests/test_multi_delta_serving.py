@@ -139,3 +139,28 @@ def test_many_lora_tasks_of_mixed_ranks_serve_one_row_each_through_one_gathered_
     assert calls[0] > 0, "six LoRA tasks on a module go through the gathered product"
     for row, name in enumerate(plan):
         torch.testing.assert_close(routed[row], alone(model, tasks, name, inputs)[row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_many_lora_tenants_equals_each_prompt_alone(num_beams):
+    """Four LoRA tenants on a tiny Llama (the gathered product, its stacks kept across decoding steps)."""
+    model = tiny_model("llama", "LlamaForCausalLM")
+    tasks = {f"t{i}": LoraModel(backbone_model=model, lora_r=1 + i) for i in range(4)}
+    for seed, task in enumerate(tasks.values()):
+        perturb(task, seed=seed, scale=0.3)
+    inputs = tiny_inputs("llama", batch=4)
+    inputs = {"input_ids": inputs["input_ids"][:, :5], "attention_mask": inputs["attention_mask"][:, :5] * 0 + 1}
+    plan = ["t2", "t0", "t3", "t1"]
+    options = {"max_new_tokens": 4, "do_sample": False, "num_beams": num_beams}
+    with route_rows(model, [tasks[name] for name in plan]), torch.no_grad():
+        routed = model.generate(**inputs, **options)
+    for row, name in enumerate(plan):
+        for other, task in tasks.items():
+            if other != name:
+                task.detach()
+        with torch.no_grad():
+            expected = model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **options)
+        for other, task in tasks.items():
+            if other != name:
+                task.attach()
+        assert torch.equal(routed[row, : expected.shape[1]], expected[0])
