@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from opendelta.config import INT64_RANGE, DeltaConfig
     from opendelta.delta_protocols import (
         FusedParallel,
+        HotLoadable,
+        LoadPlan,
         LowRankBranch,
         LowRankFactors,
         Mergeable,
@@ -133,7 +135,11 @@ for a missing or ``all-linear`` ``target_modules``, ``refuse_trained_bias`` for 
 what a plugin reading or exporting its method's PEFT format shares with the others.
 
 1.5: many deltas on one backbone: ``LowRankBranch`` and ``LowRankFactors`` (a parallel delta that is exactly a scaled
-low-rank product, so per-row serving batches many of them into one gathered product)."""
+low-rank product, so per-row serving batches many of them into one gathered product).
+
+Also 1.5: hot-loading a checkpoint into an existing delta in place (``DeltaModel.load_weights``): ``HotLoadable``
+and ``LoadPlan`` (which tensors may be zero-padded along which dimensions, which buffers the checkpoint's config
+sets, which config fields may differ; LoRA's ``max_rank`` implements it)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -146,6 +152,8 @@ _SOURCES: dict[str, str] = {
     "INT64_RANGE": "opendelta.config",
     "DeltaConfig": "opendelta.config",
     "FusedParallel": "opendelta.delta_protocols",
+    "HotLoadable": "opendelta.delta_protocols",
+    "LoadPlan": "opendelta.delta_protocols",
     "LowRankBranch": "opendelta.delta_protocols",
     "LowRankFactors": "opendelta.delta_protocols",
     "Mergeable": "opendelta.delta_protocols",
@@ -244,9 +252,11 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "FusedParallel",
+    "HotLoadable",
+    "Insertion",
+    "LoadPlan",
     "LowRankBranch",
     "LowRankFactors",
-    "Insertion",
     "Mergeable",
     "ModuleNotFoundInStructureError",
     "OpenDeltaAddressingWarning",
