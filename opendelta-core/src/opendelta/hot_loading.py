@@ -19,6 +19,7 @@ that may be smaller along some dimensions (zero-padded here), buffers its config
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from opendelta.backbone_check import forget_loaded, mark_loaded
+from opendelta.backbone_check import backbone_matches, forget_loaded, mark_loaded
 from opendelta.checkpoint import backbone_parameters_in, read_checkpoint_folder
 from opendelta.checkpoint_record import CheckpointRecord
 from opendelta.concurrency import switching
@@ -199,14 +200,23 @@ def load_weights(delta_model: DeltaModel, source: Any, *, check_hash: bool = Tru
     record = _read(delta_model, source, check_hash)
     copies, result = _plan_copies(delta_model, record, strict)
     backbone = delta_model.backbone_model
+    saved = record.saved
+    if saved is not None and saved.get("backbone_hash") and not check_hash:
+        overrides = backbone_parameters_in(backbone, record.tensors)
+        if not backbone_matches(saved, backbone, overrides, record.source):
+            warnings.warn(
+                f"the delta in {record.source} was trained on another backbone (hash differs); loaded anyway "
+                f"(check_hash=False)",
+                stacklevel=3,
+            )
     with switching(backbone, f"{type(delta_model).__name__}.load_weights()"), torch.no_grad():
         for target, value in copies.pairs:
             target.copy_(value)
     config = delta_model.config
     for name in sorted(copies.taken):
         setattr(config, name, getattr(record.config, name))
-    if record.saved is not None:
-        config.backbone_hash = record.saved.get("backbone_hash")
+    if saved is not None:
+        config.backbone_hash = saved.get("backbone_hash")
         forget_loaded(backbone, delta_model)
-        mark_loaded(record.saved, backbone, record.source, delta_model)
+        mark_loaded(saved, backbone, record.source, delta_model)
     return result
