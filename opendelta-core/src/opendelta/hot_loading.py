@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -64,18 +63,6 @@ class LoadResult(NamedTuple):
     """This delta model's tensors the checkpoint does not hold: they keep their values."""
     unexpected_keys: list[str]
     """The checkpoint's tensors this delta model has no place for: not loaded."""
-
-
-@dataclass
-class _Copies:
-    """Everything the load will write, computed and checked before the first write."""
-
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    taken: set[str] = field(default_factory=set)
-
-
-def _describe(source: Any) -> str:
-    return "the state dict" if isinstance(source, Mapping) else str(source)
 
 
 def _read(delta_model: DeltaModel, source: Any, check_hash: bool) -> CheckpointRecord:
@@ -155,11 +142,17 @@ def _fitted(name: str, tensor: torch.Tensor, own: torch.Tensor, dims: tuple[int,
     return padded
 
 
-def _plan_copies(delta_model: DeltaModel, record: CheckpointRecord, strict: bool) -> tuple[_Copies, LoadResult]:
-    """Every ``(destination, value)`` pair of the load, checked; raises before anything is written."""
+def _plan_copies(
+    delta_model: DeltaModel, record: CheckpointRecord, strict: bool
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], set[str], LoadResult]:
+    """Every ``(destination, value)`` pair of the load, checked, and the config fields to take.
+
+    Raises before anything is written: the caller copies only once this returns.
+    """
     backbone = delta_model.backbone_model
     plans = _plans(delta_model, record.config)
-    copies = _Copies(taken=_check_config(delta_model, record, plans))
+    taken = _check_config(delta_model, record, plans)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     tensors = dict(record.tensors)
     if record.translate is not None:  # an OpenDelta 0.3.x file: names known once the delta is built (it is)
         tensors = record.translate(delta_model, tensors)
@@ -178,15 +171,15 @@ def _plan_copies(delta_model: DeltaModel, record: CheckpointRecord, strict: bool
     for name, tensor in delta_part.items():
         target = own[name]
         plan, local = owners.get((target.untyped_storage().data_ptr(), target.storage_offset()), (LoadPlan(), name))
-        copies.pairs.append((target, _fitted(name, tensor, target, tuple(plan.padded.get(local, ())), record.source)))
+        pairs.append((target, _fitted(name, tensor, target, tuple(plan.padded.get(local, ())), record.source)))
     params = dict(backbone.named_parameters())
     for name, tensor in checked_tensors(backbone_part, record.tensor_source, targets=params).items():
-        copies.pairs.append((params[name], _fitted(name, tensor, params[name], (), record.source)))
+        pairs.append((params[name], _fitted(name, tensor, params[name], (), record.source)))
     for delta, plan in plans.values():
         for local, value in plan.values.items():
             buffer = delta.get_buffer(local)
-            copies.pairs.append((buffer, _fitted(local, value.to(buffer.dtype), buffer, (), record.source)))
-    return copies, LoadResult(missing, unexpected)
+            pairs.append((buffer, _fitted(local, value.to(buffer.dtype), buffer, (), record.source)))
+    return pairs, taken, LoadResult(missing, unexpected)
 
 
 def load_weights(delta_model: DeltaModel, source: Any, *, check_hash: bool = True, strict: bool = True) -> LoadResult:
@@ -198,7 +191,7 @@ def load_weights(delta_model: DeltaModel, source: Any, *, check_hash: bool = Tru
             f"deltas but not the merged weights. Call unmerge() first (and merge() again after). Nothing was changed"
         )
     record = _read(delta_model, source, check_hash)
-    copies, result = _plan_copies(delta_model, record, strict)
+    pairs, taken, result = _plan_copies(delta_model, record, strict)
     backbone = delta_model.backbone_model
     saved = record.saved
     if saved is not None and saved.get("backbone_hash") and not check_hash:
@@ -210,10 +203,10 @@ def load_weights(delta_model: DeltaModel, source: Any, *, check_hash: bool = Tru
                 stacklevel=3,
             )
     with switching(backbone, f"{type(delta_model).__name__}.load_weights()"), torch.no_grad():
-        for target, value in copies.pairs:
+        for target, value in pairs:
             target.copy_(value)
     config = delta_model.config
-    for name in sorted(copies.taken):
+    for name in sorted(taken):
         setattr(config, name, getattr(record.config, name))
     if saved is not None:
         config.backbone_hash = saved.get("backbone_hash")
