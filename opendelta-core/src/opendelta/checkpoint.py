@@ -340,7 +340,7 @@ def read_checkpoint_folder(
         raw = read_config_dict(folder)
         options = {"delta_config": delta_config, "state_dict": state_dict, "overrides": overrides}
         if is_legacy_checkpoint(folder, raw):  # saved by OpenDelta 0.3.x: see opendelta.legacy
-            return read_legacy_checkpoint(folder, raw, cls, backbone, **options)
+            return read_legacy_checkpoint(folder, raw, cls, backbone, into=into, **options)
         return _read_native(folder, raw, cls, backbone, check_hash=check_hash, into=into, **options)
 
 
