@@ -113,3 +113,29 @@ def test_routing_refuses_what_it_cannot_route():
     with pytest.raises(DeltaStateError, match="another model"):
         with route_rows(tiny_model("bert"), [tasks["lora_a"]]):
             pass
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_many_lora_tasks_of_mixed_ranks_serve_one_row_each_through_one_gathered_product(arch, monkeypatch):
+    """Six LoRA tenants (ranks 1 to 8; GPT-2's fused c_attn: q and v rows only), rows interleaved, one row routed to
+    none, and a seventh tenant attached that no row asks for (``unlisted="no_rows"``)."""
+    import opendelta.row_groups
+
+    calls, real = [0], opendelta.row_groups._gathered_low_rank
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(opendelta.row_groups, "_gathered_low_rank", counted)
+    model = tiny_model(arch)
+    tasks = {f"t{r}": LoraModel(backbone_model=model, lora_r=r) for r in (1, 2, 3, 4, 5, 6, 8)}
+    for seed, task in enumerate(tasks.values()):
+        perturb(task, seed=seed, scale=0.3)
+    plan = ["t3", "t1", None, "t8", "t1", "t6", "t2", "t4"]  # t5 is attached but serves no row
+    inputs = tiny_inputs(arch, batch=len(plan))
+    with route_rows(model, [tasks[name] if name else None for name in plan], unlisted="no_rows"):
+        routed = run(model, inputs)
+    assert calls[0] > 0, "six LoRA tasks on a module go through the gathered product"
+    for row, name in enumerate(plan):
+        torch.testing.assert_close(routed[row], alone(model, tasks, name, inputs)[row], rtol=1e-5, atol=1e-5)

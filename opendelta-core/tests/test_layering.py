@@ -64,6 +64,7 @@ LAYERS: dict[int, set[str]] = {
     1: {
         "concurrency",
         "routing",
+        "row_groups",
         "merging",
         "merge_steps",
         "quantized_merge",

@@ -180,7 +180,7 @@ class LoraLayer(nn.Module):
     def low_rank_factors(self) -> LowRankFactors | None:
         """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``.
 
-        Not with a residual base (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself).
+        Not with a residual base (PiSSA, OLoRA), nor with dropout in training mode: core then calls the layer itself.
         """
         if self.rewrites_base or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
