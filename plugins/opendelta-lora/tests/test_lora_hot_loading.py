@@ -160,3 +160,24 @@ def test_compiled_model_hot_loads_other_ranks_without_a_new_graph(tmp_path):
     assert graphs >= 1 and counter.frame_count == graphs, "no recompile: only values changed"
     for out, expected in zip(outputs, [first_out, second_out, same_out], strict=True):
         assert torch.allclose(out, expected, atol=ATOL)
+
+
+def test_two_max_rank_loras_of_hot_loaded_ranks_route_per_row(tmp_path):
+    from opendelta import route_rows
+
+    first, _ = tenant(tmp_path, "a", 1, lora_r=4, lora_alpha=8)
+    second, _ = tenant(tmp_path, "b", 2, lora_r=2, lora_alpha=16, use_rslora=True)
+    model = tiny_model("bert")
+    tenants = [LoraModel(model, lora_r=4, max_rank=4), LoraModel(model, lora_r=4, max_rank=4)]
+    tenants[0].load_weights(first)
+    tenants[1].load_weights(second)
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        with route_rows(model, tenants):
+            routed = model_output_tensor(model(**inputs))
+        alone = []
+        for row in range(len(tenants)):
+            tenants[1 - row].detach()
+            alone.append(model_output_tensor(model(**{k: v[row : row + 1] for k, v in inputs.items()})))
+            tenants[1 - row].attach()
+    assert torch.allclose(routed, torch.cat(alone), atol=ATOL)
