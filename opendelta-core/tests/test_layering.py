@@ -12,13 +12,14 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms,
    ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves, combining delta models;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
-   checkpoint readers and the apply step, PEFT's adapter folders, the Auto classes;
+   checkpoint readers and the apply step, hot-loading into an existing delta, PEFT's adapter folders, the Auto
+   classes;
 5. faces: the package ``__init__``, the CLI, the interactive page, integrations, testing, the scaffold, 0.3.2's
    module paths, and ``plugin_api``.
 
-The only upward imports are the documented facades: ``save_finetuned``/``from_finetuned`` (model -> persistence) and
-``interactive_modify`` (model -> faces), and the quantization backends' registry reading the plugin hook
-(foundation -> plugins), each inside the function that is the facade. Imports under
+The only upward imports are the documented facades: ``save_finetuned``/``from_finetuned``/``load_weights`` (model ->
+persistence) and ``interactive_modify`` (model -> faces), and the quantization backends' registry reading the plugin
+hook (foundation -> plugins), each inside the function that is the facade. Imports under
 ``if TYPE_CHECKING:`` are annotations only and do not count. Besides the layers, the import graph (facades left out)
 has no cycle, and no core module below the faces imports a name from the package ``__init__``.
 """
@@ -103,6 +104,7 @@ LAYERS: dict[int, set[str]] = {
         "backbone_check",
         "checkpoint",
         "checkpoint_record",
+        "hot_loading",
         "peft_files",
         "auto",
     },
@@ -125,6 +127,7 @@ LAYERS: dict[int, set[str]] = {
 FACADES: dict[tuple[str, str], set[str]] = {
     ("base", "save_finetuned"): {"checkpoint"},
     ("base", "from_finetuned"): {"checkpoint"},
+    ("base", "load_weights"): {"hot_loading"},
     ("base", "__init__"): {"interactive"},
     ("basemodel", "__init__"): {"interactive"},
     ("config", "save_finetuned"): {"saving"},

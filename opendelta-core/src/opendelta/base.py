@@ -867,6 +867,36 @@ class DeltaModel(ClassicDeltaApi):
             **kwargs,
         )
 
+    def load_weights(
+        self, source: str | os.PathLike[str] | dict[str, torch.Tensor], *, check_hash: bool = True, strict: bool = True
+    ) -> Any:
+        """Hot-load another checkpoint into these deltas in place: same parameters, new values (no recompile).
+
+        ``source`` is a local folder ``from_finetuned`` reads (``save_finetuned``'s, a PEFT adapter a plugin
+        reads) or a state dict under :meth:`delta_state_dict`'s names. Every tensor is copied with ``copy_`` into
+        the parameter or buffer already attached (its storage and ``data_ptr`` unchanged), so a ``torch.compile``d
+        model runs the new values with the graphs it has. Everything is checked first (method, hyper-parameters,
+        tensor names, shapes, dtypes, values, the backbone hash with ``check_hash``); on any error nothing is
+        changed. A LoRA built with ``max_rank`` loads any rank up to it (see :mod:`opendelta.hot_loading`).
+
+        Args:
+            source: the checkpoint folder, or a state dict (taken with this model's own hyper-parameters).
+            check_hash: refuse a folder whose recorded backbone hash is not this backbone's.
+            strict: refuse a checkpoint whose tensor names differ from this model's; ``False`` loads those both
+                have (the others keep their values) and reports the rest.
+
+        Returns:
+            A ``LoadResult(missing_keys, unexpected_keys)``.
+
+        Raises:
+            CheckpointError: the checkpoint does not fit (naming what differs and the fix).
+            BackboneMismatchError: trained on another backbone (``check_hash=True``).
+            DeltaStateError: merged (``unmerge()`` first) or after ``merge_and_unload()``.
+        """
+        from opendelta.hot_loading import load_weights
+
+        return load_weights(self, source, check_hash=check_hash, strict=strict)
+
     def extra_repr(self) -> str:
         state = "attached" if self.attached else "detached"
         return f"delta_type={self.delta_type!r}, targets={len(self._insertions)}, {state}"

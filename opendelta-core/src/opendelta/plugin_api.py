@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from opendelta.config import INT64_RANGE, DeltaConfig
     from opendelta.delta_protocols import (
         FusedParallel,
+        HotLoadable,
+        LoadPlan,
         LoadsLowRankFactors,
         LowRankBranch,
         LowRankFactors,
@@ -139,7 +141,11 @@ low-rank product, so per-row serving batches many of them into one gathered prod
 Also 1.5: combining several delta models into one (``opendelta.combine_deltas``): ``LoadsLowRankFactors`` (a
 low-rank branch whose factors core overwrites) with the ``DeltaModel`` class attribute ``low_rank_fields`` (the
 config's rank and alpha fields), and the ``DeltaModel`` class attribute ``combines_linearly`` (its delta parameters
-combine as a weighted sum)."""
+combine as a weighted sum).
+
+Also 1.5: hot-loading a checkpoint into an existing delta in place (``DeltaModel.load_weights``): ``HotLoadable``
+and ``LoadPlan`` (which tensors may be zero-padded along which dimensions, which buffers the checkpoint's config
+sets, which config fields may differ; LoRA's ``max_rank`` implements it)."""
 
 _SOURCES: dict[str, str] = {
     "write_atomically": "opendelta.saving",
@@ -153,6 +159,8 @@ _SOURCES: dict[str, str] = {
     "DeltaConfig": "opendelta.config",
     "FusedParallel": "opendelta.delta_protocols",
     "LoadsLowRankFactors": "opendelta.delta_protocols",
+    "HotLoadable": "opendelta.delta_protocols",
+    "LoadPlan": "opendelta.delta_protocols",
     "LowRankBranch": "opendelta.delta_protocols",
     "LowRankFactors": "opendelta.delta_protocols",
     "Mergeable": "opendelta.delta_protocols",
@@ -251,7 +259,9 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "FusedParallel",
+    "HotLoadable",
     "Insertion",
+    "LoadPlan",
     "LoadsLowRankFactors",
     "LowRankBranch",
     "LowRankFactors",

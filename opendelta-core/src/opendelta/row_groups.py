@@ -137,7 +137,7 @@ def _low_rank_stacks(deltas: Sequence[nn.Module], x: torch.Tensor, routing: Rout
         found[owner] = factors
     if not found:
         return None
-    versions = tuple((f.down._version, f.up._version, f.scale, id(f.down), id(f.up)) for f in found.values())
+    versions = tuple((*_version(f.down), *_version(f.up), *_version(f.scale)) for f in found.values())
     key = ("low-rank", *(id(d) for d in deltas))
     cache = routing.cache
     kept = cache.get(key)
@@ -147,6 +147,11 @@ def _low_rank_stacks(deltas: Sequence[nn.Module], x: torch.Tensor, routing: Rout
     if stacks is not None and not torch.is_grad_enabled():
         cache[key] = stacks
     return stacks
+
+
+def _version(value: torch.Tensor | float) -> tuple[object, ...]:
+    """What tells a factor (or a tensor scale, as a hot-loadable LoRA keeps it) changed: identity and version."""
+    return (id(value), value._version) if isinstance(value, torch.Tensor) else (value,)
 
 
 def _stack(
