@@ -96,13 +96,17 @@ def _blockwise(
     order = plan.order
     hidden_sorted = hidden if order is None else hidden.index_select(0, order)
     x_sorted = None if x is None else (x if order is None else x.index_select(0, order))
-    pieces = []
+    pieces, in_place = [], True
     for owner, (start, end) in sorted(plan.blocks.items(), key=lambda item: item[1][0]):
-        block = hidden_sorted[start:end]
+        view = block = hidden_sorted[start:end]
         for delta in owned.get(owner, ()):
             block = delta(block) if x_sorted is None else add_parallel(delta, block, x_sorted[start:end])
         pieces.append(block)
-    joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        in_place = in_place and block.data_ptr() == view.data_ptr() and block.shape == view.shape
+    if in_place:  # every block was updated where it lies (LoRA's fused add without autograd): nothing to join
+        joined = hidden_sorted
+    else:
+        joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return joined if plan.inverse is None else joined.index_select(0, plan.inverse)
 
 
