@@ -214,9 +214,50 @@ def multi_delta(results: list[dict[str, Any]], repeats: int, batch: int, seq: in
     times = interleaved(
         {"ours": routed, "ours grouped": grouped, "peft": peft_mixed, "peft grouped": peft_grouped}, repeats
     )
-    results.append(
-        row("bert-base, two LoRA tasks in one batch (rows split 50/50)", times, f"batch {batch}", peer="peft")
-    )
+    setting = f"batch {batch}; ours / ours grouped {times['ours'] / times['ours grouped']:.3f}x"
+    results.append(row("bert-base, two LoRA tasks in one batch (rows split 50/50)", times, setting, peer="peft"))
+
+
+def many_deltas(results: list[dict[str, Any]], repeats: int, tasks: int = 64, batch: int = 64, seq: int = 64) -> None:
+    """``tasks`` LoRA tasks (r=8 on q,v) on one small BERT, one row each, routed in one pass; PEFT's adapter_names.
+
+    A small model (4 layers, hidden 256) on purpose: the per-row work is then largest beside the backbone's, which is
+    where routing costs most; against the bare model, whose time is the floor, and the arithmetic bound.
+    """
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    bare = BertModel(config).eval()
+    ours_model, peft_base = copy.deepcopy(bare), copy.deepcopy(bare)
+    loras = [LoraModel(backbone_model=ours_model, modified_modules=["query", "value"], lora_r=8) for _ in range(tasks)]
+    perturb_(ours_model, 1)
+    peer = peft_lora(peft_base, ["query", "value"], name="t0")
+    for index in range(1, tasks):
+        peer.add_adapter(f"t{index}", LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    perturb_(peer, 1)
+    peer.eval()
+    inputs = bert_inputs(batch, seq)
+    owner = [row * tasks // batch for row in range(batch)]
+    plan, names = [loras[i] for i in owner], [f"t{i}" for i in owner]
+    targets = [m for n, m in bare.named_modules() if n.endswith(("query", "value"))]
+    bound = 1 + lora_flops_ratio(bare, batch * seq, 8, targets)
+
+    def plain() -> Any:
+        with torch.no_grad():
+            return bare(**inputs)
+
+    def routed() -> Any:
+        with torch.no_grad(), route_rows(ours_model, plan):
+            return ours_model(**inputs)
+
+    def peft_mixed() -> Any:
+        with torch.no_grad():
+            return peer(**inputs, adapter_names=names)
+
+    times = interleaved({"bare": plain, "ours": routed, "peft": peft_mixed}, repeats)
+    name = f"bert 4x256, {tasks} LoRA tasks (r=8 q,v) in one batch, {batch // tasks} row(s) each"
+    results.append(row(name, times, f"batch {batch} x {seq}; route_rows vs adapter_names", bound=bound, peer="peft"))
 
 
 def merging(results: list[dict[str, Any]], repeats: int) -> None:
@@ -446,6 +487,8 @@ def main() -> None:
         "training": lambda r: training(r, max(3, args.repeats // 2), args.batch, args.seq),
         "switching": lambda r: switching(r, args.repeats),
         "multi_delta": lambda r: multi_delta(r, args.repeats, args.batch, args.seq),
+        "many_deltas": lambda r: many_deltas(r, args.repeats),
+        "many_deltas_8": lambda r: many_deltas(r, args.repeats, tasks=8),
         "merging": lambda r: merging(r, args.repeats),
         "saving": lambda r: saving(r, args.repeats),
         "adapters": lambda r: adapters_inference(r, args.repeats, args.batch, args.seq),

@@ -7,7 +7,12 @@ the head, so each delta carries everything its task needs. Then, as in the manua
 
 1. switch the whole model between tasks with ``detach()``/``attach()`` (nothing copied, a fraction of a ms);
 2. serve one mixed batch in which each row goes through its own task's delta (``route_rows``), and check that
-   every row gets exactly what it gets with only its delta attached.
+   every row gets exactly what it gets with only its delta attached;
+3. serve many tenants: each task's delta is saved and loaded back as ``--tenants`` separate deltas (one per
+   customer, as a server holds them), a stream of requests for random tenants is served one request at a time and
+   in batches across tenants, and the throughputs are printed, beside PEFT's ``adapter_names`` on the same LoRA
+   weights (exported with ``save_peft``) when PEFT is installed. Every batched answer is checked against the same
+   request served alone.
 
 Run it with ``python examples/multitask_serving.py`` once the packages of the demo are installed (``nox -s demo``
 installs them); ``--quick`` is the short run the tests use.
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from opendelta import LoraModel, route_rows
+from opendelta import AutoDeltaModel, LoraModel, route_rows
+from opendelta.errors import OpenDeltaServingWarning
 
 TARGETS = ["query", "value", "pooler.dense", "classifier"]
 
@@ -74,10 +82,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="training steps per task (default 60)")
     parser.add_argument("--eval-size", type=int, default=200, help="held-out examples per task (default 200)")
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--tenants", type=int, default=32, help="tenant deltas served at once (default 32)")
+    parser.add_argument("--requests", type=int, default=128, help="requests in the served stream (default 128)")
+    parser.add_argument("--batch", type=int, default=32, help="requests per batch across tenants (default 32)")
     parser.add_argument("--quick", action="store_true", help="a short run for the tests")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_size = 3, 16
+        args.steps, args.eval_size, args.tenants, args.requests, args.batch = 3, 16, 6, 24, 8
     torch.manual_seed(0)
     folder = locate_minilm()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -128,7 +139,102 @@ def main() -> int:
     if not same:
         print("FAILED: a routed row differs from its task run alone")
         return 1
+    return serve_tenants(model, deltas, held_out, tokenizer, args)
+
+
+def serve_tenants(model, deltas: dict[str, LoraModel], held_out, tokenizer, args) -> int:
+    """Many tenant deltas on one backbone: requests one at a time, batched across tenants, and PEFT's way."""
+    print(f"\n=== Serve {args.tenants} tenants: {args.requests} requests, one at a time and {args.batch} at once ===")
+    with tempfile.TemporaryDirectory() as folder:
+        saved = {}
+        for name, delta in deltas.items():
+            saved[name] = Path(folder) / name
+            delta.save_finetuned(saved[name])
+        for delta in deltas.values():
+            delta.detach()
+        names = list(deltas)
+        tenants = []  # every tenant a delta of its own (here with one of the two tasks' weights)
+        for index in range(args.tenants):
+            folder_of_task = saved[names[index % len(names)]]
+            tenant = AutoDeltaModel.from_finetuned(folder_of_task, backbone_model=model, check_hash=False)
+            tenant.detach()  # loaded one by one: the same weights twice attached would be refused as a double load
+            tenants.append(tenant)
+        for tenant in tenants:
+            tenant.attach()
+        peft_model = peft_twin(model, tenants, folder)
+        generator = torch.Generator().manual_seed(2)
+        pool = [e for examples in held_out.values() for e in examples]
+        picks = torch.randint(len(pool), (args.requests,), generator=generator).tolist()
+        owners = torch.randint(args.tenants, (args.requests,), generator=generator).tolist()
+        requests = [(pool[i], owner) for i, owner in zip(picks, owners, strict=True)]
+
+        start = time.perf_counter()
+        single = []
+        for example, owner in requests:
+            with route_rows(model, [tenants[owner]], unlisted="no_rows"):
+                single.append(logits_of(model, [example], tokenizer, args.max_length)[0])
+        single_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        batched = []
+        for first in range(0, len(requests), args.batch):
+            chunk = requests[first : first + args.batch]
+            with route_rows(model, [tenants[owner] for _e, owner in chunk], unlisted="no_rows"):
+                batched.extend(logits_of(model, [e for e, _o in chunk], tokenizer, args.max_length))
+        batched_s = time.perf_counter() - start
+        # padding differs between a request alone and in a batch: equal up to float noise
+        same = torch.allclose(torch.stack(batched), torch.stack(single), atol=1e-4)
+        print(f"    one at a time:       {args.requests / single_s:7.1f} requests/s")
+        print(
+            f"    batched ({args.batch:3} rows):  {args.requests / batched_s:7.1f} requests/s  "
+            f"({single_s / batched_s:.1f}x; every answer equals the request alone: {same})"
+        )
+        if peft_model is not None:
+            start = time.perf_counter()
+            answers = []
+            for first in range(0, len(requests), args.batch):
+                chunk = requests[first : first + args.batch]
+                inputs, _ = next(batches([e for e, _o in chunk], tokenizer, len(chunk), args.max_length))
+                with torch.no_grad():
+                    answers.extend(peft_model(**inputs, adapter_names=[f"t{o}" for _e, o in chunk]).logits)
+            peft_s = time.perf_counter() - start
+            agree = torch.allclose(torch.stack(answers), torch.stack(batched), atol=1e-4)
+            print(
+                f"    PEFT adapter_names:  {args.requests / peft_s:7.1f} requests/s  "
+                f"(ours {peft_s / batched_s:.2f}x its throughput; same answers: {agree})"
+            )
+            same = same and agree
+    if not same:
+        print("FAILED: a batched answer differs from the same request served alone")
+        return 1
     return 0
+
+
+def peft_twin(model, tenants: list, folder: str):
+    """The same tenants in PEFT, from our ``save_peft`` exports, on a copy of the bare backbone (``None``: no PEFT)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        print("    (PEFT is not installed: its adapter_names comparison is skipped)")
+        return None
+    import copy
+
+    for tenant in tenants:
+        tenant.detach()
+    bare = copy.deepcopy(model)
+    for tenant in tenants:
+        tenant.attach()
+    peer = None
+    for index, tenant in enumerate(tenants):
+        path = Path(folder) / f"peft-{index}"
+        with warnings.catch_warnings():  # "servers refuse an encoder's LoRA": known, PEFT itself loads it
+            warnings.simplefilter("ignore", OpenDeltaServingWarning)
+            tenant.save_peft(path)
+        if peer is None:
+            peer = PeftModel.from_pretrained(bare, path, adapter_name=f"t{index}")
+        else:
+            peer.load_adapter(path, adapter_name=f"t{index}")
+    return peer.eval()
 
 
 if __name__ == "__main__":

@@ -293,3 +293,17 @@ def test_bitfit_on_some_slices_of_a_fused_layer(tmp_path):
         AutoDeltaModel.from_finetuned(
             _legacy_folder(tmp_path / "k", config, trained), backbone_model=tiny_model("gpt2")
         )
+
+
+@pytest.mark.parametrize("case", LOADABLE)
+def test_hot_loading_the_originals_checkpoint_into_a_delta_in_place(case):
+    from opendelta.testing import perturb
+
+    model = backbone(case)
+    delta_model = AutoDeltaModel.from_finetuned(DATA / case, backbone_model=model)
+    perturb(delta_model, seed=7)  # another tenant's values, in the same parameters
+    pointers = {n: t.data_ptr() for n, t in delta_model.delta_state_dict().items()}
+    assert not torch.allclose(run(model, case), expected(case, "output"), atol=ATOL)
+    delta_model.load_weights(DATA / case)  # names and shapes checked: the original's md5 hash is not reproducible
+    torch.testing.assert_close(run(model, case), expected(case, "output"), atol=ATOL, rtol=0)
+    assert {n: t.data_ptr() for n, t in delta_model.delta_state_dict().items()} == pointers

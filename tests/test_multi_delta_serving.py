@@ -113,3 +113,54 @@ def test_routing_refuses_what_it_cannot_route():
     with pytest.raises(DeltaStateError, match="another model"):
         with route_rows(tiny_model("bert"), [tasks["lora_a"]]):
             pass
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_many_lora_tasks_of_mixed_ranks_serve_one_row_each_through_one_gathered_product(arch, monkeypatch):
+    """Six LoRA tenants (ranks 1 to 8; GPT-2's fused c_attn: q and v rows only), rows interleaved, one row routed to
+    none, and a seventh tenant attached that no row asks for (``unlisted="no_rows"``)."""
+    import opendelta.row_groups
+
+    calls, real = [0], opendelta.row_groups._gathered_low_rank
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(opendelta.row_groups, "_gathered_low_rank", counted)
+    model = tiny_model(arch)
+    tasks = {f"t{r}": LoraModel(backbone_model=model, lora_r=r) for r in (1, 2, 3, 4, 5, 6, 8)}
+    for seed, task in enumerate(tasks.values()):
+        perturb(task, seed=seed, scale=0.3)
+    plan = ["t3", "t1", None, "t8", "t1", "t6", "t2", "t4"]  # t5 is attached but serves no row
+    inputs = tiny_inputs(arch, batch=len(plan))
+    with route_rows(model, [tasks[name] if name else None for name in plan], unlisted="no_rows"):
+        routed = run(model, inputs)
+    assert calls[0] > 0, "six LoRA tasks on a module go through the gathered product"
+    for row, name in enumerate(plan):
+        torch.testing.assert_close(routed[row], alone(model, tasks, name, inputs)[row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_many_lora_tenants_equals_each_prompt_alone(num_beams):
+    """Four LoRA tenants on a tiny Llama (the gathered product, its stacks kept across decoding steps)."""
+    model = tiny_model("llama", "LlamaForCausalLM")
+    tasks = {f"t{i}": LoraModel(backbone_model=model, lora_r=1 + i) for i in range(4)}
+    for seed, task in enumerate(tasks.values()):
+        perturb(task, seed=seed, scale=0.3)
+    inputs = tiny_inputs("llama", batch=4)
+    inputs = {"input_ids": inputs["input_ids"][:, :5], "attention_mask": inputs["attention_mask"][:, :5] * 0 + 1}
+    plan = ["t2", "t0", "t3", "t1"]
+    options = {"max_new_tokens": 4, "do_sample": False, "num_beams": num_beams}
+    with route_rows(model, [tasks[name] for name in plan]), torch.no_grad():
+        routed = model.generate(**inputs, **options)
+    for row, name in enumerate(plan):
+        for other, task in tasks.items():
+            if other != name:
+                task.detach()
+        with torch.no_grad():
+            expected = model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **options)
+        for other, task in tasks.items():
+            if other != name:
+                task.attach()
+        assert torch.equal(routed[row, : expected.shape[1]], expected[0])

@@ -86,7 +86,7 @@ KNOWN_SIZE_FIELDS: dict[str, set[str]] = {
     "bitfit": set(),
     "boft": {"boft_block_size", "boft_n_butterfly_factor"},
     "compacter": {"reduction_factor", "hypercomplex_division", "phm_rank"},
-    "lora": {"lora_r"},
+    "lora": {"lora_r", "max_rank"},
     "low_rank_adapter": {"reduction_factor", "low_rank_rank"},
     "oft": {"oft_block_size", "num_cayley_neumann_terms"},
     "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "encoder_num_layers"},
@@ -207,8 +207,8 @@ def test_the_size_and_float_fields_found_are_the_methods_own(method):
         assert sizes == KNOWN_SIZE_FIELDS[method]
         assert floats == KNOWN_FLOAT_FIELDS[method]
     defaults = get_method(method).model_cls.config_class.defaults()
-    for name in sizes:  # a size field's default is a size, not a flag
-        assert type(defaults[name]) is int and defaults[name] >= 1, (name, defaults[name])
+    for name in sizes:  # a size field's default is a size (or None: off, as LoRA's max_rank), not a flag
+        assert defaults[name] is None or (type(defaults[name]) is int and defaults[name] >= 1), (name, defaults[name])
 
 
 def test_bool_fields_are_not_discovered_as_sizes():

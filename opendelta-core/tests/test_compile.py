@@ -48,3 +48,22 @@ def test_switching_states_under_compile_is_correct_and_reuses_compiled_graphs(to
     assert torch.allclose(outputs[1], bare_out) and torch.allclose(outputs[3], bare_out)
     assert graphs == 2, "one graph per state, reused when the state comes back"
     assert torch.allclose(routed, eager_routed) and not torch.allclose(routed, attached)
+
+
+def test_the_gathered_low_rank_product_compiles_and_matches_eager(toy):
+    from toy_method import ToyLowRankModel
+
+    torch._dynamo.reset()
+    model = tiny_model("bert")
+    tasks = [ToyLowRankModel(model, rank=r) for r in (1, 2, 3)]
+    for seed, task in enumerate(tasks):
+        perturb(task, seed=seed, scale=0.3)
+    inputs = tiny_inputs("bert", batch=4)
+    plan = [tasks[2], None, tasks[0], tasks[1]]
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), route_rows(model, plan):
+        eager = model_output_tensor(model(**inputs))
+        routed = model_output_tensor(compiled(**inputs))
+        again = model_output_tensor(compiled(**inputs))
+    torch.testing.assert_close(routed, eager)
+    torch.testing.assert_close(again, eager)

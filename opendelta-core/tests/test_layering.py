@@ -5,20 +5,21 @@ The layers, bottom to top (a module may import its own layer and the ones below,
 0. foundation: errors, marker names and delta-module queries, a call's main input and output, the optional
    behaviours' Protocols, shapes, addressing, file patterns, structures and their schema, sequences, reusable layers,
    the memory budget, tensor checks, ownership, install hints, positional arguments, save options, expert stacks,
-   the quantized-layer protocol;
+   the quantized-layer protocol, the tensor arithmetic of combining deltas;
 1. engine: switching gates, routing, merging (primitives, steps, and into quantized weights), insertion (the
    parameter placement included), freezing, preparing a quantized backbone for training, hashing, visualization;
 2. plugins: the hook specifications, the plugin loader, the structure lookup, core's quantization backends;
 3. model: the config value object, targets (expert targets included), the prefix and prompt mechanisms, task heads,
-   ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves;
+   ``DeltaModel`` and its 0.3.2 face, the methods registry and the method classes it serves, combining delta models;
 4. persistence: file names and atomic writes, the Hub, version skew, OpenDelta 0.3 checkpoints, the backbone check,
-   checkpoint readers and the apply step, PEFT's adapter folders, the Auto classes;
+   checkpoint readers and the apply step, hot-loading into an existing delta, PEFT's adapter folders, the Auto
+   classes;
 5. faces: the package ``__init__``, the CLI, the interactive page, integrations, testing, the scaffold, 0.3.2's
    module paths, and ``plugin_api``.
 
-The only upward imports are the documented facades: ``save_finetuned``/``from_finetuned`` (model -> persistence) and
-``interactive_modify`` (model -> faces), and the quantization backends' registry reading the plugin hook
-(foundation -> plugins), each inside the function that is the facade. Imports under
+The only upward imports are the documented facades: ``save_finetuned``/``from_finetuned``/``load_weights`` (model ->
+persistence) and ``interactive_modify`` (model -> faces), and the quantization backends' registry reading the plugin
+hook (foundation -> plugins), each inside the function that is the facade. Imports under
 ``if TYPE_CHECKING:`` are annotations only and do not count. Besides the layers, the import graph (facades left out)
 has no cycle, and no core module below the faces imports a name from the package ``__init__``.
 """
@@ -59,10 +60,12 @@ LAYERS: dict[int, set[str]] = {
         "legacy_names",
         "expert_stacks",
         "quantization",
+        "merge_arithmetic",
     },
     1: {
         "concurrency",
         "routing",
+        "row_groups",
         "merging",
         "merge_steps",
         "quantized_merge",
@@ -91,6 +94,7 @@ LAYERS: dict[int, set[str]] = {
         "delta_configs",
         "registry",
         "method_classes",
+        "combination",
     },
     4: {
         "saving",
@@ -101,6 +105,7 @@ LAYERS: dict[int, set[str]] = {
         "backbone_check",
         "checkpoint",
         "checkpoint_record",
+        "hot_loading",
         "peft_files",
         "auto",
     },
@@ -123,6 +128,7 @@ LAYERS: dict[int, set[str]] = {
 FACADES: dict[tuple[str, str], set[str]] = {
     ("base", "save_finetuned"): {"checkpoint"},
     ("base", "from_finetuned"): {"checkpoint"},
+    ("base", "load_weights"): {"hot_loading"},
     ("base", "__init__"): {"interactive"},
     ("basemodel", "__init__"): {"interactive"},
     ("config", "save_finetuned"): {"saving"},

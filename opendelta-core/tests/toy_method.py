@@ -10,6 +10,7 @@ from torch import nn
 
 import opendelta
 from opendelta import DeltaConfig, DeltaConfigError, DeltaModel, Target
+from opendelta.plugin_api import LowRankFactors
 
 
 class Scale(nn.Module):
@@ -46,7 +47,44 @@ class ToyModel(DeltaModel):
         return Scale(out)
 
 
+class LowRank(nn.Module):
+    """``x -> scale * x A^T B^T``, declared as a low-rank branch so routing may batch many of them."""
+
+    def __init__(self, features_in: int, features_out: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, features_in) / features_in**0.5)
+        self.b = nn.Parameter(torch.zeros(features_out, rank))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a.t() @ self.b.t() * self.scale
+
+    def low_rank_factors(self) -> LowRankFactors:
+        return LowRankFactors(self.a, self.b, self.scale)
+
+
+@dataclass(kw_only=True)
+class ToyLowRankConfig(DeltaConfig):
+    delta_type: ClassVar[str] = "toy_low_rank"
+    rank: int = 2
+
+
+class ToyLowRankModel(DeltaModel):
+    """A parallel low-rank toy (LoRA without the plugin): what core's batched routing is tested with."""
+
+    config_class = ToyLowRankConfig
+    delta_type = "toy_low_rank"
+    delta_name = "toy_low_rank"
+    default_modified_modules = ("attn.q", "attn.v")
+    insertion = "parallel"
+
+    def _build_delta(self, target: Target) -> nn.Module:
+        features_in, features_out = self.features(target.module)
+        return LowRank(features_in, features_out, self.config.rank, scale=1.5 / self.config.rank)
+
+
 class ToyPlugin:
     @opendelta.hookimpl
     def register_delta_methods(self, register):
         register("toy", ToyConfig, ToyModel)
+        register("toy_low_rank", ToyLowRankConfig, ToyLowRankModel)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
     from opendelta.base import DeltaModel, Target
     from opendelta.basemodel import DeltaBase
+    from opendelta.combination import combine_deltas
     from opendelta.config import DeltaConfig
     from opendelta.delta_configs import BaseDeltaConfig
     from opendelta.errors import (
@@ -96,6 +97,7 @@ __all__ = [
     "UnknownDeltaMethodError",
     "UnsupportedTargetError",
     "Visualization",
+    "combine_deltas",
     "count_parameters",
     "freeze_module",
     "get_method",
@@ -119,6 +121,7 @@ _SOURCES: dict[str, str] = {
     "DeltaModel": "opendelta.base",
     "Target": "opendelta.base",
     "DeltaBase": "opendelta.basemodel",
+    "combine_deltas": "opendelta.combination",
     "DeltaConfig": "opendelta.config",
     "BaseDeltaConfig": "opendelta.delta_configs",
     "AddressingError": "opendelta.errors",

@@ -43,6 +43,7 @@ __all__ = [
     "check_backbone",
     "check_declared_tensors",
     "check_not_loaded",
+    "forget_loaded",
     "mark_loaded",
 ]
 
@@ -157,15 +158,20 @@ def _key(raw: Mapping[str, Any], source: str) -> str:
     return f"sha256:{digest}" if isinstance(digest, str) and digest else f"folder:{source}"
 
 
-def check_not_loaded(raw: Mapping[str, Any], backbone: nn.Module, source: str) -> None:
+def check_not_loaded(
+    raw: Mapping[str, Any], backbone: nn.Module, source: str, *, into: DeltaModel | None = None
+) -> None:
     """Refuse to load a checkpoint onto a backbone that still carries the delta model loaded from it.
+
+    ``into``: the delta model the checkpoint is loaded into in place (``load_weights``); holding it already is fine,
+    as its values are replaced, not stacked.
 
     Raises:
         DeltaStateError: the same weights (by digest) were loaded onto this backbone and are still attached.
     """
     earlier = _LOADED.get(backbone, {}).get(_key(raw, source))
     delta_model = earlier() if earlier is not None else None
-    if delta_model is not None and delta_model.attached:
+    if delta_model is not None and delta_model is not into and delta_model.attached:
         raise DeltaStateError(
             f"{source} is already loaded onto this {type(backbone).__name__} (as {type(delta_model).__name__}, "
             f"still attached); loading it again would stack a second copy of the delta and double its effect. "
@@ -176,3 +182,10 @@ def check_not_loaded(raw: Mapping[str, Any], backbone: nn.Module, source: str) -
 def mark_loaded(raw: Mapping[str, Any], backbone: nn.Module, source: str, delta_model: DeltaModel) -> None:
     """Remember that ``delta_model`` was loaded onto ``backbone`` from this checkpoint, for :func:`check_not_loaded`."""
     _LOADED.setdefault(backbone, {})[_key(raw, source)] = weakref.ref(delta_model)
+
+
+def forget_loaded(backbone: nn.Module, delta_model: DeltaModel) -> None:
+    """Forget the checkpoints recorded as loaded into ``delta_model``: it now holds another one's values."""
+    loaded = _LOADED.get(backbone, {})
+    for key in [k for k, ref in loaded.items() if ref() is delta_model]:
+        del loaded[key]

@@ -124,7 +124,8 @@ class DeltaModel(ClassicDeltaApi):
     * ``supported_layer_types``: module types a target must be (``None``: any), or a function returning them
       (``linear_types``, so transformers is imported only when targets are checked); or override :meth:`supports`;
     * ``supports_fused_targets``: whether the method handles one slice of a fused module (GPT-2 ``c_attn``);
-    * ``cover_common_scopes``, ``identity_at_init``, ``positional_args``: see each.
+    * ``cover_common_scopes``, ``identity_at_init``, ``positional_args``: see each;
+    * ``low_rank_fields``, ``combines_linearly``: how :func:`opendelta.combine_deltas` combines several (see each).
 
     Override points, in the order construction calls them. The naming rule: a name with a leading underscore is
     called by core only (override it, never call it from outside); a name without one is also public API, which a
@@ -162,6 +163,14 @@ class DeltaModel(ClassicDeltaApi):
     """Whether a common name also designates everything named under it (see ``resolve_targets(cover_scopes=)``)."""
     identity_at_init: ClassVar[bool] = True
     """Whether a freshly built delta leaves the backbone's outputs unchanged (checked by the conformance battery)."""
+    low_rank_fields: ClassVar[tuple[str, str] | None] = None
+    """``(rank field, alpha field)`` of ``config_class`` when every delta is a low-rank branch scaled by a function
+    of the two (LoRA's ``("lora_r", "lora_alpha")``), its layers :class:`~opendelta.delta_protocols.LowRankBranch`
+    and :class:`~opendelta.delta_protocols.LoadsLowRankFactors`: what :func:`opendelta.combine_deltas` sets to build
+    the combined delta at a new rank. ``None``: the method's deltas are not combined as low-rank factors."""
+    combines_linearly: ClassVar[bool] = False
+    """Whether a weighted sum of each delta parameter combines several of this method's delta models (BitFit's
+    biases, IA3's vectors as PEFT's IA3 sums them): :func:`opendelta.combine_deltas` with ``"linear"``."""
 
     positional_args: ClassVar[tuple[str, ...] | None] = None
     """The hyper-parameters the constructor takes by position after the backbone, in the manual's order for this
@@ -884,6 +893,36 @@ class DeltaModel(ClassicDeltaApi):
             hub_kwargs=hub,
             **kwargs,
         )
+
+    def load_weights(
+        self, source: str | os.PathLike[str] | dict[str, torch.Tensor], *, check_hash: bool = True, strict: bool = True
+    ) -> Any:
+        """Hot-load another checkpoint into these deltas in place: same parameters, new values (no recompile).
+
+        ``source`` is a local folder ``from_finetuned`` reads (``save_finetuned``'s, a PEFT adapter a plugin
+        reads) or a state dict under :meth:`delta_state_dict`'s names. Every tensor is copied with ``copy_`` into
+        the parameter or buffer already attached (its storage and ``data_ptr`` unchanged), so a ``torch.compile``d
+        model runs the new values with the graphs it has. Everything is checked first (method, hyper-parameters,
+        tensor names, shapes, dtypes, values, the backbone hash with ``check_hash``); on any error nothing is
+        changed. A LoRA built with ``max_rank`` loads any rank up to it (see :mod:`opendelta.hot_loading`).
+
+        Args:
+            source: the checkpoint folder, or a state dict (taken with this model's own hyper-parameters).
+            check_hash: refuse a folder whose recorded backbone hash is not this backbone's.
+            strict: refuse a checkpoint whose tensor names differ from this model's; ``False`` loads those both
+                have (the others keep their values) and reports the rest.
+
+        Returns:
+            A ``LoadResult(missing_keys, unexpected_keys)``.
+
+        Raises:
+            CheckpointError: the checkpoint does not fit (naming what differs and the fix).
+            BackboneMismatchError: trained on another backbone (``check_hash=True``).
+            DeltaStateError: merged (``unmerge()`` first) or after ``merge_and_unload()``.
+        """
+        from opendelta.hot_loading import load_weights
+
+        return load_weights(self, source, check_hash=check_hash, strict=strict)
 
     def extra_repr(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -48,7 +48,16 @@ if TYPE_CHECKING:
     from opendelta.base import DeltaModel
     from opendelta.save_options import CardExtras
 
-__all__ = ["apply_checkpoint", "config_document", "load_delta", "read_foreign_checkpoint", "save_delta", "versions"]
+__all__ = [
+    "apply_checkpoint",
+    "backbone_parameters_in",
+    "config_document",
+    "load_delta",
+    "read_checkpoint_folder",
+    "read_foreign_checkpoint",
+    "save_delta",
+    "versions",
+]
 
 
 def versions() -> dict[str, str]:
@@ -205,25 +214,29 @@ def _read_native(
     state_dict: dict[str, torch.Tensor] | None,
     check_hash: bool,
     overrides: dict[str, Any],
+    into: DeltaModel | None = None,
 ) -> CheckpointRecord:
-    """OpenDelta's own format: the config checked field by field, the tensors against the backbone record."""
+    """OpenDelta's own format: the config checked field by field, the tensors against the backbone record.
+
+    ``into``: the delta model the tensors go into in place (``load_weights``), which may hold this checkpoint already.
+    """
     model_cls, config = method_and_config(folder, raw, cls, delta_config, overrides)
     tensors = state_dict if state_dict is not None else load_weights(folder, raw)
     source = str(folder if state_dict is not None else folder / weights_name(raw))
     tensors = checked_tensors(tensors, source, targets=dict(backbone.named_parameters()))
-    backbone_part = _backbone_part(backbone, tensors)
+    backbone_part = backbone_parameters_in(backbone, tensors)
     _check_backbone_tensors(backbone, backbone_part, str(folder))
     if state_dict is None:  # tensors the caller passes are the caller's; a file's must be declared
         check_declared_tensors(raw, backbone_part, str(folder))
     check_backbone(raw, backbone, backbone_part, check_hash=check_hash, source=str(folder))
     if state_dict is None:
-        check_not_loaded(raw, backbone, str(folder))
+        check_not_loaded(raw, backbone, str(folder), into=into)
     return CheckpointRecord(
         str(folder), source, model_cls, config, tensors, saved=raw, checks={"caller_tensors": state_dict is not None}
     )
 
 
-def _backbone_part(backbone: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def backbone_parameters_in(backbone: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors that are backbone parameters (a task head), not deltas."""
     names = {n for n, _ in backbone.named_parameters()} - delta_parameter_names(backbone)
     return {n: t for n, t in tensors.items() if n in names}
@@ -246,7 +259,7 @@ def apply_checkpoint(
     try:
         if record.translate is not None:
             tensors = record.translate(delta_model, tensors)
-        backbone_part = _backbone_part(backbone, tensors)
+        backbone_part = backbone_parameters_in(backbone, tensors)
         if record.translate is not None:  # names known only now
             _check_backbone_tensors(backbone, backbone_part, record.source)
         own = delta_model.delta_state_dict()
@@ -292,6 +305,46 @@ def apply_checkpoint(
     return delta_model
 
 
+def read_checkpoint_folder(
+    cls: type[DeltaModel],
+    path: str | os.PathLike[str],
+    backbone: nn.Module,
+    *,
+    delta_config: DeltaConfig | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    check_hash: bool = True,
+    hub_kwargs: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    into: DeltaModel | None = None,
+) -> CheckpointRecord:
+    """Read and check the checkpoint at ``path`` for ``backbone``, in whichever format it is; nothing is changed.
+
+    A local folder without OpenDelta's ``config.json`` goes to the plugins' ``read_checkpoint`` hook (PEFT's LoRA
+    folders: ``opendelta-lora``); OpenDelta 0.3.x checkpoints to :func:`opendelta.legacy.read_legacy_checkpoint`;
+    everything else is this library's own format. ``into``: the delta model the record is loaded into in place
+    (``DeltaModel.load_weights``), which may hold this checkpoint already.
+    """
+    hub_kwargs = {k: v for k, v in (hub_kwargs or {}).items() if v}
+    overrides = overrides or {}
+    local = Path(path)
+    if local.is_dir() and not (local / CONFIG_NAME).is_file():  # perhaps another library's format
+        record = read_foreign_checkpoint(local, backbone, cls)
+        if record is not None:
+            if delta_config is not None or state_dict is not None or overrides:
+                raise CheckpointError(
+                    f"{local} is {record.describe or 'not an OpenDelta checkpoint'}: its config and weights are its "
+                    f"own; pass no options"
+                )
+            return record
+    folder = resolve_checkpoint(path, **hub_kwargs)
+    with checkpoint_lock(folder, shared=True):  # a save running beside us finishes first (see opendelta.saving)
+        raw = read_config_dict(folder)
+        options = {"delta_config": delta_config, "state_dict": state_dict, "overrides": overrides}
+        if is_legacy_checkpoint(folder, raw):  # saved by OpenDelta 0.3.x: see opendelta.legacy
+            return read_legacy_checkpoint(folder, raw, cls, backbone, into=into, **options)
+        return _read_native(folder, raw, cls, backbone, check_hash=check_hash, into=into, **options)
+
+
 def load_delta(
     cls: type[DeltaModel],
     path: str | os.PathLike[str],
@@ -305,29 +358,18 @@ def load_delta(
 ) -> DeltaModel:
     """Rebuild and load a delta (see ``DeltaModel.from_finetuned``); ``cls`` may be ``DeltaModel`` itself.
 
-    One reader per format returns a :class:`~opendelta.checkpoint_record.CheckpointRecord`, then
-    :func:`apply_checkpoint` loads it: a local folder without OpenDelta's ``config.json`` goes to the plugins'
-    ``read_checkpoint`` hook (PEFT's LoRA folders: ``opendelta-lora``); OpenDelta 0.3.x checkpoints to
-    :func:`opendelta.legacy.read_legacy_checkpoint`; everything else is this library's own format.
+    One reader per format returns a :class:`~opendelta.checkpoint_record.CheckpointRecord`
+    (:func:`read_checkpoint_folder`), then :func:`apply_checkpoint` loads it.
     """
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
     dummy_inputs = overrides.pop("dummy_inputs", None)  # a constructor option for the pseudo pass, not a field
-    local = Path(path)
-    if local.is_dir() and not (local / CONFIG_NAME).is_file():  # perhaps another library's format
-        record = read_foreign_checkpoint(local, backbone, cls)
-        if record is not None:
-            if delta_config is not None or state_dict is not None or overrides:
-                raise CheckpointError(
-                    f"{local} is {record.describe or 'not an OpenDelta checkpoint'}: its config and weights are its "
-                    f"own; pass no options"
-                )
-            return apply_checkpoint(record, backbone, check_hash=check_hash, dummy_inputs=dummy_inputs)
-    folder = resolve_checkpoint(path, **hub_kwargs)
-    with checkpoint_lock(folder, shared=True):  # a save running beside us finishes first (see opendelta.saving)
-        raw = read_config_dict(folder)
-        options = {"delta_config": delta_config, "state_dict": state_dict, "overrides": overrides}
-        if is_legacy_checkpoint(folder, raw):  # saved by OpenDelta 0.3.x: see opendelta.legacy
-            record = read_legacy_checkpoint(folder, raw, cls, backbone, **options)
-        else:
-            record = _read_native(folder, raw, cls, backbone, check_hash=check_hash, **options)
+    record = read_checkpoint_folder(
+        cls,
+        path,
+        backbone,
+        delta_config=delta_config,
+        state_dict=state_dict,
+        check_hash=check_hash,
+        hub_kwargs=hub_kwargs,
+        overrides=overrides,
+    )
     return apply_checkpoint(record, backbone, check_hash=check_hash, dummy_inputs=dummy_inputs)

@@ -12,8 +12,12 @@ it implements none, some or all of these:
 * :class:`PromptSource`: embeddings placed in front of a model's input (the ``"prompt"`` insertion kind);
 * :class:`LowRankBranch`: a parallel delta that is, right now, exactly ``scale * x A^T B^T`` (LoRA), so core can run
   many of them as one batched product (per-row serving) and combine several (``combine_deltas``);
+* :class:`LoadsLowRankFactors`: a low-rank branch whose factors core may overwrite (the combined ones);
 * :class:`ParameterUpdate`: a change of one parameter of its host as the host's forward reads it (a low-rank update
-  of a stack of expert weights), placed on a target whose ``parameter`` is set.
+  of a stack of expert weights), placed on a target whose ``parameter`` is set;
+* :class:`HotLoadable`: a delta that says how another checkpoint's tensors and hyper-parameters go into it in
+  place (``DeltaModel.load_weights``): which dimensions a smaller tensor is zero-padded along (a LoRA allocated at
+  ``max_rank`` holding a lower rank), which buffers the checkpoint's config sets (its scaling).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from torch import nn
 
 __all__ = [
     "FusedParallel",
+    "HotLoadable",
+    "LoadPlan",
+    "LoadsLowRankFactors",
     "LowRankBranch",
     "LowRankFactors",
     "Mergeable",
@@ -70,8 +77,9 @@ class LowRankFactors(NamedTuple):
     """``[r, in_features]`` (LoRA's ``A``); the tensor itself (a parameter), so autograd reaches it."""
     up: torch.Tensor
     """``[rows, r]`` (LoRA's ``B``), unscaled; ``rows`` is the output size, or ``len(out_index)``."""
-    scale: float
-    """The branch's multiplier (LoRA's ``alpha / r``)."""
+    scale: float | torch.Tensor
+    """The branch's multiplier (LoRA's ``alpha / r``); a 0-d tensor where hot-loading changes it in place (LoRA's
+    ``max_rank``)."""
     out_index: torch.Tensor | None = None
     """The output features ``up``'s rows write to (a slice of a fused projection); ``None``: all of them."""
 
@@ -90,6 +98,19 @@ class LowRankBranch(Protocol):
         ``None`` whenever anything else takes part in the output at this moment: dropout in training mode, a
         residual base (PiSSA), a weight-norm rescaling (DoRA). Core then calls the delta as usual.
         """
+        ...
+
+
+@runtime_checkable
+class LoadsLowRankFactors(Protocol):
+    """A low-rank branch whose factors core may overwrite in place: ``combine_deltas`` writes the combined ones.
+
+    The branch keeps its own scale; the combined factors are computed for it (from the rank and alpha the method's
+    ``low_rank_fields`` name), so the method needs no knowledge of how they were combined.
+    """
+
+    def load_low_rank_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Copy ``down`` (``[r, in_features]``) and ``up`` (``[rows, r]``) into the factors; refuse other shapes."""
         ...
 
 
@@ -158,3 +179,42 @@ def class_implements(obj: Any, protocol: type) -> bool:
     if found is None:
         found = _IMPLEMENTS[key] = isinstance(obj, protocol)
     return found
+
+
+class LoadPlan(NamedTuple):
+    """How one delta module takes another checkpoint's values in place (see :class:`HotLoadable`).
+
+    Every field is what core may do beyond its generic rule (same tensor names, same shapes, same hyper-parameters).
+    """
+
+    padded: Mapping[str, tuple[int, ...]] = {}
+    """Per tensor of the module's ``state_dict`` (its local name), the dimensions along which a checkpoint's tensor
+    may be smaller: it is copied into the leading part and the rest is set to zero (a rank-4 ``A`` into a LoRA
+    allocated at rank 16). Every other dimension must match."""
+    values: Mapping[str, torch.Tensor] = {}
+    """Buffers of the module (local names) set from the checkpoint's config, copied in place like the tensors
+    (LoRA's ``scaling``: a tensor, so a compiled model reads it instead of guarding on a Python float)."""
+    taken: tuple[str, ...] = ()
+    """Config fields the checkpoint may set differently: they describe the values loaded (``lora_r``,
+    ``lora_alpha``), so the delta model's config takes the checkpoint's after the load."""
+    kept: tuple[str, ...] = ()
+    """Config fields that may differ and stay the delta model's own: they describe the allocation (``max_rank``)
+    or training only (dropout), not the loaded values."""
+
+
+@runtime_checkable
+class HotLoadable(Protocol):
+    """A delta module that loads a checkpoint other than by the generic rule (``DeltaModel.load_weights``).
+
+    Without it, a checkpoint loads in place when it has this module's tensor names and shapes and the delta model's
+    hyper-parameters. Core does the checking, the padding and the copy; the module only describes them.
+    """
+
+    def load_plan(self, config: Any) -> LoadPlan:
+        """How a checkpoint whose config is ``config`` (the method's ``DeltaConfig``) loads into this module.
+
+        Raises:
+            OpenDeltaError: (a subclass, naming the field and the fix) when that checkpoint cannot fit at all, such
+                as a LoRA rank above the ``max_rank`` allocated.
+        """
+        ...

@@ -31,7 +31,6 @@ from torch import nn
 
 from opendelta import dynamo_guard
 from opendelta.concurrency import forward_sees_deltas
-from opendelta.delta_protocols import FusedParallel, class_implements
 from opendelta.errors import DeltaStateError
 from opendelta.markers import (  # re-exported: these names were insertion's before the layers were split
     CAPTURED_ATTR,
@@ -45,7 +44,8 @@ from opendelta.markers import (  # re-exported: these names were insertion's bef
 )
 from opendelta.merging import is_mergeable, merged_after
 from opendelta.module_io import main_input, main_output, with_input, with_output
-from opendelta.routing import ROUTING_ATTR, Routing
+from opendelta.routing import current_routing
+from opendelta.row_groups import Step, add_parallel, run_routed
 
 __all__ = [
     "CAPTURED_ATTR",
@@ -165,9 +165,12 @@ class _BeforeHook:
         captures = [delta for slot, delta in live if slot.kind == "capture"]
         if befores or captures:
             where, hidden = main_input(module, args, kwargs)
-            routing = getattr(module, ROUTING_ATTR, None)
-            for delta in befores:
-                hidden = _replace(delta, hidden, routing)
+            routing = current_routing()
+            if routing is None:
+                for delta in befores:
+                    hidden = delta(hidden)
+            elif befores:
+                hidden = run_routed([("sequential", delta, None) for delta in befores], hidden, routing)
             for delta in captures:
                 setattr(delta, CAPTURED_ATTR, hidden)
             if befores:
@@ -188,16 +191,22 @@ class _AfterHook:
         if slots:
             hidden = main_output(module, output)
             x = None
-            routing = getattr(module, ROUTING_ATTR, None)
+            steps: list[Step] = []
             for slot, delta in slots:
                 if slot.kind == "after":
-                    hidden = _replace(delta, hidden, routing)
+                    steps.append(("sequential", delta, None))
                 elif slot.ref is not None:
-                    hidden = _add(delta, hidden, _take_captured(delta, module), routing)
+                    steps.append(("parallel", delta, _take_captured(delta, module)))
                 else:
                     if x is None:
                         x = main_input(module, args, kwargs)[1]
-                    hidden = _add(delta, hidden, x, routing)
+                    steps.append(("parallel", delta, x))
+            routing = current_routing()
+            if routing is None:
+                for _kind, delta, source in steps:
+                    hidden = delta(hidden) if source is None else add_parallel(delta, hidden, source)
+            else:
+                hidden = run_routed(steps, hidden, routing)
             output, changed = with_output(output, hidden), True
         for slot, _delta in live:
             if slot.kind not in _CORE_KINDS:
@@ -221,34 +230,6 @@ def _live_slots(module: nn.Module) -> list[tuple[_Slot, nn.Module]]:
     children = module._modules
     live = [(s, s.ref if s.ref is not None else children.get(s.attr)) for s in slots]
     return [(s, delta) for s, delta in live if delta is not None]
-
-
-def _rows(delta: nn.Module, hidden: torch.Tensor, routing: Routing | None) -> torch.Tensor | None:
-    """The rows a delta applies to under per-row routing; ``None`` for all of them."""
-    if routing is None:
-        return None
-    rows = routing.rows(delta, hidden.shape[0], hidden.device)
-    return None if rows is not None and rows.numel() == hidden.shape[0] else rows
-
-
-def _replace(delta: nn.Module, hidden: torch.Tensor, routing: Routing | None) -> torch.Tensor:
-    """A sequential delta: ``delta(hidden)``, on the routed rows only when routing is active."""
-    rows = _rows(delta, hidden, routing)
-    if rows is None:
-        return delta(hidden)
-    if not rows.numel():
-        return hidden
-    return hidden.index_copy(0, rows, delta(hidden.index_select(0, rows)))
-
-
-def _add(delta: nn.Module, hidden: torch.Tensor, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
-    """A parallel delta: ``hidden + delta(x)``, fused when the delta offers it, on the routed rows under routing."""
-    rows = _rows(delta, hidden, routing)
-    if rows is None:
-        return delta.add_to(hidden, x) if class_implements(delta, FusedParallel) else hidden + delta(x)
-    if not rows.numel():
-        return hidden
-    return hidden.index_add(0, rows, delta(x.index_select(0, rows)))
 
 
 def _take_captured(delta: nn.Module, module: nn.Module) -> torch.Tensor:

@@ -303,8 +303,11 @@ def read_legacy_checkpoint(
     delta_config: DeltaConfig | None,
     state_dict: dict[str, torch.Tensor] | None,
     overrides: dict[str, Any],
+    into: DeltaModel | None = None,
 ) -> CheckpointRecord:
     """OpenDelta 0.3.x's format: its config translated, its pickled weights read safely, named once built.
+
+    ``into``: the delta model the tensors go into in place (``load_weights``), which may hold this checkpoint already.
 
     The tensors' names (and the backbone part among them) are known only once the delta is built, so the record
     carries :func:`legacy_state_dict` for the apply step; the file holds buffers too (GPT-2's boolean mask), which
@@ -318,7 +321,7 @@ def read_legacy_checkpoint(
     source = str(folder if state_dict is not None else folder / LEGACY_WEIGHTS_NAME)
     tensors = plain_tensors(tensors, source)
     if state_dict is None:
-        check_not_loaded(translated, backbone, str(folder))
+        check_not_loaded(translated, backbone, str(folder), into=into)
     return CheckpointRecord(
         str(folder),
         source,

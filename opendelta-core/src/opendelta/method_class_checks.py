@@ -80,6 +80,14 @@ def check_class_attributes(cls: type[DeltaModel]) -> None:
         raise DeltaClassError(f"{cls.__name__}.delta_type {cls.delta_type!r} must match {_NAME.pattern}")
     if not (isinstance(cls.delta_name, str) and cls.delta_name.isidentifier()):
         raise DeltaClassError(f"{cls.__name__}.delta_name {cls.delta_name!r} must be a Python identifier")
+    fields = cls.low_rank_fields
+    if fields is not None and not (
+        isinstance(fields, tuple) and len(fields) == 2 and set(fields) <= set(cls.config_class.field_names())
+    ):
+        raise DeltaClassError(
+            f"{cls.__name__}.low_rank_fields must be None or (rank field, alpha field) of "
+            f"{cls.config_class.__name__}, got {fields!r}"
+        )
     types = cls.supported_layer_types
     if callable(types) and not isinstance(types, type):
         return  # a function giving the tuple (linear_types), called when targets are checked

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from opendelta.config import INT64_RANGE, DeltaConfig
     from opendelta.delta_protocols import (
         FusedParallel,
+        HotLoadable,
+        LoadPlan,
+        LoadsLowRankFactors,
         LowRankBranch,
         LowRankFactors,
         Mergeable,
@@ -136,6 +139,15 @@ what a plugin reading or exporting its method's PEFT format shares with the othe
 1.5: many deltas on one backbone: ``LowRankBranch`` and ``LowRankFactors`` (a parallel delta that is exactly a scaled
 low-rank product, so per-row serving batches many of them into one gathered product).
 
+Also 1.5: combining several delta models into one (``opendelta.combine_deltas``): ``LoadsLowRankFactors`` (a
+low-rank branch whose factors core overwrites) with the ``DeltaModel`` class attribute ``low_rank_fields`` (the
+config's rank and alpha fields), and the ``DeltaModel`` class attribute ``combines_linearly`` (its delta parameters
+combine as a weighted sum).
+
+Also 1.5: hot-loading a checkpoint into an existing delta in place (``DeltaModel.load_weights``): ``HotLoadable``
+and ``LoadPlan`` (which tensors may be zero-padded along which dimensions, which buffers the checkpoint's config
+sets, which config fields may differ; LoRA's ``max_rank`` implements it).
+
 1.6: per-task heads: ``DeltaModel.task_heads()`` (a delta model's copies of its ``modules_to_save``) and
 ``TASK_HEAD_NAME``, the middle of their tensors' names (``classifier.task_head.weight``), and ``head_module_names``
 (what ``modules_to_save`` may designate on a backbone), for a PEFT format's reader and writer; ``refuse_task_heads``
@@ -155,6 +167,9 @@ _SOURCES: dict[str, str] = {
     "INT64_RANGE": "opendelta.config",
     "DeltaConfig": "opendelta.config",
     "FusedParallel": "opendelta.delta_protocols",
+    "LoadsLowRankFactors": "opendelta.delta_protocols",
+    "HotLoadable": "opendelta.delta_protocols",
+    "LoadPlan": "opendelta.delta_protocols",
     "LowRankBranch": "opendelta.delta_protocols",
     "LowRankFactors": "opendelta.delta_protocols",
     "Mergeable": "opendelta.delta_protocols",
@@ -254,9 +269,12 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "FusedParallel",
+    "HotLoadable",
+    "Insertion",
+    "LoadPlan",
+    "LoadsLowRankFactors",
     "LowRankBranch",
     "LowRankFactors",
-    "Insertion",
     "Mergeable",
     "ModuleNotFoundInStructureError",
     "OpenDeltaAddressingWarning",

@@ -15,3 +15,8 @@ class TestLoraRank1Conformance(DeltaMethodSuite):
 class TestLoraDoraConformance(DeltaMethodSuite):
     method_name = "lora"
     config_kwargs = {"lora_r": 2, "use_dora": True}
+
+
+class TestLoraMaxRankConformance(DeltaMethodSuite):
+    method_name = "lora"
+    config_kwargs = {"lora_r": 2, "max_rank": 4, "use_rslora": True}

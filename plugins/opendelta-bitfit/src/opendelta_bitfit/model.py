@@ -60,6 +60,8 @@ class BitFitModel(DeltaModel):
     positional_args = SHARED_POSITIONALS
     """The manual's positional order: ``BitFitModel(model, x)`` binds x to ``modified_modules``."""
     supports_fused_targets = True
+    combines_linearly = True
+    """Biases add to the output, so ``combine_deltas`` sums them weighted."""
     cover_common_scopes = True  # ``ff`` covers BERT's intermediate.dense and BART's fc1/fc2, which no ``ff`` holds
     identity_at_init = True
     config: BitFitConfig

@@ -63,6 +63,8 @@ class IA3Model(DeltaModel):
     positional_args = SHARED_POSITIONALS
     supports_fused_targets = True
     identity_at_init = True
+    combines_linearly = True
+    """``combine_deltas`` sums the vectors weighted, as PEFT's IA3 ``add_weighted_adapter``."""
     config: IA3Config
 
     def supports(self, module: nn.Module) -> bool:

@@ -77,6 +77,7 @@ class LoraConfig(DeltaConfig):
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     use_dora: bool = False
+    max_rank: int | None = None
 
     def validate(self) -> None:
         """Refuse ranks below 1, a non-positive alpha, a dropout outside [0, 1) and an unknown initialisation."""
@@ -87,6 +88,11 @@ class LoraConfig(DeltaConfig):
             raise DeltaConfigError(f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DeltaConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_rank is not None and self.max_rank < self.lora_r:
+            raise DeltaConfigError(
+                f"LoraConfig.max_rank={self.max_rank} is below lora_r={self.lora_r}: it is the rank allocated, of "
+                f"which lora_r is used; set max_rank >= lora_r (or None)"
+            )
         value = self.init_lora_weights
         if (
             isinstance(value, str)

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from opendelta.plugin_api import LowRankFactors, is_linear, stored_update
-from opendelta_lora.config import init_kind, pissa_niter
+from opendelta.plugin_api import CheckpointError, LoadPlan, LowRankFactors, is_linear, stored_update
+from opendelta_lora.config import LoraConfig, init_kind, pissa_niter
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -65,6 +65,8 @@ class LoraLayer(nn.Module):
         init_lora_weights: PEFT's initialisations (see :class:`~opendelta_lora.LoraConfig`).
         base_weight: for ``"pissa..."`` and ``"olora"``, the ``[rows, in]`` weight the update starts from (the
             rows the update writes to).
+        max_rank: allocate ``A`` and ``B`` at this rank, the part beyond ``r`` zero, with the scaling a tensor
+            buffer: ``load_weights`` then loads any rank up to it in place (see ``LoraConfig.max_rank``).
     """
 
     def __init__(
@@ -79,16 +81,25 @@ class LoraLayer(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         base_weight: torch.Tensor | None = None,
+        max_rank: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.in_features, self.out_features, self.r, self.max_rank = in_features, out_features, r, max_rank
         self.init_kind = init_kind(init_lora_weights)
+        scaling = lora_scaling(alpha, r, use_rslora)
+        self.scaling: float | torch.Tensor
+        if max_rank is None:
+            self.scaling = scaling
+        else:  # a tensor, which a compiled graph reads, where it would guard on (and recompile for) a float
+            if self.init_kind not in ("kaiming", "random", "gaussian"):
+                raise ValueError(f"max_rank does not apply to init_lora_weights={init_lora_weights!r}")
+            self.register_buffer("scaling", torch.tensor(scaling, device=device, dtype=dtype), persistent=False)
+        width = r if max_rank is None else max_rank
         rows = out_features if out_index is None else int(out_index.numel())
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(rows, r, device=device, dtype=dtype))  # (out or slice, r)
+        self.lora_A = nn.Parameter(torch.empty(width, in_features, device=device, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(rows, width, device=device, dtype=dtype))  # (out or slice, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("out_index", out_index, persistent=False)
         self.lora_A0: torch.Tensor | None
@@ -101,13 +112,15 @@ class LoraLayer(nn.Module):
         """Set ``A`` and ``B`` as PEFT's ``init_lora_weights`` does; PiSSA and OLoRA also keep them as ``A0, B0``."""
         kind = self.init_kind
         with torch.no_grad():
-            if kind in ("kaiming", "random"):
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if kind in ("kaiming", "random", "gaussian"):
+                if kind == "gaussian":
+                    nn.init.normal_(self.lora_A, std=1 / self.r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 if kind == "random":  # PEFT's False: both as nn.Linear initialises its weight
                     nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-                return
-            if kind == "gaussian":
-                nn.init.normal_(self.lora_A, std=1 / self.r)
+                self.lora_A[self.r :].zero_()  # beyond the rank used (max_rank): zero in both, so no gradient either
+                self.lora_B[:, self.r :].zero_()
                 return
             if base_weight is None:
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} starts from the base weight; pass it")
@@ -165,11 +178,24 @@ class LoraLayer(nn.Module):
         return torch.addmm(hidden.reshape(-1, self.out_features), low, up).view_as(hidden)
 
     def low_rank_factors(self) -> LowRankFactors | None:
-        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``: not with a residual base
-        (PiSSA, OLoRA) or with dropout in training mode (core then calls the layer itself)."""
+        """``(A, B, scaling, out_index)`` while the branch is just ``scaling * B A x``.
+
+        Not with a residual base (PiSSA, OLoRA), nor with dropout in training mode: core then calls the layer itself.
+        """
         if self.rewrites_base or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
         return LowRankFactors(self.lora_A, self.lora_B, self.scaling, self.out_index)
+
+    def load_low_rank_factors(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Overwrite ``A`` with ``down`` and ``B`` with ``up`` in place (``combine_deltas``); the scale stays."""
+        if down.shape != self.lora_A.shape or up.shape != self.lora_B.shape:
+            raise ValueError(
+                f"factors of shapes {tuple(down.shape)}, {tuple(up.shape)} do not fit A {tuple(self.lora_A.shape)}, "
+                f"B {tuple(self.lora_B.shape)}"
+            )
+        with torch.no_grad():
+            self.lora_A.copy_(down)
+            self.lora_B.copy_(up)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` as an ``[out_features, in_features]`` matrix (for merging).
@@ -201,7 +227,34 @@ class LoraLayer(nn.Module):
         """``scale * B A``, added to ``W`` in its storage layout (``[out, in]``; ``[in, out]`` for GPT-2's Conv1D)."""
         return {"weight": stored_update(host, self.delta_weight().detach())}
 
+    def load_plan(self, config: LoraConfig) -> LoadPlan:
+        """How a checkpoint of ``config`` loads in place (``load_weights``): with ``max_rank``, any rank up to it.
+
+        Dropout and the initialisation may differ always: neither changes what the loaded tensors compute (a
+        residual initialisation brings tensors of its own, which the names check refuses).
+
+        Raises:
+            CheckpointError: the checkpoint's rank is above ``max_rank``.
+        """
+        kept = ("lora_dropout", "init_lora_weights", "max_rank")
+        if self.max_rank is None:
+            return LoadPlan(kept=kept[:2])
+        if config.lora_r > self.max_rank:
+            raise CheckpointError(
+                f"the checkpoint's LoRA rank lora_r={config.lora_r} is above this LoRA's max_rank={self.max_rank}; "
+                f"build the delta model with max_rank >= {config.lora_r}. Nothing was changed"
+            )
+        scaling = torch.tensor(lora_scaling(config.lora_alpha, config.lora_r, config.use_rslora))
+        return LoadPlan(
+            padded={"lora_A": (0,), "lora_B": (1,)},
+            values={"scaling": scaling},
+            taken=("lora_r", "lora_alpha", "use_rslora"),
+            kept=kept,
+        )
+
     def extra_repr(self) -> str:
         sliced = "" if self.out_index is None else f", out_slice={self.out_index.numel()}"
         init = "" if self.init_kind == "kaiming" else f", init={self.init_kind}"
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{sliced}{init}"
+        rank = f"r={self.r}" if self.max_rank is None else f"max_rank={self.max_rank}"
+        scaling = float(self.scaling)
+        return f"in={self.in_features}, out={self.out_features}, {rank}, scaling={scaling:g}{sliced}{init}"

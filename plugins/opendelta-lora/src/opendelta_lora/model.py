@@ -62,6 +62,7 @@ class LoraModel(DeltaModel):
     """The manual's positional order: ``LoraModel(model, x)`` binds x to ``lora_r``."""
     supported_layer_types = linear_types
     supports_fused_targets = True
+    low_rank_fields = ("lora_r", "lora_alpha")
     config: LoraConfig
 
     def _expand_target(self, target: Target) -> list[Target]:
@@ -93,6 +94,12 @@ class LoraModel(DeltaModel):
                     f"{'are stacked expert weights' if stacked else 'is quantized'} without; initialise these with "
                     f"True, False or 'gaussian' (or PiSSA the float model, as PEFT advises, then quantize)"
                 )
+        if self.config.max_rank is not None and (stacked or self.config.use_dora or self.config.rewrites_base):
+            what = "stacked expert weights" if stacked else "DoRA" if self.config.use_dora else "PiSSA or OLoRA"
+            raise DeltaConfigError(
+                f"LoraConfig.max_rank={self.config.max_rank} applies to plain LoRA layers only, not to {what}; set "
+                f"max_rank=None (their checkpoints hot-load at the same rank)"
+            )
         if stacked and self.config.use_dora:
             raise DeltaConfigError(
                 f"LoraConfig.use_dora=True cannot apply to stacked expert weights "
@@ -136,6 +143,7 @@ class LoraModel(DeltaModel):
             use_rslora=self.config.use_rslora,
             init_lora_weights=self.config.init_lora_weights,
             base_weight=base,
+            max_rank=self.config.max_rank,
             **extra,
             **placement,
         )

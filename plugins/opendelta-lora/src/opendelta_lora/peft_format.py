@@ -610,7 +610,8 @@ def save_peft_adapter(
     targets = []
     for target, insertion in delta_model.placements():
         layer = insertion.delta
-        down, up = layer.lora_A.detach(), layer.lora_B.detach()  # (r, in), (rows, r)
+        rank = delta_model.config.lora_r  # allocated at max_rank, the rest zero: PEFT gets the rank used
+        down, up = layer.lora_A.detach()[:rank], layer.lora_B.detach()[:, :rank]  # (r, in), (rows, r)
         if layer.lora_A0 is not None and layer.lora_B0 is not None:  # PEFT's conversion: [A; A0], [B, -B0]
             down, up = torch.cat([down, layer.lora_A0]), torch.cat([up, -layer.lora_B0], dim=1)
         if layer.out_index is not None:  # some slices of a fused layer: zero rows for the others
