@@ -105,7 +105,7 @@ if TYPE_CHECKING:
     from opendelta.task_heads import TASK_HEAD_NAME, head_module_names
     from opendelta.tensor_checks import checked_tensors
 
-PLUGIN_API_VERSION = "1.6"
+PLUGIN_API_VERSION = "1.5"
 """The contract's version (``MAJOR.MINOR``); see the module docstring for what each part promises.
 
 1.1: ``register(ModelClass)``, ``_prepare(targets)``, ``supports(module)``, ``placements()``, the
@@ -148,7 +148,7 @@ Also 1.5: hot-loading a checkpoint into an existing delta in place (``DeltaModel
 and ``LoadPlan`` (which tensors may be zero-padded along which dimensions, which buffers the checkpoint's config
 sets, which config fields may differ; LoRA's ``max_rank`` implements it).
 
-1.6: per-task heads: ``DeltaModel.task_heads()`` (a delta model's copies of its ``modules_to_save``) and
+Also 1.5: per-task heads: ``DeltaModel.task_heads()`` (a delta model's copies of its ``modules_to_save``) and
 ``TASK_HEAD_NAME``, the middle of their tensors' names (``classifier.task_head.weight``), and ``head_module_names``
 (what ``modules_to_save`` may designate on a backbone), for a PEFT format's reader and writer; ``refuse_task_heads``
 for a PEFT writer that does not ship them."""

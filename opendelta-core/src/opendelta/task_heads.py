@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta import routing as _routing_module
+from opendelta.routing import current_routing
 from opendelta.addressing import compile_patterns, suggest_names
 from opendelta.errors import DeltaConfigError, DeltaStateError, ModuleNotFoundInStructureError
 from opendelta.insertion import Insertion, insert_sequential_module, replace_module
@@ -63,13 +63,6 @@ _DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[HeadDispatcher]] 
 keeps neither alive (a dispatcher no delta model holds any more may be collected)."""
 _PLACEMENT_ATTR = "_opendelta_head_placement"
 """On a dispatcher (in its ``__dict__``): the "replace" :class:`Insertion` that puts it in its parent."""
-
-
-def _routing(host: nn.Module) -> Routing | None:
-    """The active per-row routing: the thread's plan where routing offers one, else the one set on ``host``."""
-    current = getattr(_routing_module, "current_routing", None)
-    found = current() if current is not None else None
-    return found if found is not None else _routing_module.active_routing(host)
 
 
 class HeadDispatcher(nn.Module):
@@ -95,7 +88,7 @@ class HeadDispatcher(nn.Module):
         live = list(self.heads._modules.values())
         if not live:
             return self.original(*args, **kwargs)
-        routing = _routing(self.heads)
+        routing = current_routing()
         if routing is None:
             return live[-1](*args, **kwargs)
         return self._routed(live, routing, args, kwargs)
