@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta.routing import current_routing
 from opendelta.addressing import compile_patterns, suggest_names
 from opendelta.errors import DeltaConfigError, DeltaStateError, ModuleNotFoundInStructureError
 from opendelta.insertion import Insertion, insert_sequential_module, replace_module
 from opendelta.markers import DELTA_MARK, SLOTS_ATTR, iter_delta_modules
 from opendelta.module_io import main_input, with_input
+from opendelta.routing import current_routing
 from opendelta.targets import Target, backbone_module_names
 
 if TYPE_CHECKING:
