@@ -62,6 +62,20 @@ def test_unrouted_delta_models_keep_applying_to_every_row():
     assert not torch.allclose(routed[0], alone(model, tasks, "lora_a", inputs)[0], atol=1e-5)
 
 
+def assert_each_row_generates_as_alone(model, tasks, plan, inputs, options, routed):
+    """Each routed row's generation equals that prompt generated alone with only its task attached."""
+    for row, name in enumerate(plan):
+        for other, task in tasks.items():
+            if other != name:
+                task.detach()
+        with torch.no_grad():
+            expected = model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **options)
+        for other, task in tasks.items():
+            if other != name:
+                task.attach()
+        assert torch.equal(routed[row, : expected.shape[1]], expected[0])
+
+
 @pytest.mark.parametrize("arch, head", [("gpt2", "GPT2LMHeadModel"), ("t5", "T5ForConditionalGeneration")])
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_routes_rows_through_beam_search(arch, head, num_beams):
@@ -74,16 +88,7 @@ def test_generate_routes_rows_through_beam_search(arch, head, num_beams):
     options = {"max_new_tokens": 4, "do_sample": False, "num_beams": num_beams}
     with route_rows(model, [tasks[name] if name else None for name in plan]), torch.no_grad():
         routed = model.generate(**inputs, **options)
-    for row, name in enumerate(plan):
-        for other, task in tasks.items():
-            if other != name:
-                task.detach()
-        with torch.no_grad():
-            expected = model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **options)
-        for other, task in tasks.items():
-            if other != name:
-                task.attach()
-        assert torch.equal(routed[row, : expected.shape[1]], expected[0])
+    assert_each_row_generates_as_alone(model, tasks, plan, inputs, options, routed)
 
 
 def test_switching_the_whole_model_between_deltas_copies_nothing():
@@ -154,13 +159,4 @@ def test_generate_with_many_lora_tenants_equals_each_prompt_alone(num_beams):
     options = {"max_new_tokens": 4, "do_sample": False, "num_beams": num_beams}
     with route_rows(model, [tasks[name] for name in plan]), torch.no_grad():
         routed = model.generate(**inputs, **options)
-    for row, name in enumerate(plan):
-        for other, task in tasks.items():
-            if other != name:
-                task.detach()
-        with torch.no_grad():
-            expected = model.generate(**{k: v[row : row + 1] for k, v in inputs.items()}, **options)
-        for other, task in tasks.items():
-            if other != name:
-                task.attach()
-        assert torch.equal(routed[row, : expected.shape[1]], expected[0])
+    assert_each_row_generates_as_alone(model, tasks, plan, inputs, options, routed)
